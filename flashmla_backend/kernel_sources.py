@@ -1,0 +1,86 @@
+"""Where the CUDA sources live and how each kernel module is assembled and compiled.
+
+The sources in the top-level ``kernels/`` folder ship inside the wheel as
+``flashmla_backend/kernels``. Local ``#include "x.cuh"`` lines are inlined here, so the text
+handed to NVRTC is self-contained and CuPy's on-disk cache key covers every header.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+#: NVRTC options for every module. sm_90a unlocks wgmma, TMA and setmaxnreg.
+NVRTC_OPTIONS: tuple[str, ...] = ("-arch=sm_90a", "-std=c++17")
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class KernelModule:
+    """One NVRTC compilation unit: a ``.cu`` file, its entry points and a 16-bit dtype."""
+
+    source_file: str
+    entry_points: tuple[str, ...]
+    dtype: torch.dtype
+
+    @property
+    def defines(self) -> tuple[str, ...]:
+        return ("-DMLA_FP16",) if self.dtype == torch.float16 else ()
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        return NVRTC_OPTIONS + self.defines
+
+
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
+
+SCHEDULE_MODULE = KernelModule("mla_schedule.cu", ("mla_schedule",), torch.bfloat16)
+
+
+def decode_module(dtype: torch.dtype) -> KernelModule:
+    """The split-KV decode kernel for ``dtype`` (bf16 or fp16)."""
+    return KernelModule("mla_decode.cu", ("mla_decode",), dtype)
+
+
+def combine_module(dtype: torch.dtype) -> KernelModule:
+    """The split combine kernel writing ``dtype`` output."""
+    return KernelModule("mla_combine.cu", ("mla_combine",), dtype)
+
+
+def all_modules() -> list[KernelModule]:
+    """Every module variant the API can launch (what ``precompile()`` builds)."""
+    mods = [SCHEDULE_MODULE]
+    for dtype in SUPPORTED_DTYPES:
+        mods += [decode_module(dtype), combine_module(dtype)]
+    return mods
+
+
+def kernel_dir() -> Path:
+    """The folder holding the ``.cu``/``.cuh`` sources (installed copy, else the source tree)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "kernels", here.parent / "kernels"):
+        if (candidate / "mla_decode.cu").is_file():
+            return candidate
+    raise FileNotFoundError(f"flashmla_backend: kernel sources not found next to {here}")
+
+
+@lru_cache(maxsize=None)
+def assembled_source(source_file: str) -> str:
+    """``source_file`` with its local includes inlined once each (``#pragma once`` semantics)."""
+    root = kernel_dir()
+    seen: set[str] = set()
+
+    def expand(name: str) -> str:
+        if name in seen:
+            return ""
+        seen.add(name)
+        text = (root / name).read_text()
+        text = text.replace("#pragma once", "")
+        return _INCLUDE.sub(lambda m: expand(m.group(1)), text)
+
+    return expand(source_file)

@@ -1,0 +1,211 @@
+// Small named wrappers around the Hopper (sm_90a) PTX that the MLA kernels use:
+// mbarriers, TMA tile loads, wgmma and its shared-memory descriptors, named barriers,
+// proxy fences and packed float -> 16-bit conversion.
+// Self-contained on purpose: no CUDA headers, so NVRTC compiles it in well under a second
+// and a CPU-only machine can compile it through the nvrtc wheel alone.
+#pragma once
+
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "flashmla_backend kernels need the sm_90a target (wgmma, TMA, mbarrier): compile with -arch=sm_90a"
+#endif
+
+typedef unsigned int uint32_t;
+typedef unsigned short uint16_t;
+typedef unsigned long long uint64_t;
+typedef int int32_t;
+typedef unsigned char uint8_t;
+
+// The 16-bit element type of q, the KV cache and out. MLA_FP16 selects fp16, else bf16.
+#ifdef MLA_FP16
+#define MLA_WGMMA_TYPE "f16"
+#define MLA_CVT_TYPE "f16x2"
+#else
+#define MLA_WGMMA_TYPE "bf16"
+#define MLA_CVT_TYPE "bf16x2"
+#endif
+
+#define DEVICE __device__ __forceinline__
+
+// Shared headers declare constants that not every kernel uses.
+#pragma nv_diag_suppress 177
+
+#define POS_INF __int_as_float(0x7f800000)
+#define NEG_INF __int_as_float(0xff800000)
+constexpr float LN2 = 0.69314718055994530942f;
+
+// ---------------------------------------------------------------------------------------
+// Address helpers
+DEVICE uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// ---------------------------------------------------------------------------------------
+// mbarrier: TMA completion ("full") and consumer release ("empty") signals.
+DEVICE void mbarrier_init(uint64_t* bar, uint32_t arrivals) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(arrivals));
+}
+
+// Makes mbarrier.init visible to the async proxy (TMA) before first use.
+DEVICE void fence_barrier_init() {
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
+DEVICE void mbarrier_arrive(uint64_t* bar) {
+    asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared::cta.b64 st, [%0];\n}"
+                 ::"r"(smem_addr(bar)) : "memory");
+}
+
+DEVICE void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+    asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}"
+                 ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+
+// Spins until the phase with the given parity has completed.
+DEVICE void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+    asm volatile(
+        "{\n"
+        " .reg .pred done;\n"
+        " WAIT_%=:\n"
+        " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        " @!done bra WAIT_%=;\n"
+        "}" ::"r"(smem_addr(bar)), "r"(parity) : "memory");
+}
+
+// ---------------------------------------------------------------------------------------
+// TMA: one 4-D tile (64 columns x 1 head x 64 tokens x 1 page) into 128B-swizzled smem.
+DEVICE uint64_t l2_policy_evict_first() {
+    uint64_t policy;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    return policy;
+}
+
+DEVICE uint64_t l2_policy_evict_last() {
+    uint64_t policy;
+    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
+    return policy;
+}
+
+DEVICE void tma_load_4d(void* dst, const void* tensor_map, uint64_t* bar,
+                        int c0, int c1, int c2, int c3, uint64_t l2_policy) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+        " [%0], [%1, {%2, %3, %4, %5}], [%6], %7;"
+        ::"r"(smem_addr(dst)), "l"(tensor_map), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
+          "r"(smem_addr(bar)), "l"(l2_policy)
+        : "memory");
+}
+
+// ---------------------------------------------------------------------------------------
+// Fences and named barriers
+// Generic-proxy smem writes (st.shared) must be fenced before wgmma/TMA (async proxy) read them.
+DEVICE void fence_proxy_async_smem() {
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+DEVICE void named_barrier_sync(uint32_t id, uint32_t threads) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+DEVICE void named_barrier_arrive(uint32_t id, uint32_t threads) {
+    asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+// ---------------------------------------------------------------------------------------
+// wgmma shared-memory matrix descriptors, 128-byte swizzle.
+// Smem tiles are stored as 64-column chunks: a chunk is 64 rows x 128 bytes, swizzled in
+// 8-row (1024-byte) atoms, exactly as TMA writes them with CU_TENSOR_MAP_SWIZZLE_128B.
+constexpr uint32_t SWIZZLE_ATOM_BYTES = 1024;  // 8 rows x 128 bytes
+
+DEVICE uint64_t make_smem_desc(uint32_t addr, uint32_t leading_bytes, uint32_t stride_bytes) {
+    uint64_t desc = 0;
+    desc |= (uint64_t)((addr & 0x3FFFF) >> 4);
+    desc |= (uint64_t)((leading_bytes & 0x3FFFF) >> 4) << 16;
+    desc |= (uint64_t)((stride_bytes & 0x3FFFF) >> 4) << 32;
+    desc |= (uint64_t)1 << 62;  // 128-byte swizzle
+    return desc;
+}
+
+// K-major operand (rows of 64 K-elements per chunk): the leading offset is unused.
+DEVICE uint64_t desc_k_major(uint32_t addr) {
+    return make_smem_desc(addr, 16, SWIZZLE_ATOM_BYTES);
+}
+
+// MN-major operand (V read as [tokens, dims]): 64-element MN blocks lie chunk_bytes apart,
+// 8-token K groups one atom apart.
+DEVICE uint64_t desc_mn_major(uint32_t addr, uint32_t chunk_bytes) {
+    return make_smem_desc(addr, chunk_bytes, SWIZZLE_ATOM_BYTES);
+}
+
+// ---------------------------------------------------------------------------------------
+// wgmma issue / ordering
+DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+DEVICE void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
+
+// Keeps the compiler from moving accumulator registers across an async wgmma.
+template <int N>
+DEVICE void fence_accumulators(float (&acc)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+}
+
+// D[64x64] (+)= A[64x16] * B[16x64]; A and B K-major in smem. Scores S = Q K^T.
+DEVICE void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    asm volatile(
+        "{\n .reg .pred p;\n setp.ne.b32 p, %34, 0;\n"
+        " wgmma.mma_async.sync.aligned.m64n64k16.f32." MLA_WGMMA_TYPE "." MLA_WGMMA_TYPE "\n"
+        " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "  %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31},"
+        " %32, %33, p, 1, 1, 0, 0;\n}"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+          "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
+          "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),
+          "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+#define MLA_ACC8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), \
+                    "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+
+// D[64x256] += A[64x16] * B[16x256]; A K-major (P), B MN-major (V) in smem. O += P V.
+DEVICE void wgmma_m64n256k16_ss_bt(float (&d)[128], uint64_t desc_a, uint64_t desc_b) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32." MLA_WGMMA_TYPE "." MLA_WGMMA_TYPE "\n"
+        " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17,"
+        " %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34,"
+        " %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51,"
+        " %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68,"
+        " %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85,"
+        " %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101,"
+        " %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115,"
+        " %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127},"
+        " %128, %129, 1, 1, 1, 0, 1;"
+        : MLA_ACC8(0), MLA_ACC8(8), MLA_ACC8(16), MLA_ACC8(24), MLA_ACC8(32), MLA_ACC8(40),
+          MLA_ACC8(48), MLA_ACC8(56), MLA_ACC8(64), MLA_ACC8(72), MLA_ACC8(80), MLA_ACC8(88),
+          MLA_ACC8(96), MLA_ACC8(104), MLA_ACC8(112), MLA_ACC8(120)
+        : "l"(desc_a), "l"(desc_b));
+}
+
+#undef MLA_ACC8
+
+// ---------------------------------------------------------------------------------------
+// Two floats -> two packed 16-bit elements (round to nearest), low half = lo.
+DEVICE uint32_t pack_half2(float lo, float hi) {
+    uint32_t packed;
+    asm("cvt.rn." MLA_CVT_TYPE ".f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));
+    return packed;
+}
+
+DEVICE float warp_reduce_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+DEVICE float warp_reduce_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
