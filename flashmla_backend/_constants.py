@@ -1,0 +1,25 @@
+"""Python mirror of ``kernels/mla_common.cuh`` and the decode kernel's launch shape.
+
+``tests/test_kernel_compile.py`` checks that these agree with the CUDA sources.
+"""
+
+HEAD_DIM_QK = 576  # 512 latent + 64 RoPE
+HEAD_DIM_V = 512
+PAGE_SIZE = 64
+BLOCK_M = 64
+SPLIT_OVERHEAD_PAGES = 5
+METADATA_FIELDS = 8
+MD_BEGIN_REQ, MD_BEGIN_PAGE, MD_END_REQ, MD_END_PAGE, MD_BEGIN_SPLIT = range(5)
+
+MAX_HEADS_PER_KV_HEAD = 128  # h_q / h_k: the query rows folded into one M block set
+
+DECODE_THREADS = 384
+SCHEDULE_THREADS = 256
+COMBINE_WARPS = 4
+
+_TILE_BYTES = PAGE_SIZE * HEAD_DIM_QK * 2
+#: Q block + two KV stages + P + three per-row float arrays + four mbarriers + alignment slack.
+DECODE_SMEM_BYTES = 3 * _TILE_BYTES + PAGE_SIZE * 64 * 2 + 3 * BLOCK_M * 4 + 4 * 8 + 1024
+
+#: SMs assumed when a schedule is built on the CPU (an H100/H200 SXM has 132).
+DEFAULT_NUM_SMS = 132

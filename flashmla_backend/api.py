@@ -1,0 +1,172 @@
+"""The FlashMLA-compatible public API: ``get_mla_metadata`` and ``flash_mla_with_kvcache``."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import torch
+
+from ._constants import (
+    BLOCK_M,
+    COMBINE_WARPS,
+    DECODE_SMEM_BYTES,
+    DECODE_THREADS,
+    DEFAULT_NUM_SMS,
+    HEAD_DIM_QK,
+    HEAD_DIM_V,
+    SCHEDULE_THREADS,
+)
+from .kernel_sources import SCHEDULE_MODULE, combine_module, decode_module
+from .reference import mla_decode_reference
+from .runtime import check_device, get_function, launch
+from .schedule import num_sm_parts, schedule_reference
+from .validation import validate_contents, validate_decode_args, validate_metadata_args
+
+#: Largest batch the one-CTA scheduler holds in shared memory (int32 per request).
+MAX_BATCH = 48 * 1024
+
+_LOG2E = 1.4426950408889634
+
+
+def _unsupported_flags(is_fp8_kvcache: object, extra: object, extra_name: str) -> None:
+    if is_fp8_kvcache:
+        raise ValueError("is_fp8_kvcache: an fp8 KV cache is not supported; use a bf16 or fp16 cache")
+    if extra is not None:
+        raise ValueError(f"{extra_name}: sparse attention is not supported; pass None")
+
+
+def get_mla_metadata(
+    cache_seqlens: torch.Tensor,
+    num_q_tokens_per_head_k: int,
+    num_heads_k: int,
+    num_heads_q: int | None = None,
+    is_fp8_kvcache: bool = False,
+    topk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Splits the batch's KV pages evenly across the GPU's SMs.
+
+    Args:
+        cache_seqlens: ``[b]`` int32, keys per sequence.
+        num_q_tokens_per_head_k: ``s_q * h_q // h_k``.
+        num_heads_k: ``h_k`` (1 for MLA).
+        num_heads_q, is_fp8_kvcache, topk: accepted for FlashMLA compatibility; fp8 and
+            sparse (``topk``) are not supported.
+
+    Returns:
+        ``tile_scheduler_metadata`` int32 ``[num_sm_parts, 8]`` and ``num_splits`` int32
+        ``[b + 1]``. On a GPU both are computed by a kernel on torch's current stream: no host
+        sync, capturable in a CUDA graph. Reuse them for every layer of a decode step.
+    """
+    validate_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
+    _unsupported_flags(is_fp8_kvcache, topk, "topk")
+    batch = cache_seqlens.shape[0]
+    if batch > MAX_BATCH:
+        raise ValueError(f"cache_seqlens: at most {MAX_BATCH} sequences per batch, got {batch}")
+    if not cache_seqlens.is_cuda:
+        parts = num_sm_parts(DEFAULT_NUM_SMS, num_q_tokens_per_head_k, num_heads_k)
+        return schedule_reference(cache_seqlens, parts)
+
+    index = check_device(cache_seqlens.device)
+    sms = torch.cuda.get_device_properties(index).multi_processor_count
+    parts = num_sm_parts(sms, num_q_tokens_per_head_k, num_heads_k)
+    metadata = torch.empty((parts, 8), dtype=torch.int32, device=cache_seqlens.device)
+    num_splits = torch.empty((batch + 1,), dtype=torch.int32, device=cache_seqlens.device)
+    fn = get_function(SCHEDULE_MODULE, "mla_schedule", index)
+    launch(fn, (1, 1, 1), SCHEDULE_THREADS,
+           (cache_seqlens.data_ptr(), np.int32(batch), np.int32(parts), metadata.data_ptr(),
+            num_splits.data_ptr()),
+           index, shared_mem=4 * batch)
+    return metadata, num_splits
+
+
+_workspaces: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_workspace(device: torch.device, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 partial outputs ``[rows, 512]`` and partial LSEs ``[rows]``, grown on demand and
+    reused, so a steady decode loop allocates nothing."""
+    index = device.index
+    cached = _workspaces.get(index)
+    if cached is None or cached[1].numel() < rows:
+        cached = (torch.empty((rows, HEAD_DIM_V), dtype=torch.float32, device=device),
+                  torch.empty((rows,), dtype=torch.float32, device=device))
+        _workspaces[index] = cached
+    return cached
+
+
+def flash_mla_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    is_fp8_kvcache: bool = False,
+    indices: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paged MLA decode attention, FlashMLA semantics (see ``mla-contract.md``).
+
+    Args:
+        q: ``[b, s_q, h_q, 576]`` bf16 or fp16; last dim contiguous.
+        k_cache: ``[num_pages, 64, h_k, 576]``, dtype of ``q``; V is its first 512 columns.
+        block_table: ``[b, max_pages_per_seq]`` int32 page ids; entries past a sequence's
+            end are never read.
+        cache_seqlens: ``[b]`` int32 keys per sequence (0 allowed).
+        head_dim_v: must be 512.
+        tile_scheduler_metadata, num_splits: from ``get_mla_metadata``.
+        softmax_scale: defaults to ``576 ** -0.5``.
+        causal: bottom-right aligned causal mask for ``s_q > 1`` (MTP / speculative decode).
+        is_fp8_kvcache, indices: FlashMLA arguments for fp8 and sparse attention; unsupported.
+        out: optional contiguous ``[b, s_q, h_q, 512]`` output buffer.
+
+    Returns:
+        ``out [b, s_q, h_q, 512]`` (dtype of ``q``) and ``lse [b, h_q, s_q]`` float32.
+        CPU tensors are computed by the float32 reference.
+    """
+    _unsupported_flags(is_fp8_kvcache, indices, "indices")
+    shape = validate_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v,
+                                 tile_scheduler_metadata, num_splits, softmax_scale, causal, out)
+    validate_contents(block_table, cache_seqlens, shape)
+    scale = float(softmax_scale) if softmax_scale is not None else HEAD_DIM_QK ** -0.5
+
+    if not q.is_cuda:
+        ref_out, lse = mla_decode_reference(q, k_cache, block_table, cache_seqlens, HEAD_DIM_V,
+                                            scale, causal)
+        if out is None:
+            return ref_out, lse
+        out.copy_(ref_out)
+        return out, lse
+
+    from .tensor_map import kv_cache_tensor_map
+
+    index = check_device(q.device)
+    rows = shape.rows
+    m_blocks = -(-rows // BLOCK_M)
+    parts = tile_scheduler_metadata.shape[0]
+    o_part, lse_part = _split_workspace(q.device, (shape.batch + parts) * shape.h_k * rows)
+    if out is None:
+        out = torch.empty((shape.batch, shape.s_q, shape.h_q, HEAD_DIM_V), dtype=q.dtype, device=q.device)
+    lse = torch.empty((shape.batch, shape.h_q, shape.s_q), dtype=torch.float32, device=q.device)
+
+    decode = get_function(decode_module(q.dtype), "mla_decode", index)
+    launch(decode, (m_blocks, shape.h_k, parts), DECODE_THREADS,
+           (kv_cache_tensor_map(k_cache), q.data_ptr(), np.int64(q.stride(0)), np.int64(q.stride(1)),
+            np.int64(q.stride(2)), block_table.data_ptr(), np.int64(block_table.stride(0)),
+            cache_seqlens.data_ptr(), tile_scheduler_metadata.data_ptr(), num_splits.data_ptr(),
+            out.data_ptr(), lse.data_ptr(), o_part.data_ptr(), lse_part.data_ptr(),
+            np.int32(shape.s_q), np.int32(shape.h_q), np.int32(shape.h_k), np.int32(causal),
+            np.float32(scale * _LOG2E), np.int32(m_blocks == 1)),
+           index, shared_mem=DECODE_SMEM_BYTES)
+    combine = get_function(combine_module(q.dtype), "mla_combine", index)
+    launch(combine, (-(-shape.h_k * rows // COMBINE_WARPS), shape.batch, 1), COMBINE_WARPS * 32,
+           (o_part.data_ptr(), lse_part.data_ptr(), num_splits.data_ptr(), out.data_ptr(),
+            lse.data_ptr(), np.int32(shape.s_q), np.int32(shape.h_q), np.int32(shape.h_k)),
+           index)
+    return out, lse
+
+
+__all__ = ["get_mla_metadata", "flash_mla_with_kvcache", "MAX_BATCH"]

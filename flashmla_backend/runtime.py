@@ -1,0 +1,108 @@
+"""Compiles the kernels through CuPy (NVRTC), caches them, and launches them on torch's stream.
+
+CuPy keeps compiled cubins on disk (``CUPY_CACHE_DIR``, default
+``~/.cache/flashmla_backend/cupy`` unless already set), so a process pays NVRTC once per
+kernel variant per machine. ``precompile()`` loads every variant up front, which CUDA-graph
+capture needs: nothing may compile or allocate through CuPy inside a capture.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._constants import DECODE_SMEM_BYTES
+from .kernel_sources import KernelModule, all_modules, assembled_source
+
+os.environ.setdefault("CUPY_CACHE_DIR", str(Path.home() / ".cache" / "flashmla_backend" / "cupy"))
+
+_lock = threading.Lock()
+_functions: dict[tuple[int, str, tuple[str, ...], str], Any] = {}
+_checked_devices: set[int] = set()
+
+#: Dynamic shared memory each entry point needs above the 48 KB default.
+_DYNAMIC_SMEM = {"mla_decode": DECODE_SMEM_BYTES}
+
+
+class UnsupportedDeviceError(RuntimeError):
+    """The GPU is not a Hopper (sm_90) part."""
+
+
+def _cupy() -> Any:
+    try:
+        import cupy
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError(
+            "flashmla_backend needs CuPy for CUDA 13 to run on the GPU: pip install cupy-cuda13x") from exc
+    return cupy
+
+
+def check_device(device: torch.device) -> int:
+    """Raises ``UnsupportedDeviceError`` unless ``device`` is a Hopper GPU; returns its index."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _checked_devices:
+        major, minor = torch.cuda.get_device_capability(index)
+        if (major, minor) != (9, 0):
+            name = torch.cuda.get_device_name(index)
+            raise UnsupportedDeviceError(
+                f"flashmla_backend kernels need a Hopper GPU (sm_90: H100/H200/H800/H20); "
+                f"{name} is sm_{major}{minor}. Use mla_decode_reference for other devices.")
+        _checked_devices.add(index)
+    return index
+
+
+def get_function(module: KernelModule, name: str, device_index: int) -> Any:
+    """The loaded ``cupy.RawKernel`` for entry point ``name`` of ``module`` on ``device_index``."""
+    key = (device_index, module.source_file, module.options, name)
+    fn = _functions.get(key)
+    if fn is not None:
+        return fn
+    cp = _cupy()
+    with _lock, cp.cuda.Device(device_index):
+        fn = _functions.get(key)
+        if fn is None:
+            raw = cp.RawModule(code=assembled_source(module.source_file), options=module.options)
+            fn = raw.get_function(name)
+            smem = _DYNAMIC_SMEM.get(name)
+            if smem is not None:
+                fn.max_dynamic_shared_size_bytes = smem
+            fn.compile()
+            _functions[key] = fn
+    return fn
+
+
+class _TorchStream:
+    """Duck-typed CuPy stream: CuPy only reads ``.ptr``."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+
+def launch(fn: Any, grid: tuple[int, int, int], block: int, args: tuple, device_index: int,
+           shared_mem: int = 0) -> None:
+    """Launches ``fn`` on torch's current stream of ``device_index``."""
+    stream = _TorchStream(torch._C._cuda_getCurrentRawStream(device_index))
+    cp = _cupy()
+    with cp.cuda.Device(device_index):
+        fn(grid, (block, 1, 1), args, shared_mem=shared_mem, stream=stream)
+
+
+def precompile(device: torch.device | int | None = None) -> None:
+    """Compiles and loads every kernel variant on ``device`` (default: the current GPU).
+
+    Call it before capturing a CUDA graph that runs the kernels.
+    """
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    elif isinstance(device, int):
+        device = torch.device("cuda", device)
+    index = check_device(device)
+    for module in all_modules():
+        for name in module.entry_points:
+            get_function(module, name, index)

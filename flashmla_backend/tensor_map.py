@@ -1,0 +1,80 @@
+"""TMA descriptors (``CUtensorMap``) for the paged KV cache, encoded through the driver.
+
+The decode kernel takes the map by value as a 128-byte ``__grid_constant__`` parameter; CuPy
+passes a NumPy structured scalar of the same size. Encoding is a pure host call (no GPU work),
+and maps are cached per cache tensor, so steady-state calls cost a dict lookup.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from ._constants import PAGE_SIZE
+
+# CUtensorMap enums (cuda.h).
+_DTYPE_CODE = {torch.float16: 6, torch.bfloat16: 9}
+_INTERLEAVE_NONE = 0
+_SWIZZLE_128B = 3
+_L2_PROMOTION_256B = 3
+_OOB_FILL_NONE = 0  # out-of-range page ids read zeros
+
+#: Columns per TMA box: 64 bf16/fp16 = 128 bytes, the 128B-swizzle span.
+BOX_COLS = 64
+
+TENSOR_MAP_DTYPE = np.dtype([("opaque", np.uint64, (16,))])
+
+
+@lru_cache(maxsize=1)
+def _libcuda() -> ctypes.CDLL:
+    lib = ctypes.CDLL("libcuda.so.1")
+    fn = lib.cuTensorMapEncodeTiled
+    fn.restype = ctypes.c_int
+    fn.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p,
+        ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint64),
+        ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32),
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+    ]
+    return lib
+
+
+def _encode(ptr: int, dtype: torch.dtype, dims: tuple[int, ...], strides_bytes: tuple[int, ...],
+            box: tuple[int, ...]) -> np.void:
+    rank = len(dims)
+    raw = (ctypes.c_uint8 * 128)()
+    c_dims = (ctypes.c_uint64 * rank)(*dims)
+    c_strides = (ctypes.c_uint64 * (rank - 1))(*strides_bytes)
+    c_box = (ctypes.c_uint32 * rank)(*box)
+    c_elem = (ctypes.c_uint32 * rank)(*([1] * rank))
+    err = _libcuda().cuTensorMapEncodeTiled(
+        ctypes.addressof(raw), _DTYPE_CODE[dtype], rank, ctypes.c_void_p(ptr), c_dims, c_strides,
+        c_box, c_elem, _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_256B, _OOB_FILL_NONE)
+    if err != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {err} "
+                           f"(dims={dims}, strides={strides_bytes}, box={box})")
+    return np.frombuffer(bytes(raw), dtype=TENSOR_MAP_DTYPE)[0]
+
+
+_cache: dict[tuple, np.void] = {}
+
+
+def kv_cache_tensor_map(k_cache: torch.Tensor) -> np.void:
+    """Map over ``k_cache [num_pages, 64, h_k, 576]`` as the 4-D tensor
+    (576 cols, h_k, 64 tokens, num_pages); one box is 64 cols x 1 head x 64 tokens x 1 page."""
+    num_pages, page, h_k, d = k_cache.shape
+    elem = k_cache.element_size()
+    key = (k_cache.data_ptr(), k_cache.dtype, tuple(k_cache.shape), k_cache.stride())
+    tmap = _cache.get(key)
+    if tmap is None:
+        tmap = _encode(
+            k_cache.data_ptr(), k_cache.dtype, (d, h_k, page, num_pages),
+            (k_cache.stride(2) * elem, k_cache.stride(1) * elem, k_cache.stride(0) * elem),
+            (BOX_COLS, 1, PAGE_SIZE, 1))
+        if len(_cache) > 256:
+            _cache.clear()
+        _cache[key] = tmap
+    return tmap

@@ -1,0 +1,42 @@
+"""Shared fixtures: GPU tests skip with a visible reason where no Hopper GPU and CuPy exist."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+
+def _gpu_skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU on this machine (GPU tests run on the H100/H200 device machine)"
+    if torch.cuda.get_device_capability() != (9, 0):
+        return f"needs a Hopper (sm_90) GPU, found {torch.cuda.get_device_name()}"
+    if importlib.util.find_spec("cupy") is None:
+        return "CuPy is not installed (pip install cupy-cuda13x)"
+    return None
+
+
+GPU_SKIP_REASON = _gpu_skip_reason()
+
+requires_hopper = pytest.mark.skipif(GPU_SKIP_REASON is not None, reason=GPU_SKIP_REASON or "")
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64; NaN anywhere gives inf."""
+    out64, ref64 = out.double(), ref.double()
+    if not bool(torch.isfinite(out64).all()):
+        return float("inf")
+    denom = ref64.norm().item()
+    return (out64 - ref64).norm().item() / max(denom, 1e-30)
+
+
+def assert_lse_close(lse: torch.Tensor, ref: torch.Tensor) -> None:
+    """Same +inf (empty rows) positions, finite values within 1e-3."""
+    inf_out, inf_ref = torch.isinf(lse), torch.isinf(ref)
+    assert torch.equal(inf_out, inf_ref), "lse: +inf (empty row) positions differ"
+    assert not bool(torch.isnan(lse).any()), "lse holds NaN"
+    finite = ~inf_ref
+    if bool(finite.any()):
+        torch.testing.assert_close(lse[finite], ref[finite], atol=2e-3, rtol=1e-3)

@@ -1,0 +1,154 @@
+"""GPU correctness of the scheduler, decode and combine kernels against the float32 reference.
+
+In the style of FlashMLA's own test: batch, query length, context length (fixed and variable,
+with empty sequences), head counts, KV heads, causal masking and both 16-bit dtypes; inputs
+carry NaN in unused cache slots, shuffled block tables and garbage ids past each end.
+"""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from conftest import assert_lse_close, relative_error, requires_hopper
+from flashmla_backend import flash_mla_with_kvcache, get_mla_metadata, mla_decode_reference
+from flashmla_backend.schedule import schedule_reference
+from flashmla_backend.testing import DecodeProblem, draw_lengths, make_problem
+
+pytestmark = requires_hopper
+
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def run_and_check(p: DecodeProblem, dtype: torch.dtype, poisoned_out: bool = True) -> None:
+    b, s_q, h_q, h_k = p.shape
+    md, ns = get_mla_metadata(p.cache_seqlens, s_q * h_q // h_k, h_k)
+    out = None
+    if poisoned_out:
+        out = torch.full((b, s_q, h_q, 512), float("nan"), dtype=dtype, device="cuda")
+    inputs = [t.clone() for t in (p.q, p.k_cache, p.block_table, p.cache_seqlens)]
+    got, lse = flash_mla_with_kvcache(p.q, p.k_cache, p.block_table, p.cache_seqlens, 512, md, ns,
+                                      causal=p.causal, out=out)
+    ref, ref_lse = mla_decode_reference(p.q, p.k_cache, p.block_table, p.cache_seqlens, 512,
+                                        causal=p.causal)
+    torch.cuda.synchronize()
+    err = relative_error(got, ref.float())
+    assert err < TOLERANCE[dtype], f"relative error {err:.3e} for {p.shape}, lengths {p.cache_seqlens.tolist()[:8]}"
+    assert_lse_close(lse, ref_lse)
+    for before, after in zip(inputs, (p.q, p.k_cache, p.block_table, p.cache_seqlens)):
+        assert torch.equal(before.nan_to_num(7.0), after.nan_to_num(7.0)), "an input was modified"
+
+
+# The main sweep: every batch x query length x context x (fixed | varlen with zeros), at the
+# DeepSeek head counts, causal, bf16.
+@pytest.mark.parametrize("batch", [1, 2, 6, 64, 128])
+@pytest.mark.parametrize("s_q", [1, 2, 4])
+@pytest.mark.parametrize("s_k", [1, 20, 140, 4096, 16384])
+@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("h_q", [16, 128])
+def test_sweep_deepseek_heads(batch: int, s_q: int, s_k: int, varlen: bool, h_q: int) -> None:
+    if batch * s_k > 64 * 16384 and h_q == 128 and s_q == 4:
+        pytest.skip("covered by the smaller batches; keeps the sweep inside the device budget")
+    gen = torch.Generator().manual_seed(batch * 1000 + s_k + s_q)
+    lengths = draw_lengths(batch, s_k, varlen, gen, with_zeros=varlen)
+    p = make_problem(lengths, s_q, h_q, 1, torch.bfloat16, causal=True, seed=s_k + batch)
+    run_and_check(p, torch.bfloat16)
+
+
+# Odd head counts, two KV heads, both causal modes, both dtypes, on smaller batches.
+@pytest.mark.parametrize("h_q,h_k", [(1, 1), (3, 1), (63, 1), (64, 1), (2, 2), (6, 2), (32, 2), (128, 2)])
+@pytest.mark.parametrize("s_q", [1, 2, 4])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_heads_and_dtypes(h_q: int, h_k: int, s_q: int, causal: bool, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(h_q * 7 + s_q)
+    lengths = draw_lengths(6, 300, True, gen, with_zeros=True) + [1, 20, 140]
+    p = make_problem(lengths, s_q, h_q, h_k, dtype, causal=causal, seed=h_q + s_q)
+    run_and_check(p, dtype)
+
+
+def test_long_context_mixed_batch() -> None:
+    p = make_problem([1, 65536, 0, 70000, 63], 2, 16, causal=True, seed=3)
+    run_and_check(p, torch.bfloat16)
+
+
+def test_context_shorter_than_query_is_empty_row() -> None:
+    # With s_q = 4 and one key, the first three query tokens see nothing: out 0, lse +inf.
+    p = make_problem([1, 2, 3], 4, 16, causal=True, seed=4)
+    run_and_check(p, torch.bfloat16)
+
+
+@pytest.mark.parametrize("lengths", [[4096] * 128, [0] * 5, [1, 0, 100000], list(range(0, 4000, 37))])
+@pytest.mark.parametrize("rows", [16, 128, 512])
+def test_gpu_schedule_matches_python_mirror(lengths: list[int], rows: int) -> None:
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    md, ns = get_mla_metadata(seqlens, rows, 1)
+    ref_md, ref_ns = schedule_reference(seqlens.cpu(), md.shape[0])
+    assert torch.equal(md.cpu(), ref_md)
+    assert torch.equal(ns.cpu(), ref_ns)
+
+
+def test_schedule_reused_across_layers() -> None:
+    gen = torch.Generator().manual_seed(11)
+    lengths = draw_lengths(32, 2000, True, gen, with_zeros=True)
+    layers = [make_problem(lengths, 1, 16, seed=s) for s in range(3)]
+    # Every layer shares one block table and length vector, as in a decode step.
+    for layer in layers[1:]:
+        layer.block_table, layer.cache_seqlens = layers[0].block_table, layers[0].cache_seqlens
+    md, ns = get_mla_metadata(layers[0].cache_seqlens, 16, 1)
+    for layer in layers:
+        out, lse = flash_mla_with_kvcache(layer.q, layer.k_cache, layer.block_table, layer.cache_seqlens,
+                                          512, md, ns, causal=True)
+        ref, ref_lse = mla_decode_reference(layer.q, layer.k_cache, layer.block_table,
+                                            layer.cache_seqlens, 512, causal=True)
+        assert relative_error(out, ref.float()) < 1e-2
+        assert_lse_close(lse, ref_lse)
+
+
+def test_cuda_graph_replay_with_new_lengths() -> None:
+    from flashmla_backend import precompile
+
+    precompile()
+    batch, s_q, h_q = 8, 2, 16
+    base = make_problem([3000] * batch, s_q, h_q, causal=True, seed=21)
+    seqlens = base.cache_seqlens.clone()
+    static_q = base.q.clone()
+    # Warm up on a side stream (allocator and caches), then capture.
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        md, ns = get_mla_metadata(seqlens, s_q * h_q, 1)
+        flash_mla_with_kvcache(static_q, base.k_cache, base.block_table, seqlens, 512, md, ns, causal=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        md, ns = get_mla_metadata(seqlens, s_q * h_q, 1)
+        out, lse = flash_mla_with_kvcache(static_q, base.k_cache, base.block_table, seqlens, 512, md, ns,
+                                          causal=True)
+    gen = torch.Generator().manual_seed(5)
+    for step in range(5):
+        new_lengths = torch.randint(0, 3001, (batch,), generator=gen, dtype=torch.int32)
+        seqlens.copy_(new_lengths)
+        static_q.copy_(torch.randn(static_q.shape, generator=gen).to(static_q.dtype))
+        graph.replay()
+        ref, ref_lse = mla_decode_reference(static_q, base.k_cache, base.block_table, seqlens, 512, causal=True)
+        torch.cuda.synchronize()
+        assert relative_error(out, ref.float()) < 1e-2, f"replay {step}"
+        assert_lse_close(lse, ref_lse)
+
+
+def test_returns_new_tensors_without_out() -> None:
+    p = make_problem([500, 0, 77], 1, 16, seed=9)
+    run_and_check(p, torch.bfloat16, poisoned_out=False)
+
+
+def test_noncontiguous_q_view() -> None:
+    # q sliced out of a wider buffer (as vLLM's q_nope/q_pe concat may produce).
+    p = make_problem([700, 1300], 2, 16, seed=10)
+    wide = torch.randn(2, 2, 32, 576, device="cuda", dtype=torch.bfloat16)
+    wide[:, :, ::2] = p.q
+    p.q = wide[:, :, ::2]
+    run_and_check(p, torch.bfloat16)
+
+
