@@ -92,10 +92,14 @@ def test_gpu_schedule_matches_python_mirror(lengths: list[int], rows: int) -> No
 def test_schedule_reused_across_layers() -> None:
     gen = torch.Generator().manual_seed(11)
     lengths = draw_lengths(32, 2000, True, gen, with_zeros=True)
-    layers = [make_problem(lengths, 1, 16, seed=s) for s in range(3)]
-    # Every layer shares one block table and length vector, as in a decode step.
-    for layer in layers[1:]:
-        layer.block_table, layer.cache_seqlens = layers[0].block_table, layers[0].cache_seqlens
+    first = make_problem(lengths, 1, 16, seed=0)
+    layers = [first]
+    # Every layer shares one block table and length vector, as in a decode step; each has its
+    # own queries and cache values, poisoned in the same unused slots.
+    for _ in range(2):
+        k_cache = torch.randn_like(first.k_cache).masked_fill(torch.isnan(first.k_cache), float("nan"))
+        layers.append(DecodeProblem(torch.randn_like(first.q), k_cache, first.block_table,
+                                    first.cache_seqlens, True))
     md, ns = get_mla_metadata(layers[0].cache_seqlens, 16, 1)
     for layer in layers:
         out, lse = flash_mla_with_kvcache(layer.q, layer.k_cache, layer.block_table, layer.cache_seqlens,
