@@ -1,0 +1,52 @@
+"""Invariants of the split-KV schedule (Python mirror of the GPU scheduler kernel)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashmla_backend._constants import PAGE_SIZE
+from flashmla_backend.schedule import num_m_blocks, num_sm_parts, schedule_reference
+
+
+def pieces(metadata: torch.Tensor, num_splits: torch.Tensor, lengths: list[int]) -> list[tuple[int, int, int, int]]:
+    """(request, first page, end page, split slot) of every piece, as the decode kernel walks them."""
+    pages = [-(-n // PAGE_SIZE) if n > 0 else 0 for n in lengths]
+    out = []
+    for begin_req, begin_page, end_req, end_page, begin_split, *_ in metadata.tolist():
+        for req in range(begin_req, end_req + 1):
+            first = begin_page if req == begin_req else 0
+            end = end_page if req == end_req else pages[req]
+            split = begin_split if req == begin_req else int(num_splits[req])
+            out.append((req, first, end, split))
+    return out
+
+
+@pytest.mark.parametrize("lengths,parts", [
+    ([4096] * 128, 132), ([0] * 7, 132), ([1], 132), ([8192], 132), ([0, 5, 100000, 64, 65], 16),
+    (list(range(0, 5000, 41)), 33), ([3] * 1000, 132), ([70000, 1], 1),
+])
+def test_every_page_is_covered_once(lengths: list[int], parts: int) -> None:
+    md, ns = schedule_reference(torch.tensor(lengths, dtype=torch.int32), parts)
+    assert md.shape == (parts, 8) and ns.shape == (len(lengths) + 1,)
+    got = pieces(md, ns, lengths)
+    for req, n in enumerate(lengths):
+        mine = sorted((first, end, split) for r, first, end, split in got if r == req)
+        n_pages = -(-n // PAGE_SIZE) if n > 0 else 0
+        assert mine, f"request {req} has no piece"
+        assert mine[0][0] == 0 and mine[-1][1] == n_pages, f"request {req} not fully covered"
+        for (_, end, _), (first, _, _) in zip(mine, mine[1:]):
+            assert end == first, f"request {req}: pieces overlap or leave a gap"
+        splits = [s for _, _, s in mine]
+        assert splits == list(range(int(ns[req]), int(ns[req + 1]))), f"request {req}: split slots"
+        if len(mine) > 1:
+            assert all(end > first for first, end, _ in mine), "an empty piece in a split request"
+    assert int(ns[-1]) <= len(lengths) + parts, "more splits than the workspace holds"
+
+
+def test_part_count_fills_the_sms() -> None:
+    assert num_m_blocks(16) == 1 and num_m_blocks(256) == 4
+    assert num_sm_parts(132, 16, 1) == 132
+    assert num_sm_parts(132, 256, 1) == 33
+    assert num_sm_parts(132, 512, 2) == 8
+    assert num_sm_parts(4, 512, 2) == 1
