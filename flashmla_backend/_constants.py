@@ -7,15 +7,17 @@ HEAD_DIM_QK = 576  # 512 latent + 64 RoPE
 HEAD_DIM_V = 512
 PAGE_SIZE = 64
 BLOCK_M = 64
-SPLIT_OVERHEAD_PAGES = 5
+SPLIT_OVERHEAD_PAGES = 5  # default scheduler cost of one split, in pages (schedule.py)
 METADATA_FIELDS = 8
 MD_BEGIN_REQ, MD_BEGIN_PAGE, MD_END_REQ, MD_END_PAGE, MD_BEGIN_SPLIT = range(5)
 
 MAX_HEADS_PER_KV_HEAD = 128  # h_q / h_k: the query rows folded into one M block set
 
 DECODE_THREADS = 384
-SCHEDULE_THREADS = 256
-COMBINE_WARPS = 4
+SCHEDULE_THREADS = 1024
+#: Largest batch the one-CTA scheduler holds in shared memory (int32 per request).
+MAX_BATCH = 48 * 1024
+COMBINE_WARPS = 8
 
 _TILE_BYTES = PAGE_SIZE * HEAD_DIM_QK * 2
 #: Q block + two KV stages + P + three per-row float arrays + four mbarriers + alignment slack.

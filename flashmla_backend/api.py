@@ -14,16 +14,14 @@ from ._constants import (
     DEFAULT_NUM_SMS,
     HEAD_DIM_QK,
     HEAD_DIM_V,
+    MAX_BATCH,
     SCHEDULE_THREADS,
 )
 from .kernel_sources import SCHEDULE_MODULE, combine_module, decode_module
 from .reference import mla_decode_reference
 from .runtime import check_device, get_function, launch
-from .schedule import num_sm_parts, schedule_reference
+from .schedule import num_sm_parts, schedule_reference, split_overhead_pages
 from .validation import validate_contents, validate_decode_args, validate_metadata_args
-
-#: Largest batch the one-CTA scheduler holds in shared memory (int32 per request).
-MAX_BATCH = 48 * 1024
 
 _LOG2E = 1.4426950408889634
 
@@ -73,10 +71,20 @@ def get_mla_metadata(
     num_splits = torch.empty((batch + 1,), dtype=torch.int32, device=cache_seqlens.device)
     fn = get_function(SCHEDULE_MODULE, "mla_schedule", index)
     launch(fn, (1, 1, 1), SCHEDULE_THREADS,
-           (cache_seqlens.data_ptr(), np.int32(batch), np.int32(parts), metadata.data_ptr(),
-            num_splits.data_ptr()),
-           index, shared_mem=4 * batch)
+           (cache_seqlens.data_ptr(), np.int32(batch), np.int32(parts), np.int32(split_overhead_pages()),
+            metadata.data_ptr(), num_splits.data_ptr()),
+           index, shared_mem=4 * (batch + 1))
     return metadata, num_splits
+
+
+def _combine_warps_per_row(batch: int, parts: int) -> int:
+    """Warps merging one output row: a request has about ``parts / batch`` splits, so small
+    batches get up to 8 warps per row and large ones 1."""
+    splits_per_request = parts / batch
+    for warps in (8, 4, 2):
+        if splits_per_request >= 4 * warps:
+            return warps
+    return 1
 
 
 _workspaces: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -162,9 +170,12 @@ def flash_mla_with_kvcache(
             np.float32(scale * _LOG2E), np.int32(m_blocks == 1)),
            index, shared_mem=DECODE_SMEM_BYTES)
     combine = get_function(combine_module(q.dtype), "mla_combine", index)
-    launch(combine, (-(-shape.h_k * rows // COMBINE_WARPS), shape.batch, 1), COMBINE_WARPS * 32,
+    warps_per_row = _combine_warps_per_row(shape.batch, parts)
+    rows_per_cta = COMBINE_WARPS // warps_per_row
+    launch(combine, (-(-shape.h_k * rows // rows_per_cta), shape.batch, 1), COMBINE_WARPS * 32,
            (o_part.data_ptr(), lse_part.data_ptr(), num_splits.data_ptr(), out.data_ptr(),
-            lse.data_ptr(), np.int32(shape.s_q), np.int32(shape.h_q), np.int32(shape.h_k)),
+            lse.data_ptr(), np.int32(shape.s_q), np.int32(shape.h_q), np.int32(shape.h_k),
+            np.int32(warps_per_row)),
            index)
     return out, lse
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ._constants import DECODE_SMEM_BYTES
+from ._constants import DECODE_SMEM_BYTES, MAX_BATCH
 from .kernel_sources import KernelModule, all_modules, assembled_source
 
 os.environ.setdefault("CUPY_CACHE_DIR", str(Path.home() / ".cache" / "flashmla_backend" / "cupy"))
@@ -25,7 +25,7 @@ _functions: dict[tuple[int, str, tuple[str, ...], str], Any] = {}
 _checked_devices: set[int] = set()
 
 #: Dynamic shared memory each entry point needs above the 48 KB default.
-_DYNAMIC_SMEM = {"mla_decode": DECODE_SMEM_BYTES}
+_DYNAMIC_SMEM = {"mla_decode": DECODE_SMEM_BYTES, "mla_schedule": 4 * (MAX_BATCH + 1)}
 
 
 class UnsupportedDeviceError(RuntimeError):

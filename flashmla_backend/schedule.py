@@ -7,6 +7,8 @@ to test the kernel.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ._constants import (
@@ -32,42 +34,50 @@ def num_sm_parts(num_sms: int, num_q_tokens_per_head_k: int, num_heads_k: int) -
     return max(1, num_sms // (num_heads_k * num_m_blocks(num_q_tokens_per_head_k)))
 
 
-def schedule_reference(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_overhead_pages() -> int:
+    """The scheduler's cost of one (request, split) in pages: the Q load, the output write and
+    the combine. ``FLASHMLA_BACKEND_SPLIT_OVERHEAD`` overrides it (a tuning knob)."""
+    value = int(os.environ.get("FLASHMLA_BACKEND_SPLIT_OVERHEAD", SPLIT_OVERHEAD_PAGES))
+    if value < 1:
+        raise ValueError(f"FLASHMLA_BACKEND_SPLIT_OVERHEAD: expected >= 1, got {value}")
+    return value
+
+
+def schedule_reference(cache_seqlens: torch.Tensor, num_parts: int,
+                       overhead: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Python mirror of ``mla_schedule``: returns ``(metadata [num_parts, 8], num_splits [b+1])``.
 
-    Each request costs its pages plus a fixed overhead; parts take equal shares of the total
-    and split a request where a share ends.
+    Request i occupies ``overhead + pages_i`` consecutive cost positions (overhead first);
+    part p owns positions ``[p * payload, (p + 1) * payload)``, ``payload = ceil(total / parts)``.
+    A request is split wherever a part boundary cuts its pages; a request without pages belongs
+    to the part that holds its first position.
     """
-    lengths = cache_seqlens.tolist()
-    batch = len(lengths)
-    pages_of = [-(-n // PAGE_SIZE) if n > 0 else 0 for n in lengths]
-    total = sum(p + SPLIT_OVERHEAD_PAGES for p in pages_of)
-    payload = -(-total // num_parts) + SPLIT_OVERHEAD_PAGES
-    metadata = [[0] * METADATA_FIELDS for _ in range(num_parts)]
-    num_splits = [0] * (batch + 1)
-    req = page = splits_in_req = splits_done = 0
+    overhead = split_overhead_pages() if overhead is None else overhead
+    lengths = cache_seqlens.to("cpu", torch.int64).clamp_min(0)
+    batch = lengths.shape[0]
+    pages = (lengths + PAGE_SIZE - 1) // PAGE_SIZE
+    start = torch.zeros(batch + 1, dtype=torch.int64)
+    start[1:] = torch.cumsum(pages + overhead, 0)
+    payload = -(-int(start[-1]) // num_parts)
+    first = torch.where(pages > 0, start[:-1] + overhead, start[:-1])
+    last = torch.where(pages > 0, start[:-1] + overhead + pages - 1, start[:-1])
+    splits = last // payload - first // payload + 1
+    num_splits = torch.zeros(batch + 1, dtype=torch.int64)
+    num_splits[1:] = torch.cumsum(splits, 0)
+
+    metadata = torch.zeros(num_parts, METADATA_FIELDS, dtype=torch.int64)
+    lo = torch.arange(num_parts, dtype=torch.int64) * payload
+    hi = lo + payload
+    begin = torch.searchsorted(last, lo)  # first request with last >= lo
+    end = torch.searchsorted(first, hi) - 1  # last request with first < hi
+    metadata[:, MD_BEGIN_REQ] = begin
+    metadata[:, MD_END_REQ] = end
     for part in range(num_parts):
-        row = metadata[part]
-        row[MD_BEGIN_REQ], row[MD_BEGIN_PAGE] = req, page
-        row[MD_BEGIN_SPLIT] = splits_done + splits_in_req
-        budget, ends_mid_request = payload, False
-        while req < batch:
-            cost = pages_of[req] - page + SPLIT_OVERHEAD_PAGES
-            if budget >= cost:
-                budget -= cost
-                splits_done += splits_in_req + 1
-                num_splits[req + 1] = splits_done
-                req, page, splits_in_req = req + 1, 0, 0
-            else:
-                take = budget - SPLIT_OVERHEAD_PAGES
-                if take > 0:
-                    page += take
-                    splits_in_req += 1
-                    ends_mid_request = True
-                break
-        if ends_mid_request:
-            row[MD_END_REQ], row[MD_END_PAGE] = req, page
-        else:
-            row[MD_END_REQ] = req - 1
-            row[MD_END_PAGE] = pages_of[req - 1] if req > 0 else 0
-    return (torch.tensor(metadata, dtype=torch.int32), torch.tensor(num_splits, dtype=torch.int32))
+        b, e = int(begin[part]), int(end[part])
+        if b > e:
+            continue
+        lo_p, hi_p = int(lo[part]), int(hi[part])
+        metadata[part, MD_BEGIN_PAGE] = max(lo_p - int(first[b]), 0)
+        metadata[part, MD_END_PAGE] = 0 if pages[e] == 0 else min(hi_p, int(last[e]) + 1) - int(first[e])
+        metadata[part, MD_BEGIN_SPLIT] = int(num_splits[b]) + part - int(first[b]) // payload
+    return metadata.to(torch.int32), num_splits.to(torch.int32)

@@ -7,9 +7,6 @@ constexpr int HEAD_DIM_V = 512;         // V = first 512 columns of each cache r
 constexpr int PAGE_SIZE = 64;           // tokens per KV-cache page = keys per tile
 constexpr int BLOCK_M = 64;             // query rows (s_q x heads of one KV head) per CTA
 
-// The scheduler's cost of one (request, split): a fixed overhead in pages, for the Q load,
-// the output write and the combine.
-constexpr int SPLIT_OVERHEAD_PAGES = 5;
 
 // One row of tile_scheduler_metadata (int32 [num_sm_parts, METADATA_FIELDS]).
 constexpr int METADATA_FIELDS = 8;

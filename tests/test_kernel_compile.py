@@ -80,7 +80,7 @@ def _constexpr(source: str, name: str) -> int:
 
 def test_python_constants_mirror_the_cuda_sources() -> None:
     common = assembled_source("mla_common.cuh")
-    for name in ("HEAD_DIM_QK", "HEAD_DIM_V", "PAGE_SIZE", "BLOCK_M", "SPLIT_OVERHEAD_PAGES", "METADATA_FIELDS",
+    for name in ("HEAD_DIM_QK", "HEAD_DIM_V", "PAGE_SIZE", "BLOCK_M", "METADATA_FIELDS",
                  "MD_BEGIN_REQ", "MD_BEGIN_PAGE", "MD_END_REQ", "MD_END_PAGE", "MD_BEGIN_SPLIT"):
         assert int(_constexpr(common, name)) == getattr(C, name), name
     decode = assembled_source("mla_decode.cu")
