@@ -45,7 +45,7 @@ constexpr int SMEM_ROW_SCALE = SMEM_P + CHUNK_BYTES;
 constexpr int SMEM_ROW_MAX = SMEM_ROW_SCALE + BLOCK_M * 4;
 constexpr int SMEM_ROW_SUM = SMEM_ROW_MAX + BLOCK_M * 4;
 constexpr int SMEM_BARRIERS = SMEM_ROW_SUM + BLOCK_M * 4;
-constexpr int SMEM_USED = SMEM_BARRIERS + (QK_CHUNKS + 1) * KV_STAGES * 8;  // full per chunk, empty per stage
+constexpr int SMEM_USED = SMEM_BARRIERS + 2 * KV_STAGES * 8;
 constexpr int SMEM_ALIGN = 1024;
 constexpr int DECODE_SMEM_BYTES = SMEM_USED + SMEM_ALIGN;  // slack to align the base
 static_assert(DECODE_SMEM_BYTES <= 227 * 1024, "decode tile does not fit in shared memory");
@@ -129,13 +129,16 @@ DEVICE void rescale_rows(float (&o)[128], float alpha0, float alpha1) {
     for (int i = 0; i < 128; ++i) o[i] *= ((i >> 1) & 1) ? alpha1 : alpha0;
 }
 
-// Issues O[:, col_base:col_base+256] += P V for one page (4 x m64n256k16) as one group.
-DEVICE void issue_pv(float (&o)[128], uint32_t p_addr, uint32_t v_addr) {
+// O[:, col_base:col_base+256] += P V for one page.
+DEVICE void pv_gemm(float (&o)[128], uint32_t p_addr, uint32_t v_addr) {
+    wgmma_fence();
 #pragma unroll
     for (int k = 0; k < PAGE_SIZE / K_STEP; ++k)
         wgmma_m64n256k16_ss_bt(o, desc_k_major(p_addr + k * K_STEP * 2),
                                desc_mn_major(v_addr + k * K_STEP * 128, CHUNK_BYTES));
     wgmma_commit();
+    wgmma_wait<0>();
+    fence_accumulators(o);
 }
 
 // Writes this warpgroup's 64 x 256 half of O for rows row0 and row0 + 8, normalised by the
@@ -205,14 +208,8 @@ struct SharedTiles {
     DEVICE float* row_scale() const { return reinterpret_cast<float*>(base + SMEM_ROW_SCALE); }
     DEVICE float* row_lse() const { return reinterpret_cast<float*>(base + SMEM_ROW_MAX); }
     DEVICE float* row_sum() const { return reinterpret_cast<float*>(base + SMEM_ROW_SUM); }
-    // full(stage, chunk): that 8 KB chunk of the page has landed; empty(stage): both math
-    // warpgroups are done with the page.
-    DEVICE uint64_t* full_bar(int stage, int chunk) const {
-        return reinterpret_cast<uint64_t*>(base + SMEM_BARRIERS) + stage * QK_CHUNKS + chunk;
-    }
-    DEVICE uint64_t* empty_bar(int stage) const {
-        return reinterpret_cast<uint64_t*>(base + SMEM_BARRIERS) + KV_STAGES * QK_CHUNKS + stage;
-    }
+    DEVICE uint64_t* full_bar() const { return reinterpret_cast<uint64_t*>(base + SMEM_BARRIERS); }
+    DEVICE uint64_t* empty_bar() const { return full_bar() + KV_STAGES; }
 };
 
 DEVICE void setmaxnreg_inc_240() { asm volatile("setmaxnreg.inc.sync.aligned.u32 240;"); }
@@ -229,15 +226,13 @@ DEVICE void run_producer(const DecodeArgs& a, const SharedTiles& sm) {
         const int* pages = a.block_table + (size_t)req * a.bt_stride;
         for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
             const int stage = it % KV_STAGES;
-            mbarrier_wait(sm.empty_bar(stage), ((it / KV_STAGES) & 1) ^ 1);
+            mbarrier_wait(&sm.empty_bar()[stage], ((it / KV_STAGES) & 1) ^ 1);
+            mbarrier_arrive_expect_tx(&sm.full_bar()[stage], TILE_BYTES);
             const int page_id = pages[page];
-            // One barrier per chunk: S = Q K^T starts on the first 8 KB, not the whole page.
 #pragma unroll
-            for (int c = 0; c < QK_CHUNKS; ++c) {
-                mbarrier_arrive_expect_tx(sm.full_bar(stage, c), CHUNK_BYTES);
-                tma_load_4d(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, sm.full_bar(stage, c),
+            for (int c = 0; c < QK_CHUNKS; ++c)
+                tma_load_4d(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, &sm.full_bar()[stage],
                             c * CHUNK_COLS, a.kh, 0, page_id, policy);
-            }
         }
     }
 }
@@ -251,24 +246,7 @@ DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int req, i
     else named_barrier_arrive(BAR_Q_READY, CONSUMER_THREADS);
 }
 
-// Issues S = Q K^T for one page (9 chunks x 4 x m64n64k16) as one group, waiting for each
-// chunk's TMA barrier just before its first wgmma.
-DEVICE void issue_scores(float (&s)[32], uint32_t q_addr, uint32_t kv_addr, const SharedTiles& sm,
-                         int stage, uint32_t phase) {
-#pragma unroll
-    for (int c = 0; c < QK_CHUNKS; ++c) {
-        mbarrier_wait(sm.full_bar(stage, c), phase);
-#pragma unroll
-        for (int k = 0; k < CHUNK_COLS / K_STEP; ++k)
-            wgmma_m64n64k16_ss(s, desc_k_major(q_addr + c * CHUNK_BYTES + k * K_STEP * 2),
-                               desc_k_major(kv_addr + c * CHUNK_BYTES + k * K_STEP * 2), (c | k) != 0);
-    }
-    wgmma_commit();
-}
-
-// Warpgroup 0: scores, softmax, P, and the left half of O. Within a piece, S for page j+1 is
-// issued right behind O += P V for page j, so the tensor cores never wait on this warpgroup's
-// issue; the wait at the top of each step retires both.
+// Warpgroup 0: scores, softmax, P, and the left half of O.
 DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
     const int warp = tid / 32, lane = tid % 32;
     const int row0 = warp * 16 + lane / 4;  // this thread's rows: row0 and row0 + 8
@@ -292,87 +270,84 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
         float o[128];
 #pragma unroll
         for (int i = 0; i < 128; ++i) o[i] = 0.f;
-        float s[32];
-#pragma unroll
-        for (int i = 0; i < 32; ++i) s[i] = 0.f;
 
-        // Step `page` finishes that page and issues S for the next one; the first step only
-        // issues, so each wgmma group has a single issue site (no accumulator copies).
-        for (int page = piece.page_begin - 1; page < piece.page_end; ++page) {
-            if (page >= piece.page_begin) {
-                const int stage = it % KV_STAGES;
-                uint8_t* kv_tile = sm.kv(stage);
-                wgmma_wait<0>();  // S(page), and O += P V of the previous page
-                fence_accumulators(s);
-                fence_accumulators(o);
-                if (page > piece.page_begin) mbarrier_arrive(sm.empty_bar((it - 1) % KV_STAGES));
-                const int tok0 = page * PAGE_SIZE;
-                if (tok0 + PAGE_SIZE > min_limit) {
-#pragma unroll
-                    for (int i = 0; i < 32; ++i)
-                        if (tok0 + frag_col(i, lane) >= limit[(i >> 1) & 1]) s[i] = NEG_INF;
-                }
-                if (tok0 + PAGE_SIZE > seqlen) {
-                    zero_v_tail(kv_tile, seqlen - tok0, tid);
-                    fence_proxy_async_smem();
-                }
+        for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
+            const int stage = it % KV_STAGES;
+            uint8_t* kv_tile = sm.kv(stage);
+            const uint32_t kv_addr = smem_addr(kv_tile);
+            mbarrier_wait(&sm.full_bar()[stage], (it / KV_STAGES) & 1);
 
-                // Online softmax in the log2 domain; row sums stay per-thread until the end.
-                float alpha[2];
+            float s[32];
+#pragma unroll
+            for (int i = 0; i < 32; ++i) s[i] = 0.f;
+            wgmma_fence();
+#pragma unroll
+            for (int c = 0; c < QK_CHUNKS; ++c)
+#pragma unroll
+                for (int k = 0; k < CHUNK_COLS / K_STEP; ++k)
+                    wgmma_m64n64k16_ss(s, desc_k_major(q_addr + c * CHUNK_BYTES + k * K_STEP * 2),
+                                       desc_k_major(kv_addr + c * CHUNK_BYTES + k * K_STEP * 2),
+                                       (c | k) != 0);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_accumulators(s);
+
+            const int tok0 = page * PAGE_SIZE;
+            if (tok0 + PAGE_SIZE > min_limit) {
+#pragma unroll
+                for (int i = 0; i < 32; ++i)
+                    if (tok0 + frag_col(i, lane) >= limit[(i >> 1) & 1]) s[i] = NEG_INF;
+            }
+            if (tok0 + PAGE_SIZE > seqlen) {
+                zero_v_tail(kv_tile, seqlen - tok0, tid);
+                fence_proxy_async_smem();
+            }
+
+            // Online softmax in the log2 domain; row sums stay per-thread until the end.
+            float alpha[2];
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                float mx = NEG_INF;
+#pragma unroll
+                for (int i = 0; i < 32; ++i)
+                    if (((i >> 1) & 1) == half) mx = fmaxf(mx, s[i]);
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(row_max[half], mx * a.scale_log2);
+                const float m_use = m_new == NEG_INF ? 0.f : m_new;
+                alpha[half] = exp2f(row_max[half] - m_use);
+                row_max[half] = m_new;
+                float sum = 0.f;
+#pragma unroll
+                for (int i = 0; i < 32; ++i)
+                    if (((i >> 1) & 1) == half) {
+                        s[i] = exp2f(s[i] * a.scale_log2 - m_use);
+                        sum += s[i];
+                    }
+                row_sum[half] = row_sum[half] * alpha[half] + sum;
+            }
+
+            if (it > 0) named_barrier_sync(BAR_P_FREE, CONSUMER_THREADS);
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
 #pragma unroll
                 for (int half = 0; half < 2; ++half) {
-                    float mx = NEG_INF;
-#pragma unroll
-                    for (int i = 0; i < 32; ++i)
-                        if (((i >> 1) & 1) == half) mx = fmaxf(mx, s[i]);
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                    const float m_new = fmaxf(row_max[half], mx * a.scale_log2);
-                    const float m_use = m_new == NEG_INF ? 0.f : m_new;
-                    alpha[half] = exp2f(row_max[half] - m_use);
-                    row_max[half] = m_new;
-                    float sum = 0.f;
-#pragma unroll
-                    for (int i = 0; i < 32; ++i)
-                        if (((i >> 1) & 1) == half) {
-                            s[i] = exp2f(s[i] * a.scale_log2 - m_use);
-                            sum += s[i];
-                        }
-                    row_sum[half] = row_sum[half] * alpha[half] + sum;
+                    const int r = row0 + 8 * half;
+                    *reinterpret_cast<uint32_t*>(sm.p() + r * 128 + ((n ^ (r & 7)) << 4) + (lane % 4) * 4) =
+                        pack_half2(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]);
                 }
-
-                if (it > 0) named_barrier_sync(BAR_P_FREE, CONSUMER_THREADS);
-#pragma unroll
-                for (int n = 0; n < 8; ++n)
-#pragma unroll
-                    for (int half = 0; half < 2; ++half) {
-                        const int r = row0 + 8 * half;
-                        *reinterpret_cast<uint32_t*>(sm.p() + r * 128 + ((n ^ (r & 7)) << 4) + (lane % 4) * 4) =
-                            pack_half2(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]);
-                    }
-                if (lane % 4 == 0) {
-                    sm.row_scale()[row0] = alpha[0];
-                    sm.row_scale()[row0 + 8] = alpha[1];
-                }
-                fence_proxy_async_smem();
-                named_barrier_arrive(BAR_P_READY, CONSUMER_THREADS);
-                named_barrier_sync(BAR_WG0, WG_THREADS);
-
-                rescale_rows(o, alpha[0], alpha[1]);
-                wgmma_fence();
-                issue_pv(o, p_addr, smem_addr(kv_tile));
-                ++it;
-            } else {
-                wgmma_fence();
+            if (lane % 4 == 0) {
+                sm.row_scale()[row0] = alpha[0];
+                sm.row_scale()[row0 + 8] = alpha[1];
             }
-            if (page + 1 < piece.page_end) {
-                const int next = it % KV_STAGES;
-                issue_scores(s, q_addr, smem_addr(sm.kv(next)), sm, next, (it / KV_STAGES) & 1);
-            }
+            fence_proxy_async_smem();
+            named_barrier_arrive(BAR_P_READY, CONSUMER_THREADS);
+            named_barrier_sync(BAR_WG0, WG_THREADS);
+
+            rescale_rows(o, alpha[0], alpha[1]);
+            pv_gemm(o, p_addr, kv_addr);
+            mbarrier_arrive(&sm.empty_bar()[stage]);
         }
-        wgmma_wait<0>();  // unconditional: nothing may read o while a wgmma could be in flight
-        fence_accumulators(o);
-        if (has_pages) mbarrier_arrive(sm.empty_bar((it - 1) % KV_STAGES));
 
         float row_lse[2];
 #pragma unroll
@@ -416,12 +391,9 @@ DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid, int t
             const int stage = it % KV_STAGES;
             named_barrier_sync(BAR_P_READY, CONSUMER_THREADS);
             rescale_rows(o, sm.row_scale()[row0], sm.row_scale()[row0 + 8]);
-            wgmma_fence();
-            issue_pv(o, p_addr, smem_addr(sm.kv(stage)) + RIGHT_HALF_BYTES);
-            wgmma_wait<0>();
-            fence_accumulators(o);
+            pv_gemm(o, p_addr, smem_addr(sm.kv(stage)) + RIGHT_HALF_BYTES);
             if (it + 1 < total_pages) named_barrier_arrive(BAR_P_FREE, CONSUMER_THREADS);
-            mbarrier_arrive(sm.empty_bar(stage));
+            mbarrier_arrive(&sm.empty_bar()[stage]);
         }
         float row_sum[2] = {0.f, 0.f}, row_lse[2] = {0.f, 0.f};
         if (has_pages) {
@@ -470,8 +442,8 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     const int tid = threadIdx.x;
     if (tid == 0) {
         for (int s = 0; s < KV_STAGES; ++s) {
-            for (int c = 0; c < QK_CHUNKS; ++c) mbarrier_init(sm.full_bar(s, c), 1);
-            mbarrier_init(sm.empty_bar(s), CONSUMER_THREADS);
+            mbarrier_init(&sm.full_bar()[s], 1);
+            mbarrier_init(&sm.empty_bar()[s], CONSUMER_THREADS);
         }
         fence_barrier_init();
     }
