@@ -7,6 +7,7 @@ handed to NVRTC is self-contained and CuPy's on-disk cache key covers every head
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -43,8 +44,12 @@ SCHEDULE_MODULE = KernelModule("mla_schedule.cu", ("mla_schedule",), torch.bfloa
 
 
 def decode_module(dtype: torch.dtype) -> KernelModule:
-    """The split-KV decode kernel for ``dtype`` (bf16 or fp16)."""
-    return KernelModule("mla_decode.cu", ("mla_decode",), dtype)
+    """The split-KV decode kernel for ``dtype`` (bf16 or fp16).
+
+    ``FLASHMLA_BACKEND_DECODE_FILE`` (a path) swaps in another version of the decode source
+    with the same interface, for A/B benchmarks of kernel versions in one process.
+    """
+    return KernelModule(os.environ.get("FLASHMLA_BACKEND_DECODE_FILE", "mla_decode.cu"), ("mla_decode",), dtype)
 
 
 def combine_module(dtype: torch.dtype) -> KernelModule:
