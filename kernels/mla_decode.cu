@@ -3,13 +3,11 @@
 // tile_scheduler_metadata.
 //
 // Warpgroup roles (384 threads; setmaxnreg moves registers from the producer to the math):
-//   warpgroups 0 and 1 (math, 232 regs each): warpgroup w computes the scores of keys
-//     [32w, 32w + 32) of each 64-key page (S_w = Q K_w^T, wgmma m64n32k16), the two exchange
-//     row maxima through smem, each writes its half of P, and then warpgroup w accumulates
-//     O[:, 256w : 256w + 256] += P V over all 64 keys (wgmma m64n256k16). Both warpgroups do
-//     the same work, so the softmax is split in half and neither idles while the other works.
-//   warpgroup 2 (producer, 40 regs): one thread streams 64-token pages by TMA into a
-//     two-stage ring guarded by full/empty mbarriers.
+//   warpgroup 0 (softmax): S = Q K^T with wgmma, masking, online softmax, P to smem,
+//                          O[:, 0:256] += P V                                   240 regs
+//   warpgroup 1 (PV):      O[:, 256:512] += P V, overlapping warpgroup 0's next S  224 regs
+//   warpgroup 2 (producer): one thread streams 64-token pages by TMA into a two-stage
+//                          ring guarded by full/empty mbarriers                   40 regs
 // Q (64 x 576) stays in smem for a whole piece. V is the first 512 columns of the K tile,
 // read MN-major by the P V wgmma straight from the same swizzled buffer.
 #include "ptx_helpers.cuh"
@@ -24,27 +22,29 @@ constexpr int KV_STAGES = 2;
 constexpr int WG_THREADS = 128;
 constexpr int CONSUMER_THREADS = 2 * WG_THREADS;
 constexpr int DECODE_THREADS = 3 * WG_THREADS;
-constexpr int MATH_WG_REGS = 232;
+constexpr int SOFTMAX_WG_REGS = 240;
+constexpr int PV_WG_REGS = 224;
 constexpr int PRODUCER_WG_REGS = 40;
-static_assert(WG_THREADS * (2 * MATH_WG_REGS + PRODUCER_WG_REGS) <= 65536,
+static_assert(WG_THREADS * (SOFTMAX_WG_REGS + PV_WG_REGS + PRODUCER_WG_REGS) <= 65536,
               "register split exceeds the register file");
 constexpr int V_COLS_PER_WG = HEAD_DIM_V / 2;           // 256: each warpgroup owns half of O
-constexpr int KEYS_PER_WG = PAGE_SIZE / 2;              // 32: each warpgroup scores half a page
 constexpr int K_STEP = 16;                              // wgmma K per instruction
 
-// Named barriers (0 is __syncthreads); each joins both math warpgroups.
-constexpr int BAR_Q_READY = 1;   // Q block stored
-constexpr int BAR_MAX_READY = 2; // row maxima of both key halves stored; P V of the last page done
-constexpr int BAR_P_READY = 3;   // both halves of P stored (and V tails zeroed)
-constexpr int BAR_STATS = 4;     // row sums of both halves stored
+// Named barriers (0 is __syncthreads).
+constexpr int BAR_Q_READY = 1;   // both WGs stored Q       (WG1 arrives, WG0 waits)
+constexpr int BAR_P_READY = 2;   // WG0 stored P and scales (WG0 arrives, WG1 waits)
+constexpr int BAR_P_FREE = 3;    // WG1 done reading P      (WG1 arrives, WG0 waits)
+constexpr int BAR_STATS = 4;     // WG0 stored row max/sum  (WG0 arrives, WG1 waits)
+constexpr int BAR_WG0 = 5;       // WG0's own P / V-tail stores, before its P V wgmma
 
 // Shared memory map (byte offsets from a 1024-aligned base).
 constexpr int SMEM_Q = 0;
 constexpr int SMEM_KV = TILE_BYTES;
 constexpr int SMEM_P = SMEM_KV + KV_STAGES * TILE_BYTES;
-constexpr int SMEM_ROW_MAX = SMEM_P + CHUNK_BYTES;        // float [2][64]: per key half
-constexpr int SMEM_ROW_SUM = SMEM_ROW_MAX + 2 * BLOCK_M * 4;  // float [2][64]
-constexpr int SMEM_BARRIERS = SMEM_ROW_SUM + 2 * BLOCK_M * 4;
+constexpr int SMEM_ROW_SCALE = SMEM_P + CHUNK_BYTES;
+constexpr int SMEM_ROW_MAX = SMEM_ROW_SCALE + BLOCK_M * 4;
+constexpr int SMEM_ROW_SUM = SMEM_ROW_MAX + BLOCK_M * 4;
+constexpr int SMEM_BARRIERS = SMEM_ROW_SUM + BLOCK_M * 4;
 constexpr int SMEM_USED = SMEM_BARRIERS + 2 * KV_STAGES * 8;
 constexpr int SMEM_ALIGN = 1024;
 constexpr int DECODE_SMEM_BYTES = SMEM_USED + SMEM_ALIGN;  // slack to align the base
@@ -107,14 +107,12 @@ DEVICE void load_q_block(uint8_t* q_smem, const uint16_t* q, long long q_stride_
     }
 }
 
-// Zeroes rows [first_row, 64) of V chunks [first_chunk, first_chunk + 4) of a page tile
-// (the chunks this warpgroup multiplies): cache slots past the sequence end may hold NaN,
-// and P = 0 times NaN would still be NaN.
-DEVICE void zero_v_tail(uint8_t* kv_tile, int first_row, int first_chunk, int tid) {
+// Zeroes V rows [first_row, 64) of a page tile: cache slots past the sequence end may hold
+// NaN, and P = 0 times NaN would still be NaN.
+DEVICE void zero_v_tail(uint8_t* kv_tile, int first_row, int tid) {
     const int rows = PAGE_SIZE - first_row;
-    constexpr int CHUNKS = V_CHUNKS / 2;
-    for (int idx = tid; idx < CHUNKS * rows * 8; idx += WG_THREADS) {
-        const int chunk = first_chunk + idx / (rows * 8), rem = idx % (rows * 8);
+    for (int idx = tid; idx < V_CHUNKS * rows * 8; idx += WG_THREADS) {
+        const int chunk = idx / (rows * 8), rem = idx % (rows * 8);
         const int r = first_row + rem / 8, unit = rem % 8;
         *reinterpret_cast<uint4*>(kv_tile + chunk * CHUNK_BYTES + r * 128 + unit * 16) =
             make_uint4(0, 0, 0, 0);
@@ -123,6 +121,7 @@ DEVICE void zero_v_tail(uint8_t* kv_tile, int first_row, int first_chunk, int ti
 
 // Accumulator fragment of wgmma m64nN (f32): register i of a thread holds
 // row = warp*16 + lane/4 + 8*((i>>1)&1), col = 8*(i>>2) + 2*(lane%4) + (i&1).
+DEVICE int frag_row(int i, int warp, int lane) { return warp * 16 + lane / 4 + 8 * ((i >> 1) & 1); }
 DEVICE int frag_col(int i, int lane) { return 8 * (i >> 2) + 2 * (lane % 4) + (i & 1); }
 
 DEVICE void rescale_rows(float (&o)[128], float alpha0, float alpha1) {
@@ -206,14 +205,15 @@ struct SharedTiles {
     DEVICE uint8_t* q() const { return base + SMEM_Q; }
     DEVICE uint8_t* kv(int stage) const { return base + SMEM_KV + stage * TILE_BYTES; }
     DEVICE uint8_t* p() const { return base + SMEM_P; }
-    DEVICE float* row_max() const { return reinterpret_cast<float*>(base + SMEM_ROW_MAX); }
+    DEVICE float* row_scale() const { return reinterpret_cast<float*>(base + SMEM_ROW_SCALE); }
+    DEVICE float* row_lse() const { return reinterpret_cast<float*>(base + SMEM_ROW_MAX); }
     DEVICE float* row_sum() const { return reinterpret_cast<float*>(base + SMEM_ROW_SUM); }
-    // full(stage): the page has landed; empty(stage): both math warpgroups are done with it.
-    DEVICE uint64_t* full_bar(int stage) const { return reinterpret_cast<uint64_t*>(base + SMEM_BARRIERS) + stage; }
-    DEVICE uint64_t* empty_bar(int stage) const { return full_bar(0) + KV_STAGES + stage; }
+    DEVICE uint64_t* full_bar() const { return reinterpret_cast<uint64_t*>(base + SMEM_BARRIERS); }
+    DEVICE uint64_t* empty_bar() const { return full_bar() + KV_STAGES; }
 };
 
-DEVICE void setmaxnreg_inc_232() { asm volatile("setmaxnreg.inc.sync.aligned.u32 232;"); }
+DEVICE void setmaxnreg_inc_240() { asm volatile("setmaxnreg.inc.sync.aligned.u32 240;"); }
+DEVICE void setmaxnreg_inc_224() { asm volatile("setmaxnreg.inc.sync.aligned.u32 224;"); }
 DEVICE void setmaxnreg_dec_40() { asm volatile("setmaxnreg.dec.sync.aligned.u32 40;"); }
 
 // Producer: streams every page of every piece through the KV ring.
@@ -226,53 +226,37 @@ DEVICE void run_producer(const DecodeArgs& a, const SharedTiles& sm) {
         const int* pages = a.block_table + (size_t)req * a.bt_stride;
         for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
             const int stage = it % KV_STAGES;
-            mbarrier_wait(sm.empty_bar(stage), ((it / KV_STAGES) & 1) ^ 1);
-            mbarrier_arrive_expect_tx(sm.full_bar(stage), TILE_BYTES);
+            mbarrier_wait(&sm.empty_bar()[stage], ((it / KV_STAGES) & 1) ^ 1);
+            mbarrier_arrive_expect_tx(&sm.full_bar()[stage], TILE_BYTES);
             const int page_id = pages[page];
 #pragma unroll
             for (int c = 0; c < QK_CHUNKS; ++c)
-                tma_load_4d(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, sm.full_bar(stage),
+                tma_load_4d(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, &sm.full_bar()[stage],
                             c * CHUNK_COLS, a.kh, 0, page_id, policy);
         }
     }
 }
 
 // Both math warpgroups store their share of the Q block, then meet at BAR_Q_READY.
-DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int req, int tid) {
+DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int req, int tid, bool waits) {
     load_q_block(sm.q(), a.q, a.q_stride_b, a.q_stride_s, a.q_stride_h, req, a.kh, a.row_base,
                  a.rows, tid);
     fence_proxy_async_smem();
-    named_barrier_sync(BAR_Q_READY, CONSUMER_THREADS);
+    if (waits) named_barrier_sync(BAR_Q_READY, CONSUMER_THREADS);
+    else named_barrier_arrive(BAR_Q_READY, CONSUMER_THREADS);
 }
 
-// Scores of this warpgroup's 32 keys of a page: S_w = Q K[32w : 32w + 32]^T.
-DEVICE void score_half_page(float (&s)[16], uint32_t q_addr, uint32_t kv_addr, int wg) {
-    const uint32_t keys_addr = kv_addr + wg * KEYS_PER_WG * 128;  // 32 rows of 128 B per chunk
-    wgmma_fence();
-#pragma unroll
-    for (int c = 0; c < QK_CHUNKS; ++c)
-#pragma unroll
-        for (int k = 0; k < CHUNK_COLS / K_STEP; ++k)
-            wgmma_m64n32k16_ss(s, desc_k_major(q_addr + c * CHUNK_BYTES + k * K_STEP * 2),
-                               desc_k_major(keys_addr + c * CHUNK_BYTES + k * K_STEP * 2), (c | k) != 0);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_accumulators(s);
-}
-
-// A math warpgroup: half the scores and softmax of every page, half of O.
-DEVICE void run_math_wg(const DecodeArgs& a, const SharedTiles& sm, int wg, int tid) {
+// Warpgroup 0: scores, softmax, P, and the left half of O.
+DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
     const int warp = tid / 32, lane = tid % 32;
     const int row0 = warp * 16 + lane / 4;  // this thread's rows: row0 and row0 + 8
     const uint32_t q_addr = smem_addr(sm.q()), p_addr = smem_addr(sm.p());
-    float* my_max = sm.row_max() + wg * BLOCK_M;
-    const float* other_max = sm.row_max() + (1 - wg) * BLOCK_M;
     int it = 0;
     for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
         const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
         const bool has_pages = piece.page_end > piece.page_begin;
         const int seqlen = a.seqlens[req];
-        if (has_pages) stage_q_block(a, sm, req, wg * WG_THREADS + tid);
+        if (has_pages) stage_q_block(a, sm, req, tid, true);
 
         // Key limit of each of this thread's rows (bottom-right causal alignment).
         int limit[2];
@@ -291,54 +275,51 @@ DEVICE void run_math_wg(const DecodeArgs& a, const SharedTiles& sm, int wg, int 
             const int stage = it % KV_STAGES;
             uint8_t* kv_tile = sm.kv(stage);
             const uint32_t kv_addr = smem_addr(kv_tile);
-            mbarrier_wait(sm.full_bar(stage), (it / KV_STAGES) & 1);
+            mbarrier_wait(&sm.full_bar()[stage], (it / KV_STAGES) & 1);
 
-            float s[16];
+            float s[32];
 #pragma unroll
-            for (int i = 0; i < 16; ++i) s[i] = 0.f;
-            score_half_page(s, q_addr, kv_addr, wg);
+            for (int i = 0; i < 32; ++i) s[i] = 0.f;
+            wgmma_fence();
+#pragma unroll
+            for (int c = 0; c < QK_CHUNKS; ++c)
+#pragma unroll
+                for (int k = 0; k < CHUNK_COLS / K_STEP; ++k)
+                    wgmma_m64n64k16_ss(s, desc_k_major(q_addr + c * CHUNK_BYTES + k * K_STEP * 2),
+                                       desc_k_major(kv_addr + c * CHUNK_BYTES + k * K_STEP * 2),
+                                       (c | k) != 0);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_accumulators(s);
 
-            const int key0 = page * PAGE_SIZE + wg * KEYS_PER_WG;  // first key of this half
-            if (page * PAGE_SIZE + PAGE_SIZE > min_limit) {
+            const int tok0 = page * PAGE_SIZE;
+            if (tok0 + PAGE_SIZE > min_limit) {
 #pragma unroll
-                for (int i = 0; i < 16; ++i)
-                    if (key0 + frag_col(i, lane) >= limit[(i >> 1) & 1]) s[i] = NEG_INF;
+                for (int i = 0; i < 32; ++i)
+                    if (tok0 + frag_col(i, lane) >= limit[(i >> 1) & 1]) s[i] = NEG_INF;
             }
-            if (page * PAGE_SIZE + PAGE_SIZE > seqlen) {
-                zero_v_tail(kv_tile, seqlen - page * PAGE_SIZE, wg * (V_CHUNKS / 2), tid);
+            if (tok0 + PAGE_SIZE > seqlen) {
+                zero_v_tail(kv_tile, seqlen - tok0, tid);
                 fence_proxy_async_smem();
             }
-
-            // Row maxima of this half, exchanged with the other warpgroup. Passing the barrier
-            // also means both warpgroups finished P V of the previous page, so P is free.
-            float mx[2];
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                float m = NEG_INF;
-#pragma unroll
-                for (int i = 0; i < 16; ++i)
-                    if (((i >> 1) & 1) == half) m = fmaxf(m, s[i]);
-                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-                mx[half] = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-            }
-            if (lane % 4 == 0) {
-                my_max[row0] = mx[0];
-                my_max[row0 + 8] = mx[1];
-            }
-            named_barrier_sync(BAR_MAX_READY, CONSUMER_THREADS);
 
             // Online softmax in the log2 domain; row sums stay per-thread until the end.
             float alpha[2];
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
-                const float page_max = fmaxf(mx[half], other_max[row0 + 8 * half]);
-                const float m_new = fmaxf(row_max[half], page_max * a.scale_log2);
+                float mx = NEG_INF;
+#pragma unroll
+                for (int i = 0; i < 32; ++i)
+                    if (((i >> 1) & 1) == half) mx = fmaxf(mx, s[i]);
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(row_max[half], mx * a.scale_log2);
                 const float m_use = m_new == NEG_INF ? 0.f : m_new;
                 alpha[half] = exp2f(row_max[half] - m_use);
                 row_max[half] = m_new;
                 float sum = 0.f;
 #pragma unroll
-                for (int i = 0; i < 16; ++i)
+                for (int i = 0; i < 32; ++i)
                     if (((i >> 1) & 1) == half) {
                         s[i] = exp2f(s[i] * a.scale_log2 - m_use);
                         sum += s[i];
@@ -346,24 +327,28 @@ DEVICE void run_math_wg(const DecodeArgs& a, const SharedTiles& sm, int wg, int 
                 row_sum[half] = row_sum[half] * alpha[half] + sum;
             }
 
-            // This half of P: keys 32w + 8n + ... are 16-byte units 4w + n of each 128-byte row.
+            if (it > 0) named_barrier_sync(BAR_P_FREE, CONSUMER_THREADS);
 #pragma unroll
-            for (int n = 0; n < KEYS_PER_WG / 8; ++n)
+            for (int n = 0; n < 8; ++n)
 #pragma unroll
                 for (int half = 0; half < 2; ++half) {
-                    const int r = row0 + 8 * half, unit = wg * (KEYS_PER_WG / 8) + n;
-                    *reinterpret_cast<uint32_t*>(sm.p() + r * 128 + ((unit ^ (r & 7)) << 4) + (lane % 4) * 4) =
+                    const int r = row0 + 8 * half;
+                    *reinterpret_cast<uint32_t*>(sm.p() + r * 128 + ((n ^ (r & 7)) << 4) + (lane % 4) * 4) =
                         pack_half2(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]);
                 }
+            if (lane % 4 == 0) {
+                sm.row_scale()[row0] = alpha[0];
+                sm.row_scale()[row0 + 8] = alpha[1];
+            }
             fence_proxy_async_smem();
-            named_barrier_sync(BAR_P_READY, CONSUMER_THREADS);
+            named_barrier_arrive(BAR_P_READY, CONSUMER_THREADS);
+            named_barrier_sync(BAR_WG0, WG_THREADS);
 
             rescale_rows(o, alpha[0], alpha[1]);
-            pv_gemm(o, p_addr, kv_addr + wg * (V_COLS_PER_WG / CHUNK_COLS) * CHUNK_BYTES);
-            mbarrier_arrive(sm.empty_bar(stage));
+            pv_gemm(o, p_addr, kv_addr);
+            mbarrier_arrive(&sm.empty_bar()[stage]);
         }
 
-        // Row sums of both key halves.
         float row_lse[2];
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
@@ -371,21 +356,56 @@ DEVICE void run_math_wg(const DecodeArgs& a, const SharedTiles& sm, int wg, int 
             l += __shfl_xor_sync(0xffffffffu, l, 1);
             l += __shfl_xor_sync(0xffffffffu, l, 2);
             row_sum[half] = l;
+            row_lse[half] = (row_max[half] + log2f(l)) * LN2;
         }
         if (has_pages) {
             if (lane % 4 == 0) {
-                sm.row_sum()[wg * BLOCK_M + row0] = row_sum[0];
-                sm.row_sum()[wg * BLOCK_M + row0 + 8] = row_sum[1];
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    sm.row_lse()[row0 + 8 * half] = row_lse[half];
+                    sm.row_sum()[row0 + 8 * half] = row_sum[half];
+                }
             }
+            named_barrier_arrive(BAR_STATS, CONSUMER_THREADS);
+        }
+        store_output(o, row_sum, row_lse, 0, warp, lane, piece, a.kh, a.row_base, a.rows, a.s_q,
+                     a.h_q, a.h_k, a.out, a.lse, a.o_part, a.lse_part, true);
+    }
+}
+
+// Warpgroup 1: the right half of O, one page behind warpgroup 0's scores.
+DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid, int total_pages) {
+    const int warp = tid / 32, lane = tid % 32;
+    const int row0 = warp * 16 + lane / 4;
+    const uint32_t p_addr = smem_addr(sm.p());
+    constexpr int RIGHT_HALF_BYTES = (V_COLS_PER_WG / CHUNK_COLS) * CHUNK_BYTES;
+    int it = 0;
+    for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
+        const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
+        const bool has_pages = piece.page_end > piece.page_begin;
+        if (has_pages) stage_q_block(a, sm, req, WG_THREADS + tid, false);
+        float o[128];
+#pragma unroll
+        for (int i = 0; i < 128; ++i) o[i] = 0.f;
+        for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
+            const int stage = it % KV_STAGES;
+            named_barrier_sync(BAR_P_READY, CONSUMER_THREADS);
+            rescale_rows(o, sm.row_scale()[row0], sm.row_scale()[row0 + 8]);
+            pv_gemm(o, p_addr, smem_addr(sm.kv(stage)) + RIGHT_HALF_BYTES);
+            if (it + 1 < total_pages) named_barrier_arrive(BAR_P_FREE, CONSUMER_THREADS);
+            mbarrier_arrive(&sm.empty_bar()[stage]);
+        }
+        float row_sum[2] = {0.f, 0.f}, row_lse[2] = {0.f, 0.f};
+        if (has_pages) {
             named_barrier_sync(BAR_STATS, CONSUMER_THREADS);
 #pragma unroll
-            for (int half = 0; half < 2; ++half)
-                row_sum[half] += sm.row_sum()[(1 - wg) * BLOCK_M + row0 + 8 * half];
+            for (int half = 0; half < 2; ++half) {
+                row_lse[half] = sm.row_lse()[row0 + 8 * half];
+                row_sum[half] = sm.row_sum()[row0 + 8 * half];
+            }
         }
-#pragma unroll
-        for (int half = 0; half < 2; ++half) row_lse[half] = (row_max[half] + log2f(row_sum[half])) * LN2;
-        store_output(o, row_sum, row_lse, wg * V_COLS_PER_WG, warp, lane, piece, a.kh, a.row_base, a.rows,
-                     a.s_q, a.h_q, a.h_k, a.out, a.lse, a.o_part, a.lse_part, wg == 0);
+        store_output(o, row_sum, row_lse, V_COLS_PER_WG, warp, lane, piece, a.kh, a.row_base, a.rows,
+                     a.s_q, a.h_q, a.h_k, a.out, a.lse, a.o_part, a.lse_part, false);
     }
 }
 
@@ -422,8 +442,8 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     const int tid = threadIdx.x;
     if (tid == 0) {
         for (int s = 0; s < KV_STAGES; ++s) {
-            mbarrier_init(sm.full_bar(s), 1);
-            mbarrier_init(sm.empty_bar(s), CONSUMER_THREADS);
+            mbarrier_init(&sm.full_bar()[s], 1);
+            mbarrier_init(&sm.empty_bar()[s], CONSUMER_THREADS);
         }
         fence_barrier_init();
     }
@@ -433,8 +453,16 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     if (wg == 2) {
         setmaxnreg_dec_40();
         if (tid == 2 * WG_THREADS) run_producer(a, sm);
+    } else if (wg == 0) {
+        setmaxnreg_inc_240();
+        run_softmax_wg(a, sm, tid);
     } else {
-        setmaxnreg_inc_232();
-        run_math_wg(a, sm, wg, tid % WG_THREADS);
+        setmaxnreg_inc_224();
+        int total_pages = 0;
+        for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
+            const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
+            total_pages += piece.page_end - piece.page_begin;
+        }
+        run_pv_wg(a, sm, tid - WG_THREADS, total_pages);
     }
 }

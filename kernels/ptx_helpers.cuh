@@ -166,7 +166,8 @@ DEVICE void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
         : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
-// D[64x32] (+)= A[64x16] * B[16x32]; A and B K-major in smem. Half of the scores of a page.
+// D[64x32] (+)= A[64x16] * B[16x32]; A and B K-major in smem. Half of the scores of a page
+// (benchmarks/kernel_versions/mla_decode_v3_split_scores.cu).
 DEVICE void wgmma_m64n32k16_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int accumulate) {
     asm volatile(
         "{\n .reg .pred p;\n setp.ne.b32 p, %18, 0;\n"

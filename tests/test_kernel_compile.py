@@ -47,7 +47,7 @@ def test_decode_sass_uses_hopper_instructions(dtype_name: str) -> None:
     import torch
 
     text = sass(decode_module(getattr(torch, dtype_name)))
-    assert "HGMMA.64x32x16.F32" in text, "S = Q K^T should be two 64x32 wgmma halves"
+    assert "HGMMA.64x64x16.F32" in text, "S = Q K^T should be a 64x64 wgmma"
     assert "HGMMA.64x256x16.F32" in text, "O += P V should be a 64x256 wgmma"
     assert "UTMALDG.4D" in text, "pages should arrive by TMA"
     assert "SYNCS" in text, "mbarrier waits/arrives expected"
@@ -85,10 +85,11 @@ def test_python_constants_mirror_the_cuda_sources() -> None:
         assert int(_constexpr(common, name)) == getattr(C, name), name
     decode = assembled_source("mla_decode.cu")
     assert _constexpr(decode, "DECODE_THREADS") == "3 * WG_THREADS" and C.DECODE_THREADS == 384
-    # The decode smem map: Q + KV stages + P + 2 x 2 row arrays + 2 x stages barriers + alignment slack.
+    # The decode smem map: Q + KV stages + P + 3 row arrays + 2 x stages barriers + alignment
+    # slack; the launcher passes DECODE_SMEM_BYTES, which must cover it.
     stages = int(_constexpr(decode, "KV_STAGES"))
     tile = C.PAGE_SIZE * C.HEAD_DIM_QK * 2
-    expected = (1 + stages) * tile + C.PAGE_SIZE * 64 * 2 + 4 * C.BLOCK_M * 4 + 2 * stages * 8 + 1024
-    assert C.DECODE_SMEM_BYTES == expected
+    needed = (1 + stages) * tile + C.PAGE_SIZE * 64 * 2 + 3 * C.BLOCK_M * 4 + 2 * stages * 8 + 1024
+    assert needed <= C.DECODE_SMEM_BYTES <= 227 * 1024
     assert int(_constexpr(assembled_source("mla_schedule.cu"), "SCHEDULE_THREADS")) == C.SCHEDULE_THREADS
     assert int(_constexpr(assembled_source("mla_combine.cu"), "COMBINE_WARPS")) == C.COMBINE_WARPS

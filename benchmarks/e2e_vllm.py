@@ -1,0 +1,317 @@
+#!/usr/bin/env python3
+"""End-to-end vLLM decode throughput: our CUSTOM backend beside FLASHMLA, FLASH_ATTN_MLA, TRITON_MLA.
+
+    python benchmarks/e2e_vllm.py --out bench_out/e2e_vllm                 # 128 x (4096 + 1024)
+    python benchmarks/e2e_vllm.py --num-requests 32 --prompt-len 1024 --gen-len 128   # quick
+    python benchmarks/e2e_vllm.py --backends CUSTOM FLASHMLA ...   # a subset; rerun for the rest
+    python benchmarks/e2e_vllm.py --report-only --out bench_out/e2e_vllm   # table of saved runs
+
+Model: DeepSeek-V2-Lite's shapes (27 layers, hidden 2048, 16 heads, MLA kv_lora_rank 512 +
+RoPE 64, 64 routed experts) from a local folder holding only ``config.json``; vLLM draws random
+weights (``load_format="dummy"``), there is no tokenizer, prompts are random token ids. RoPE is
+plain (the real model's YaRN scaling changes frequencies and the softmax scale, not the cost).
+
+Method, per backend in its own subprocess (one engine each, nothing shared): one warm-up
+generate; then ``--repeats`` times: a prefill-only run (``max_tokens=1``) and a full run
+(``max_tokens=--gen-len``), greedy, ``ignore_eos``, prefix caching off so the full run prefills
+again. Decode rate = tokens generated beyond the first, ``N * (gen_len - 1)``, divided by
+(full time - prefill-only time); the best repeat is reported. Time to first token is vLLM's
+per-request first-token latency in the full run (mean and median over requests; with all
+requests submitted at once it includes queueing behind other prefills). Prints a markdown
+table; writes ``<backend>.json``, ``<backend>.log`` and ``summary.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BACKENDS = ["CUSTOM", "FLASHMLA", "FLASH_ATTN_MLA", "TRITON_MLA"]
+ENTRY_POINT_VALUE = "flashmla_backend.vllm_plugin:register"
+
+#: DeepSeek-V2-Lite (15.7B total, 2.4B active parameters), as vLLM 0.26 + transformers 5 read it.
+DEEPSEEK_V2_LITE_CONFIG: dict[str, Any] = {
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "model_type": "deepseek_v2",
+    "dtype": "bfloat16",
+    "vocab_size": 102400,
+    "hidden_size": 2048,
+    "intermediate_size": 10944,
+    "moe_intermediate_size": 1408,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "n_shared_experts": 2,
+    "n_routed_experts": 64,
+    "num_experts_per_tok": 6,
+    "first_k_dense_replace": 1,
+    "moe_layer_freq": 1,
+    "kv_lora_rank": 512,
+    "q_lora_rank": None,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "topk_method": "greedy",
+    "n_group": 1,
+    "topk_group": 1,
+    "routed_scaling_factor": 1.0,
+    "scoring_func": "softmax",
+    "norm_topk_prob": False,
+    "hidden_act": "silu",
+    "max_position_embeddings": 163840,
+    "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "bos_token_id": 100000,
+    "eos_token_id": 100001,
+    "initializer_range": 0.02,
+}
+
+
+def write_model_dir(folder: Path) -> Path:
+    """A model folder with only ``config.json`` (weights come from ``load_format="dummy"``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(DEEPSEEK_V2_LITE_CONFIG, indent=2))
+    return folder
+
+
+def plugin_environment(work_dir: Path) -> dict[str, str]:
+    """Environment in which vLLM finds the plugin of this checkout: the repo on ``PYTHONPATH``
+    and, when the package is not pip-installed, a minimal ``.dist-info`` declaring its entry point."""
+    env = dict(os.environ)
+    paths = [str(REPO_ROOT)]
+    installed = any(ep.value == ENTRY_POINT_VALUE
+                    for ep in importlib.metadata.entry_points(group="vllm.general_plugins"))
+    if not installed:
+        dist_info = work_dir / "plugin_shim" / "flashmla_backend_vllm_plugin_shim-0.0.0.dist-info"
+        dist_info.mkdir(parents=True, exist_ok=True)
+        (dist_info / "METADATA").write_text(
+            "Metadata-Version: 2.1\nName: flashmla-backend-vllm-plugin-shim\nVersion: 0.0.0\n")
+        (dist_info / "entry_points.txt").write_text(
+            f"[vllm.general_plugins]\nflashmla_backend = {ENTRY_POINT_VALUE}\n")
+        paths.insert(0, str(dist_info.parent))
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker: one backend, one engine
+
+
+def _first_token_latencies(outputs: list[Any]) -> list[float]:
+    """vLLM's per-request time to first token, seconds (needs ``disable_log_stats=False``)."""
+    values = []
+    for output in outputs:
+        metrics = getattr(output, "metrics", None)
+        latency = getattr(metrics, "first_token_latency", 0.0) if metrics is not None else 0.0
+        if latency:
+            values.append(float(latency))
+    return values
+
+
+def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Times one backend; returns the JSON-able result."""
+    import torch
+    import vllm
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    backend = args.worker
+    llm = LLM(
+        model=str(args.model_dir),
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        attention_config={"backend": backend},
+        max_model_len=args.prompt_len + args.gen_len + 64,
+        max_num_seqs=max(args.num_requests, 1),
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        tensor_parallel_size=args.tensor_parallel_size,
+        enforce_eager=args.enforce_eager,
+        enable_prefix_caching=False,  # the full run must prefill again
+        disable_log_stats=False,  # per-request first-token latency
+        seed=0,
+    )
+    generator = torch.Generator().manual_seed(0)
+    vocab = DEEPSEEK_V2_LITE_CONFIG["vocab_size"]
+    prompts = [TokensPrompt(prompt_token_ids=torch.randint(0, vocab, (args.prompt_len,), generator=generator).tolist())
+               for _ in range(args.num_requests)]
+
+    def params(max_tokens: int) -> SamplingParams:
+        return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+
+    def timed(max_tokens: int) -> tuple[float, list[Any]]:
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params(max_tokens), use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        produced = [len(o.outputs[0].token_ids) for o in outputs]
+        if produced != [max_tokens] * len(prompts):
+            raise RuntimeError(f"expected {max_tokens} tokens per request, got {sorted(set(produced))}")
+        return elapsed, outputs
+
+    llm.generate(prompts[: min(8, len(prompts))], params(min(16, args.gen_len)), use_tqdm=False)  # warm-up
+
+    runs = []
+    for repeat in range(args.repeats):
+        prefill_s, _ = timed(1)
+        full_s, outputs = timed(args.gen_len)
+        decode_tokens = args.num_requests * (args.gen_len - 1)
+        decode_s = full_s - prefill_s
+        ttft = _first_token_latencies(outputs)
+        runs.append({
+            "repeat": repeat,
+            "prefill_only_s": prefill_s,
+            "full_s": full_s,
+            "decode_s": decode_s,
+            "decode_tokens": decode_tokens,
+            "decode_tok_per_s": decode_tokens / decode_s if decode_s > 0 else float("nan"),
+            "ttft_mean_s": statistics.fmean(ttft) if ttft else None,
+            "ttft_median_s": statistics.median(ttft) if ttft else None,
+        })
+        print(f"[e2e_vllm] {backend} repeat {repeat}: prefill-only {prefill_s:.2f} s, full {full_s:.2f} s, "
+              f"decode {runs[-1]['decode_tok_per_s']:.0f} tok/s", flush=True)
+
+    best = max(runs, key=lambda r: r["decode_tok_per_s"])
+    return {
+        "backend": backend,
+        "vllm_version": vllm.__version__,
+        "gpu": torch.cuda.get_device_name(0),
+        "num_requests": args.num_requests,
+        "prompt_len": args.prompt_len,
+        "gen_len": args.gen_len,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "enforce_eager": args.enforce_eager,
+        "best": best,
+        "runs": runs,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver: one subprocess per backend, then the table
+
+
+def _worker_command(args: argparse.Namespace, backend: str, model_dir: Path) -> list[str]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", backend, "--model-dir", str(model_dir),
+               "--out", str(args.out), "--num-requests", str(args.num_requests), "--prompt-len",
+               str(args.prompt_len), "--gen-len", str(args.gen_len), "--repeats", str(args.repeats),
+               "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--tensor-parallel-size",
+               str(args.tensor_parallel_size)]
+    if args.enforce_eager:
+        command.append("--enforce-eager")
+    return command
+
+
+def run_backend(args: argparse.Namespace, backend: str, model_dir: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Runs one backend's worker subprocess; returns its result, or an error record."""
+    log_path = args.out / f"{backend}.log"
+    print(f"[e2e_vllm] {backend}: running (log {log_path})", flush=True)
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        try:
+            proc = subprocess.run(_worker_command(args, backend, model_dir), stdout=log, stderr=subprocess.STDOUT,
+                                  env=env, cwd=REPO_ROOT, timeout=args.timeout, start_new_session=True)
+            status: int | str = proc.returncode
+        except subprocess.TimeoutExpired:
+            status = f"timeout after {args.timeout} s"
+    result_path = args.out / f"{backend}.json"
+    if status == 0 and result_path.exists():
+        result = json.loads(result_path.read_text())
+        print(f"[e2e_vllm] {backend}: {result['best']['decode_tok_per_s']:.0f} decode tok/s "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+        return result
+    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
+    print(f"[e2e_vllm] {backend}: FAILED ({status}); last log lines:\n{tail}", flush=True)
+    return {"backend": backend, "error": str(status)}
+
+
+def _fmt(value: float | None, scale: float = 1.0, digits: int = 0) -> str:
+    return "n/a" if value is None else f"{value * scale:.{digits}f}"
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """One row per backend, with the decode rate relative to CUSTOM where both ran."""
+    ours = next((r for r in results if r.get("backend") == "CUSTOM" and "best" in r), None)
+    lines = ["| backend | decode tok/s | vs CUSTOM | prefill-only s | full s | TTFT mean ms | TTFT median ms |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        if "best" not in r:
+            lines.append(f"| {r['backend']} | failed: {r.get('error', '?')} | | | | | |")
+            continue
+        best = r["best"]
+        relative = (f"{best['decode_tok_per_s'] / ours['best']['decode_tok_per_s']:.2f}x" if ours else "n/a")
+        lines.append(f"| {r['backend']} | {best['decode_tok_per_s']:.0f} | {relative} | {best['prefill_only_s']:.2f} "
+                     f"| {best['full_s']:.2f} | {_fmt(best['ttft_mean_s'], 1e3)} | {_fmt(best['ttft_median_s'], 1e3)} |")
+    return "\n".join(lines)
+
+
+def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
+    header = next((r for r in results if "best" in r), None)
+    if header is not None:
+        print(f"\nvLLM {header['vllm_version']} on {header['gpu']} (TP {header['tensor_parallel_size']}): "
+              f"DeepSeek-V2-Lite shapes, dummy weights, {header['num_requests']} requests x "
+              f"{header['prompt_len']} prompt + {header['gen_len']} generated tokens, best of {len(header['runs'])}"
+              f"{', eager' if header['enforce_eager'] else ', CUDA graphs'}\n")
+    table = markdown_table(results)
+    print(table)
+    (args.out / "summary.json").write_text(json.dumps({"results": results, "table": table}, indent=2))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench_out" / "e2e_vllm",
+                        help="folder for results, logs and the model config (default bench_out/e2e_vllm)")
+    parser.add_argument("--backends", nargs="+", default=DEFAULT_BACKENDS, help="vLLM attention backends to run")
+    parser.add_argument("--num-requests", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=4096)
+    parser.add_argument("--gen-len", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per backend; the best is reported")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no torch.compile")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per backend subprocess")
+    parser.add_argument("--report-only", action="store_true", help="print the table of results already in --out")
+    parser.add_argument("--worker", metavar="BACKEND", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.gen_len < 2 or args.num_requests < 1 or args.prompt_len < 1:
+        parser.error("need --gen-len >= 2, --num-requests >= 1 and --prompt-len >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        result = run_worker(args)
+        (args.out / f"{args.worker}.json").write_text(json.dumps(result, indent=2))
+        return
+    if args.report_only:
+        results = [json.loads((args.out / f"{b}.json").read_text()) for b in args.backends
+                   if (args.out / f"{b}.json").exists()]
+        report(args, results)
+        return
+    model_dir = write_model_dir(args.out / "deepseek-v2-lite-dummy")
+    env = plugin_environment(args.out)
+    results = []
+    for backend in args.backends:
+        (args.out / f"{backend}.json").unlink(missing_ok=True)
+        results.append(run_backend(args, backend, model_dir, env))
+    report(args, results)
+
+
+if __name__ == "__main__":
+    main()
