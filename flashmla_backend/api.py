@@ -19,7 +19,7 @@ from ._constants import (
 )
 from .kernel_sources import SCHEDULE_MODULE, combine_module, decode_module
 from .reference import mla_decode_reference
-from .runtime import check_device, get_function, launch
+from .runtime import check_device, get_function, launch, sm_count
 from .schedule import num_sm_parts, schedule_reference, split_overhead_pages
 from .validation import validate_contents, validate_decode_args, validate_metadata_args
 
@@ -65,8 +65,7 @@ def get_mla_metadata(
         return schedule_reference(cache_seqlens, parts)
 
     index = check_device(cache_seqlens.device)
-    sms = torch.cuda.get_device_properties(index).multi_processor_count
-    parts = num_sm_parts(sms, num_q_tokens_per_head_k, num_heads_k)
+    parts = num_sm_parts(sm_count(index), num_q_tokens_per_head_k, num_heads_k)
     metadata = torch.empty((parts, 8), dtype=torch.int32, device=cache_seqlens.device)
     num_splits = torch.empty((batch + 1,), dtype=torch.int32, device=cache_seqlens.device)
     fn = get_function(SCHEDULE_MODULE, "mla_schedule", index)
@@ -138,6 +137,13 @@ def flash_mla_with_kvcache(
     _unsupported_flags(is_fp8_kvcache, indices, "indices")
     shape = validate_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v,
                                  tile_scheduler_metadata, num_splits, softmax_scale, causal, out)
+    sms = sm_count(check_device(q.device)) if q.is_cuda else DEFAULT_NUM_SMS
+    expected_parts = num_sm_parts(sms, shape.rows, shape.h_k)
+    if tile_scheduler_metadata.shape[0] != expected_parts:
+        raise ValueError(
+            f"tile_scheduler_metadata: {tile_scheduler_metadata.shape[0]} parts, but this call needs "
+            f"{expected_parts}; compute it with get_mla_metadata(cache_seqlens, {shape.rows}, {shape.h_k}) "
+            f"for these shapes")
     validate_contents(block_table, cache_seqlens, shape)
     scale = float(softmax_scale) if softmax_scale is not None else HEAD_DIM_QK ** -0.5
 

@@ -23,6 +23,7 @@ os.environ.setdefault("CUPY_CACHE_DIR", str(Path.home() / ".cache" / "flashmla_b
 _lock = threading.Lock()
 _functions: dict[tuple[int, str, tuple[str, ...], str], Any] = {}
 _checked_devices: set[int] = set()
+_sm_counts: dict[int, int] = {}
 
 #: Dynamic shared memory each entry point needs above the 48 KB default.
 _DYNAMIC_SMEM = {"mla_decode": DECODE_SMEM_BYTES, "mla_schedule": 4 * (MAX_BATCH + 1)}
@@ -53,6 +54,14 @@ def check_device(device: torch.device) -> int:
                 f"{name} is sm_{major}{minor}. Use mla_decode_reference for other devices.")
         _checked_devices.add(index)
     return index
+
+
+def sm_count(device_index: int) -> int:
+    """Multiprocessors of a GPU (cached: the scheduler and the validation ask on every call)."""
+    count = _sm_counts.get(device_index)
+    if count is None:
+        count = _sm_counts[device_index] = torch.cuda.get_device_properties(device_index).multi_processor_count
+    return count
 
 
 def get_function(module: KernelModule, name: str, device_index: int) -> Any:

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import importlib.util
+from collections import Counter
 
 import pytest
 import torch
+
+#: Counts reported by the property tests (printed in the terminal summary).
+PROPERTY_COUNTS: Counter[str] = Counter()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if PROPERTY_COUNTS:
+        terminalreporter.write_sep("-", "property tests")
+        for name, count in sorted(PROPERTY_COUNTS.items()):
+            terminalreporter.write_line(f"{name}: {count}")
 
 
 def _gpu_skip_reason() -> str | None:

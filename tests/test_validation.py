@@ -76,6 +76,8 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], type[Exception], str]] 
      TypeError, "tile_scheduler_metadata"),
     ("metadata shape", _set("tile_scheduler_metadata", lambda a: a["tile_scheduler_metadata"][:, :4]),
      ValueError, "tile_scheduler_metadata"),
+    ("metadata for another shape", _set("tile_scheduler_metadata", lambda a: a["tile_scheduler_metadata"][:-1]),
+     ValueError, "tile_scheduler_metadata"),
     ("num_splits from another batch", _set("num_splits", lambda a: a["num_splits"][:3]), ValueError, "num_splits"),
     ("num_splits float", _set("num_splits", lambda a: a["num_splits"].float()), TypeError, "num_splits"),
     ("scale negative", _set("softmax_scale", lambda a: -0.1), ValueError, "softmax_scale"),
