@@ -5,10 +5,11 @@ Public API:
     flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
                            tile_scheduler_metadata, num_splits, softmax_scale=None, causal=False)
     precompile(device=None)     build every kernel variant before CUDA-graph capture
+    reserve_workspace(...)      size the split workspace before CUDA-graph capture
     mla_decode_reference(...)   the float32 spec (runs anywhere)
 """
 
-from .api import flash_mla_with_kvcache, get_mla_metadata
+from .api import flash_mla_with_kvcache, get_mla_metadata, reserve_workspace
 from .reference import mla_decode_reference
 from .runtime import UnsupportedDeviceError, precompile
 
@@ -19,6 +20,7 @@ __all__ = [
     "get_mla_metadata",
     "mla_decode_reference",
     "precompile",
+    "reserve_workspace",
     "UnsupportedDeviceError",
     "__version__",
 ]

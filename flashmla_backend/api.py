@@ -87,18 +87,41 @@ def _combine_warps_per_row(batch: int, parts: int) -> int:
 
 
 _workspaces: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+# Replaced workspaces stay alive: a CUDA graph captured with one keeps writing to its address.
+_retired_workspaces: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
 def _split_workspace(device: torch.device, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 partial outputs ``[rows, 512]`` and partial LSEs ``[rows]``, grown on demand and
     reused, so a steady decode loop allocates nothing."""
-    index = device.index
+    index = device.index if device.index is not None else torch.cuda.current_device()
     cached = _workspaces.get(index)
     if cached is None or cached[1].numel() < rows:
+        if cached is not None:
+            _retired_workspaces.append(cached)
+            rows = max(rows, 2 * cached[1].numel())  # geometric growth: few retired buffers
         cached = (torch.empty((rows, HEAD_DIM_V), dtype=torch.float32, device=device),
                   torch.empty((rows,), dtype=torch.float32, device=device))
         _workspaces[index] = cached
     return cached
+
+
+def split_workspace_rows(batch: int, num_q_tokens_per_head_k: int, num_heads_k: int, num_sms: int) -> int:
+    """Rows of float32 partial output a call needs: one per (split, KV head, query row), with at
+    most ``batch + num_sm_parts`` splits."""
+    parts = num_sm_parts(num_sms, num_q_tokens_per_head_k, num_heads_k)
+    return (batch + parts) * num_heads_k * num_q_tokens_per_head_k
+
+
+def reserve_workspace(device: torch.device | int, max_batch: int, num_q_tokens_per_head_k: int,
+                      num_heads_k: int = 1) -> None:
+    """Allocates the split workspace for batches up to ``max_batch`` now, e.g. before CUDA-graph
+    capture, so that no later call has to grow it. Workspaces are never freed while the process
+    runs, so graphs captured earlier stay valid."""
+    device = torch.device("cuda", device) if isinstance(device, int) else device
+    index = check_device(device)
+    rows = split_workspace_rows(max_batch, num_q_tokens_per_head_k, num_heads_k, sm_count(index))
+    _split_workspace(torch.device("cuda", index), rows)
 
 
 def flash_mla_with_kvcache(
@@ -114,6 +137,7 @@ def flash_mla_with_kvcache(
     is_fp8_kvcache: bool = False,
     indices: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    check_contents: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paged MLA decode attention, FlashMLA semantics (see ``mla-contract.md``).
 
@@ -129,6 +153,9 @@ def flash_mla_with_kvcache(
         causal: bottom-right aligned causal mask for ``s_q > 1`` (MTP / speculative decode).
         is_fp8_kvcache, indices: FlashMLA arguments for fp8 and sparse attention; unsupported.
         out: optional contiguous ``[b, s_q, h_q, 512]`` output buffer.
+        check_contents: run the content checks (lengths, page ids; see ``validation.py``).
+            Callers that build the tables themselves, like the vLLM backend, pass False to
+            keep the GPU path free of host syncs.
 
     Returns:
         ``out [b, s_q, h_q, 512]`` (dtype of ``q``) and ``lse [b, h_q, s_q]`` float32.
@@ -144,7 +171,8 @@ def flash_mla_with_kvcache(
             f"tile_scheduler_metadata: {tile_scheduler_metadata.shape[0]} parts, but this call needs "
             f"{expected_parts}; compute it with get_mla_metadata(cache_seqlens, {shape.rows}, {shape.h_k}) "
             f"for these shapes")
-    validate_contents(block_table, cache_seqlens, shape)
+    if check_contents:
+        validate_contents(block_table, cache_seqlens, shape)
     scale = float(softmax_scale) if softmax_scale is not None else HEAD_DIM_QK ** -0.5
 
     if not q.is_cuda:
@@ -161,7 +189,7 @@ def flash_mla_with_kvcache(
     rows = shape.rows
     m_blocks = -(-rows // BLOCK_M)
     parts = tile_scheduler_metadata.shape[0]
-    o_part, lse_part = _split_workspace(q.device, (shape.batch + parts) * shape.h_k * rows)
+    o_part, lse_part = _split_workspace(q.device, split_workspace_rows(shape.batch, rows, shape.h_k, sms))
     if out is None:
         out = torch.empty((shape.batch, shape.s_q, shape.h_q, HEAD_DIM_V), dtype=q.dtype, device=q.device)
     lse = torch.empty((shape.batch, shape.h_q, shape.s_q), dtype=torch.float32, device=q.device)
@@ -186,4 +214,4 @@ def flash_mla_with_kvcache(
     return out, lse
 
 
-__all__ = ["get_mla_metadata", "flash_mla_with_kvcache", "MAX_BATCH"]
+__all__ = ["get_mla_metadata", "flash_mla_with_kvcache", "reserve_workspace", "MAX_BATCH"]

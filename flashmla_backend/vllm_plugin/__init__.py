@@ -20,20 +20,6 @@ from .capabilities import BACKEND_CLASS_PATH, BACKEND_NAME
 _logger = logging.getLogger("vllm.flashmla_backend")
 
 
-def _found_vllm_version() -> str:
-    """The installed vLLM version; raises ``ModuleNotFoundError`` when vLLM is missing."""
-    version = compat.installed_vllm_version()
-    if version is not None:
-        return version
-    try:  # importable without package metadata (e.g. a source tree on PYTHONPATH)
-        import vllm
-    except ImportError as exc:
-        raise ModuleNotFoundError(
-            f"flashmla_backend.vllm_plugin.register needs vLLM {compat.supported_versions_text()}, "
-            f"which is not installed: pip install 'flashmla_backend[vllm]'", name="vllm") from exc
-    return str(getattr(vllm, "__version__", "unknown"))
-
-
 def register() -> None:
     """Registers the backend as vLLM's ``CUSTOM`` attention backend.
 
@@ -41,7 +27,7 @@ def register() -> None:
     call more than once. Raises ``RuntimeError`` on an unsupported vLLM release (see
     :mod:`~flashmla_backend.vllm_plugin.compat`) and ``ModuleNotFoundError`` without vLLM.
     """
-    found = _found_vllm_version()
+    found = compat.found_vllm_version()
     allow_any = compat.allow_any_vllm_from_env()
     compat.check_vllm_version(found, allow_any=allow_any)
     if allow_any and compat.vllm_version_problem(found) is not None:

@@ -65,3 +65,22 @@ def installed_vllm_version() -> str | None:
         return importlib.metadata.version("vllm")
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def found_vllm_version() -> str:
+    """The vLLM version this process would use.
+
+    Reads the package metadata; only without metadata (a source tree on ``PYTHONPATH``) is
+    vLLM imported for its ``__version__``. Raises ``ModuleNotFoundError`` naming the supported
+    versions when vLLM cannot be found at all.
+    """
+    version = installed_vllm_version()
+    if version is not None:
+        return version
+    try:
+        import vllm
+    except ImportError as exc:
+        raise ModuleNotFoundError(
+            f"flashmla_backend's vLLM plugin needs vLLM {supported_versions_text()}, which is not "
+            f"installed: pip install 'flashmla_backend[vllm]'", name="vllm") from exc
+    return str(getattr(vllm, "__version__", "unknown"))

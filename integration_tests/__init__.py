@@ -1,0 +1,1 @@
+"""vLLM integration tests of the flashmla_backend plugin (see conftest.py)."""
