@@ -8,8 +8,6 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python -c "import flashmla_backend as f; f.precompile()"
 for tool in memcheck racecheck synccheck initcheck; do
   extra=""
-  # torch's caching allocator hands out memory that is legitimately uninitialised until written.
-  [ "$tool" = initcheck ] && extra="--track-unused-memory no"
   [ "$tool" = memcheck ] && extra="--leak-check no"
   timeout 600 compute-sanitizer --tool "$tool" $extra --print-limit 20 \
       python benchmarks/sanitizer_cases.py > "$OUT/sanitizer_$tool.log" 2>&1
