@@ -106,7 +106,6 @@ def measure_ceilings(timer: Timer) -> dict[str, float]:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     bm = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     mm_us = timer.median_us(lambda: a @ bm)
-    del src, dst
     return {"copy_GBps": 2 * 4 * 256 * 1024 * 1024 / copy_us / 1e3,
             "matmul_TFLOPs": 2 * 8192**3 / mm_us / 1e6}
 
@@ -241,8 +240,6 @@ def run_case(case: Case, timer: Timer, peers: dict, check: bool) -> Result:
         flash_mla_with_kvcache(p.q, p.k_cache, p.block_table, p.cache_seqlens, HEAD_V, m, n,
                                softmax_scale=scale, causal=True)
     res.whole_call_us = timer.median_us(whole_call)
-    del p
-    torch.cuda.empty_cache()
     return res
 
 

@@ -39,14 +39,12 @@ from vllm.v1.attention.backend import (  # noqa: E402
     AttentionCGSupport,
     AttentionLayer,
     AttentionType,
-    CommonAttentionMetadata,
     MultipleOf,
 )
 from vllm.v1.kv_cache_interface import AttentionSpec  # noqa: E402
 
 from .. import flash_mla_with_kvcache, get_mla_metadata, precompile, reserve_workspace  # noqa: E402
 from .._constants import DEFAULT_NUM_SMS, METADATA_FIELDS  # noqa: E402
-from ..schedule import num_sm_parts  # noqa: E402
 from .block_table import expand_block_table, kernel_pages_per_block, split_cache_blocks  # noqa: E402
 from .capabilities import (  # noqa: E402
     BACKEND_LOG_MARKER,
