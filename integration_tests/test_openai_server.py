@@ -8,22 +8,13 @@ always killed at the end. Covers /v1/completions and /v1/chat/completions, strea
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from vllm_harness import REPO_ROOT, assert_custom_backend_used, requires_engine
+from vllm_harness import assert_custom_backend_used, requires_engine
+from vllm_server import Server, ServerStartError, serve
 
 pytestmark = [
     requires_engine,
@@ -32,7 +23,6 @@ pytestmark = [
 
 MODEL_NAME = "tiny-deepseek"
 MAX_TOKENS = 16
-STARTUP_TIMEOUT_S = 600
 REQUEST_TIMEOUT_S = 120
 #: Shorter than one 64-token page, so repeated prompts never hit the prefix cache and the
 #: streamed and non-streamed greedy answers come from identical computations.
@@ -40,76 +30,16 @@ PROMPT = "Bakalo dimu fesa, gorilu"
 CHAT = [{"role": "user", "content": "Hello there, friend! Tell me of the mountains."}]
 
 
-@dataclass
-class Server:
-    base_url: str
-    process: subprocess.Popen
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _serve_command() -> list[str]:
-    vllm_cli = shutil.which("vllm")
-    return [vllm_cli, "serve"] if vllm_cli else [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"]
-
-
-def _ready(base_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base_url}/v1/models", timeout=5) as response:
-            return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (API server, engine core), SIGKILL after 60 s."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model: Path, vllm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
-    command = _serve_command() + [
-        str(tiny_model), "--host", "127.0.0.1", "--port", str(port), "--served-model-name", MODEL_NAME,
-        "--attention-backend", "CUSTOM", "--gpu-memory-utilization", "0.3", "--max-model-len", "4096",
-        "--max-num-seqs", "32", "--seed", "0",
-    ]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=vllm_env, cwd=REPO_ROOT,
-                                   start_new_session=True)
-    served = Server(f"http://127.0.0.1:{port}", process, log_path)
+    args = ["--attention-backend", "CUSTOM", "--gpu-memory-utilization", "0.3", "--max-model-len", "4096",
+            "--max-num-seqs", "32", "--seed", "0"]
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not _ready(served.base_url):
-            if process.poll() is not None:
-                pytest.fail(f"vllm serve exited with {process.returncode}; log {log_path}:\n"
-                            + "\n".join(served.log().splitlines()[-60:]))
-            if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve not ready after {STARTUP_TIMEOUT_S} s; log {log_path}:\n"
-                            + "\n".join(served.log().splitlines()[-60:]))
-            time.sleep(2)
-        yield served
-    finally:
-        _stop(process)
+        with serve(tiny_model, MODEL_NAME, args, vllm_env, log_path) as running:
+            yield running
+    except ServerStartError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")

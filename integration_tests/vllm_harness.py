@@ -171,16 +171,21 @@ class EngineSpec:
     prompts: list[list[int]]
     max_tokens: int = 32
     logprobs: int = 5
+    #: Times the prompts are generated; the last round is reported.
+    rounds: int = 1
 
 
 @dataclass
 class GreedyOutput:
     """Per prompt: generated token ids and, per position, ``{token_id: logprob}`` of the top
-    tokens (the chosen one included)."""
+    tokens (the chosen one included); prefix-cache hits per prompt; vLLM's counters (only with
+    ``disable_log_stats=False``)."""
 
     token_ids: list[list[int]]
     logprobs: list[list[dict[int, float]]]
     log: str = field(repr=False, default="")
+    num_cached_tokens: list[int] = field(default_factory=list)
+    counters: dict[str, float] = field(default_factory=dict)
 
 
 def run_engine(spec: EngineSpec, work_dir: Path, name: str, env: dict[str, str],
@@ -212,7 +217,8 @@ def run_engine(spec: EngineSpec, work_dir: Path, name: str, env: dict[str, str],
                              + "\n".join(text.splitlines()[-60:]))
     result = json.loads(out_path.read_text())
     logprobs = [[{int(t): lp for t, lp in pos.items()} for pos in seq] for seq in result["logprobs"]]
-    return GreedyOutput(result["token_ids"], logprobs, text)
+    return GreedyOutput(result["token_ids"], logprobs, text, result.get("num_cached_tokens", []),
+                        result.get("counters", {}))
 
 
 def assert_custom_backend_used(log: str) -> None:
