@@ -5,6 +5,7 @@
     python benchmarks/e2e_vllm.py --num-requests 32 --prompt-len 1024 --gen-len 128   # quick
     python benchmarks/e2e_vllm.py --backends CUSTOM FLASHMLA ...   # a subset; rerun for the rest
     python benchmarks/e2e_vllm.py --report-only --out bench_out/e2e_vllm   # table of saved runs
+    python benchmarks/e2e_vllm.py --parallel-gpus 2    # 2 backends at a time, one GPU each
 
 Model: DeepSeek-V2-Lite's shapes (27 layers, hidden 2048, 16 heads, MLA kv_lora_rank 512 +
 RoPE 64, 64 routed experts) from a local folder holding only ``config.json``; vLLM draws random
@@ -19,6 +20,11 @@ again. Decode rate = tokens generated beyond the first, ``N * (gen_len - 1)``, d
 per-request first-token latency in the full run (mean and median over requests; with all
 requests submitted at once it includes queueing behind other prefills). Prints a markdown
 table; writes ``<backend>.json``, ``<backend>.log`` and ``summary.json`` into ``--out``.
+
+With ``--parallel-gpus N`` (TP 1 only), N backends run at the same time, each alone on its own
+GPU of the machine (``CUDA_VISIBLE_DEVICES``), in the order given: pairs share the host's CPUs
+and the same wall-clock window, so each pair meets the same conditions. The GPU each backend
+ran on is recorded.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +201,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "prompt_len": args.prompt_len,
         "gen_len": args.gen_len,
         "tensor_parallel_size": args.tensor_parallel_size,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "enforce_eager": args.enforce_eager,
         "best": best,
         "runs": runs,
@@ -215,10 +223,14 @@ def _worker_command(args: argparse.Namespace, backend: str, model_dir: Path) -> 
     return command
 
 
-def run_backend(args: argparse.Namespace, backend: str, model_dir: Path, env: dict[str, str]) -> dict[str, Any]:
-    """Runs one backend's worker subprocess; returns its result, or an error record."""
+def run_backend(args: argparse.Namespace, backend: str, model_dir: Path, env: dict[str, str],
+                gpu: int | None = None) -> dict[str, Any]:
+    """Runs one backend's worker subprocess (on GPU ``gpu`` alone when given); returns its
+    result, or an error record."""
     log_path = args.out / f"{backend}.log"
-    print(f"[e2e_vllm] {backend}: running (log {log_path})", flush=True)
+    if gpu is not None:
+        env = dict(env, CUDA_VISIBLE_DEVICES=str(gpu))
+    print(f"[e2e_vllm] {backend}: running{'' if gpu is None else f' on GPU {gpu}'} (log {log_path})", flush=True)
     started = time.perf_counter()
     with open(log_path, "w") as log:
         try:
@@ -265,7 +277,8 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
         print(f"\nvLLM {header['vllm_version']} on {header['gpu']} (TP {header['tensor_parallel_size']}): "
               f"DeepSeek-V2-Lite shapes, dummy weights, {header['num_requests']} requests x "
               f"{header['prompt_len']} prompt + {header['gen_len']} generated tokens, best of {len(header['runs'])}"
-              f"{', eager' if header['enforce_eager'] else ', CUDA graphs'}\n")
+              f"{', eager' if header['enforce_eager'] else ', CUDA graphs'}"
+              f"{'; ' + str(args.parallel_gpus) + ' backends at a time, one GPU each' if args.parallel_gpus > 1 else ''}\n")
     table = markdown_table(results)
     print(table)
     (args.out / "summary.json").write_text(json.dumps({"results": results, "table": table}, indent=2))
@@ -284,12 +297,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no torch.compile")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per backend subprocess")
+    parser.add_argument("--parallel-gpus", type=int, default=1,
+                        help="run this many backends at once, each on its own GPU (TP 1 only)")
     parser.add_argument("--report-only", action="store_true", help="print the table of results already in --out")
     parser.add_argument("--worker", metavar="BACKEND", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.gen_len < 2 or args.num_requests < 1 or args.prompt_len < 1:
         parser.error("need --gen-len >= 2, --num-requests >= 1 and --prompt-len >= 1")
+    if args.parallel_gpus < 1 or (args.parallel_gpus > 1 and args.tensor_parallel_size != 1):
+        parser.error("--parallel-gpus needs a positive count, and --tensor-parallel-size 1 when above 1")
     return args
 
 
@@ -308,10 +325,17 @@ def main(argv: list[str] | None = None) -> None:
         return
     model_dir = write_model_dir(args.out / "deepseek-v2-lite-dummy")
     env = plugin_environment(args.out)
-    results = []
     for backend in args.backends:
         (args.out / f"{backend}.json").unlink(missing_ok=True)
-        results.append(run_backend(args, backend, model_dir, env))
+    if args.parallel_gpus == 1:
+        results = [run_backend(args, backend, model_dir, env) for backend in args.backends]
+    else:
+        results = []
+        for first in range(0, len(args.backends), args.parallel_gpus):
+            group = args.backends[first:first + args.parallel_gpus]
+            with ThreadPoolExecutor(len(group)) as pool:
+                results += list(pool.map(lambda item: run_backend(args, item[1], model_dir, env, gpu=item[0]),
+                                         enumerate(group)))
     report(args, results)
 
 

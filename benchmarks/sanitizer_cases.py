@@ -22,6 +22,7 @@ CASES = [
     ([4000], 1, 64, 1),                     # one request split across many SMs
     ([129, 0, 1500], 4, 128, 1),            # causal s_q = 4, 8 query blocks
     ([500, 3], 2, 8, 2),                    # two KV heads
+    (list(range(1, 400, 3)), 1, 16, 1),     # 133 short requests: several per CTA (piece hand-offs)
 ]
 
 

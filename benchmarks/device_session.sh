@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Stages of one device session on a 2-GPU machine (nvidia-h100-x2 / nvidia-h200-x2), so that
+# independent work runs on both GPUs at once. Logs go to $OUT; each stage prints a short
+# summary last. Stages after "unit" need the vLLM bundle installed at /tmp/vsite
+# (../shared/devkit/README.md).
+#
+#   benchmarks/device_session.sh unit          # GPU tests (GPU 0) | sanitizers (GPU 1)
+#   benchmarks/device_session.sh kernels       # side-by-side kernel benchmark, then A/B of
+#                                              # archived decode versions (GPU 0 alone)
+#   benchmarks/device_session.sh integration A # integration tests in two lanes, one per GPU
+#                                              # (groups A, B, C; see below)
+#   benchmarks/device_session.sh tp            # tensor parallel 2 (both GPUs)
+#   benchmarks/device_session.sh e2e           # end-to-end throughput, 2 backends at a time
+set -uo pipefail
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+[ -f /tmp/vsite/env.sh ] && . /tmp/vsite/env.sh
+TINY=/tmp/tiny-deepseek
+
+tiny_model() {
+  [ -f "$TINY/config.json" ] || python examples/make_tiny_deepseek.py "$TINY" > "$OUT/tiny_model.log" 2>&1
+  export FLASHMLA_TINY_DEEPSEEK_DIR=$TINY
+}
+
+# pytest on one GPU: pytest_on GPU LOGNAME ARGS...
+pytest_on() {
+  local gpu=$1 name=$2; shift 2
+  VLLM_CACHE_ROOT=/tmp/vllm-cache-gpu$gpu CUDA_VISIBLE_DEVICES=$gpu timeout 900 python -m pytest -q -ra -p no:cacheprovider "$@" > "$OUT/$name.log" 2>&1
+  echo "$name (GPU $gpu): $(tail -1 "$OUT/$name.log")"
+}
+
+stage=${1:?stage}; shift
+nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader
+case $stage in
+unit)
+  python -c "import flashmla_backend as f; f.precompile()"
+  pytest_on 0 unit_tests tests &
+  (CUDA_VISIBLE_DEVICES=1 bash benchmarks/run_sanitizers.sh > "$OUT/sanitizers.txt" 2>&1) &
+  wait
+  cat "$OUT/sanitizers.txt"
+  grep -E "passed|failed|error" "$OUT/unit_tests.log" | tail -3
+  ;;
+kernels)
+  CUDA_VISIBLE_DEVICES=0 timeout 300 python -m flashmla_backend.bench --out "$OUT/bench" "$@" \
+    2> "$OUT/bench.err" > "$OUT/bench.md"
+  for v in benchmarks/kernel_versions/mla_decode_v1_*.cu; do
+    name=$(basename "$v" .cu)
+    FLASHMLA_BACKEND_DECODE_FILE=$PWD/$v CUDA_VISIBLE_DEVICES=0 timeout 120 python -m flashmla_backend.bench \
+      --no-peers --no-plots --no-check --out "$OUT/$name" > "$OUT/$name.md" 2>/dev/null
+    echo "== $name (ours only)"; grep -E "^\| (memory|mixed|compute|latency)" "$OUT/$name.md" | cut -d'|' -f2,3
+  done
+  cat "$OUT/bench.md"
+  ;;
+integration)
+  tiny_model
+  group=${1:-A}
+  case $group in
+  A)
+    pytest_on 0 it_parity128_fp8 integration_tests/test_offline_parity.py -k "128 or fp8" &
+    pytest_on 1 it_prefix_mixed integration_tests/test_prefix_cache_preemption.py \
+      integration_tests/test_offline_parity.py::test_custom_matches_flashmla_with_mixed_prefill_and_decode & ;;
+  B)
+    FLASHMLA_SOAK_REPORT=$OUT/soak_report.json pytest_on 0 it_soak integration_tests/test_serving_soak.py &
+    pytest_on 1 it_mtp_forward_server integration_tests/test_mtp_speculative.py \
+      integration_tests/test_backend_forward.py integration_tests/test_openai_server.py & ;;
+  C)
+    pytest_on 0 it_parity64_eager integration_tests/test_offline_parity.py -k "eager-64" &
+    pytest_on 1 it_parity64_cudagraph integration_tests/test_offline_parity.py -k "cudagraph-64" & ;;
+  esac
+  wait
+  ;;
+tp)
+  tiny_model
+  CUDA_VISIBLE_DEVICES=0,1 timeout 600 python -m pytest -q -ra -p no:cacheprovider \
+    integration_tests/test_tensor_parallel.py > "$OUT/it_tp2.log" 2>&1
+  echo "it_tp2 (GPUs 0,1): $(tail -1 "$OUT/it_tp2.log")"
+  ;;
+e2e)
+  timeout 590 python benchmarks/e2e_vllm.py --out "$OUT/e2e" --parallel-gpus 2 "$@" 2>&1 | tail -14
+  ;;
+*)
+  echo "unknown stage $stage"; exit 2
+  ;;
+esac
