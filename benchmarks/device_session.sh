@@ -44,7 +44,7 @@ unit)
 kernels)
   CUDA_VISIBLE_DEVICES=0 timeout 300 python -m flashmla_backend.bench --out "$OUT/bench" "$@" \
     2> "$OUT/bench.err" > "$OUT/bench.md"
-  for v in benchmarks/kernel_versions/mla_decode_v1_*.cu; do
+  for v in benchmarks/kernel_versions/mla_decode_v1s_*.cu; do
     name=$(basename "$v" .cu)
     FLASHMLA_BACKEND_DECODE_FILE=$PWD/$v CUDA_VISIBLE_DEVICES=0 timeout 120 python -m flashmla_backend.bench \
       --no-peers --no-plots --no-check --out "$OUT/$name" > "$OUT/$name.md" 2>/dev/null

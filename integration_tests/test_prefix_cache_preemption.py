@@ -3,8 +3,11 @@
 Twelve prompts of 300 to 2200 tokens, eight of them sharing a 1024-token prefix, generate 64
 tokens each, twice in one engine (the second round hits the prefix cache). The KV cache is cut
 to :data:`NUM_GPU_BLOCKS` blocks of 64 tokens (a small ``gpu_memory_utilization`` would do the
-same, but by an amount that depends on the card), far less than the batch needs, so the
-scheduler preempts running requests and recomputes them later. Both backends must show
+same, but by an amount that depends on the card), far less than the batch needs. vLLM 0.26
+admits a request only when its whole prompt fits (``scheduler_reserve_full_isl``), which left
+enough room for decoding and no preemption in a first run on an H200; with that gate off and
+256-token prefill chunks, requests are admitted chunk by chunk, the cache runs out while they
+grow, and the scheduler preempts running requests and recomputes them later. Both backends must show
 preemptions and prefix-cache hits in vLLM's counters, and give the same greedy tokens (the
 tolerance of ``test_offline_parity``).
 """
@@ -41,7 +44,9 @@ def test_prefix_caching_and_preemption_match_flashmla(tiny_model: Path, vllm_env
     outputs = {}
     for backend in ("FLASHMLA", "CUSTOM"):
         kwargs = llm_kwargs(backend, "cudagraph", 64, enable_prefix_caching=True, num_gpu_blocks_override=NUM_GPU_BLOCKS,
-                            max_model_len=MAX_MODEL_LEN, max_num_seqs=12, disable_log_stats=False)
+                            max_model_len=MAX_MODEL_LEN, max_num_seqs=12, disable_log_stats=False,
+                            enable_chunked_prefill=True, max_num_batched_tokens=256,
+                            scheduler_reserve_full_isl=False)
         outputs[backend] = run_engine(EngineSpec(str(tiny_model), kwargs, prompts, MAX_TOKENS, rounds=2),
                                       tmp_path, backend.lower(), vllm_env)
     assert_custom_backend_used(outputs["CUSTOM"].log)

@@ -30,14 +30,12 @@ static_assert(WG_THREADS * (SOFTMAX_WG_REGS + PV_WG_REGS + PRODUCER_WG_REGS) <= 
 constexpr int V_COLS_PER_WG = HEAD_DIM_V / 2;           // 256: each warpgroup owns half of O
 constexpr int K_STEP = 16;                              // wgmma K per instruction
 
-// Named barriers (0 is __syncthreads). The P / scale hand-offs between the math warpgroups
-// are bar.sync on both sides: the PTX model also orders bar.arrive -> bar.sync, but
-// compute-sanitizer's racecheck only models the symmetric form, and the side that would
-// merely arrive is never the one that has to wait here (see NOTES.md, sanitizers).
-constexpr int BAR_Q_READY = 1;   // both WGs stored Q; WG1 is done with the previous piece
-constexpr int BAR_P_READY = 2;   // WG0 stored P, scales (and stats on a piece's last page)
-constexpr int BAR_P_FREE = 3;    // WG1 done reading P and scales; between pages of one piece
-constexpr int BAR_WG0 = 4;       // WG0's own P / V-tail stores, before its P V wgmma
+// Named barriers (0 is __syncthreads).
+constexpr int BAR_Q_READY = 1;   // both WGs stored Q       (WG1 arrives, WG0 waits)
+constexpr int BAR_P_READY = 2;   // WG0 stored P and scales (WG0 arrives, WG1 waits)
+constexpr int BAR_P_FREE = 3;    // WG1 done reading P      (WG1 arrives, WG0 waits)
+constexpr int BAR_STATS = 4;     // WG0 stored row max/sum  (WG0 arrives, WG1 waits)
+constexpr int BAR_WG0 = 5;       // WG0's own P / V-tail stores, before its P V wgmma
 
 // Shared memory map (byte offsets from a 1024-aligned base).
 constexpr int SMEM_Q = 0;
@@ -239,14 +237,13 @@ DEVICE void run_producer(const DecodeArgs& a, const SharedTiles& sm) {
     }
 }
 
-// Both math warpgroups store their share of the Q block, then meet at BAR_Q_READY. This also
-// hands P, the scales and the stats back to warpgroup 0 across pieces (BAR_P_FREE cannot:
-// warpgroup 0 stages the next Q before it writes P again).
-DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int req, int tid) {
+// Both math warpgroups store their share of the Q block, then meet at BAR_Q_READY.
+DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int req, int tid, bool waits) {
     load_q_block(sm.q(), a.q, a.q_stride_b, a.q_stride_s, a.q_stride_h, req, a.kh, a.row_base,
                  a.rows, tid);
     fence_proxy_async_smem();
-    named_barrier_sync(BAR_Q_READY, CONSUMER_THREADS);
+    if (waits) named_barrier_sync(BAR_Q_READY, CONSUMER_THREADS);
+    else named_barrier_arrive(BAR_Q_READY, CONSUMER_THREADS);
 }
 
 // Warpgroup 0: scores, softmax, P, and the left half of O.
@@ -259,7 +256,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
         const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
         const bool has_pages = piece.page_end > piece.page_begin;
         const int seqlen = a.seqlens[req];
-        if (has_pages) stage_q_block(a, sm, req, tid);
+        if (has_pages) stage_q_block(a, sm, req, tid, true);
 
         // Key limit of each of this thread's rows (bottom-right causal alignment).
         int limit[2];
@@ -269,7 +266,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
             limit[half] = (a.causal && grow < a.rows.rows) ? seqlen - (a.s_q - 1 - a.rows.s_idx(grow)) : seqlen;
         }
         const int min_limit = a.causal ? seqlen - (a.s_q - 1) : seqlen;
-        float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.f, 0.f}, row_lse[2] = {0.f, 0.f};
+        float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.f, 0.f};
         float o[128];
 #pragma unroll
         for (int i = 0; i < 128; ++i) o[i] = 0.f;
@@ -329,21 +326,8 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
                     }
                 row_sum[half] = row_sum[half] * alpha[half] + sum;
             }
-            // After the last page the row statistics are final: reduce them over the row's
-            // 4 threads now, so they travel to warpgroup 1 with this page's scales.
-            const bool last_page = page + 1 == piece.page_end;
-            if (last_page) {
-#pragma unroll
-                for (int half = 0; half < 2; ++half) {
-                    float l = row_sum[half];
-                    l += __shfl_xor_sync(0xffffffffu, l, 1);
-                    l += __shfl_xor_sync(0xffffffffu, l, 2);
-                    row_sum[half] = l;
-                    row_lse[half] = (row_max[half] + log2f(l)) * LN2;
-                }
-            }
 
-            if (page > piece.page_begin) named_barrier_sync(BAR_P_FREE, CONSUMER_THREADS);
+            if (it > 0) named_barrier_sync(BAR_P_FREE, CONSUMER_THREADS);
 #pragma unroll
             for (int n = 0; n < 8; ++n)
 #pragma unroll
@@ -353,17 +337,11 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
                         pack_half2(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]);
                 }
             if (lane % 4 == 0) {
-#pragma unroll
-                for (int half = 0; half < 2; ++half) {
-                    sm.row_scale()[row0 + 8 * half] = alpha[half];
-                    if (last_page) {
-                        sm.row_lse()[row0 + 8 * half] = row_lse[half];
-                        sm.row_sum()[row0 + 8 * half] = row_sum[half];
-                    }
-                }
+                sm.row_scale()[row0] = alpha[0];
+                sm.row_scale()[row0 + 8] = alpha[1];
             }
             fence_proxy_async_smem();
-            named_barrier_sync(BAR_P_READY, CONSUMER_THREADS);
+            named_barrier_arrive(BAR_P_READY, CONSUMER_THREADS);
             named_barrier_sync(BAR_WG0, WG_THREADS);
 
             rescale_rows(o, alpha[0], alpha[1]);
@@ -371,13 +349,32 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
             mbarrier_arrive(&sm.empty_bar()[stage]);
         }
 
+        float row_lse[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            float l = row_sum[half];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            row_sum[half] = l;
+            row_lse[half] = (row_max[half] + log2f(l)) * LN2;
+        }
+        if (has_pages) {
+            if (lane % 4 == 0) {
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    sm.row_lse()[row0 + 8 * half] = row_lse[half];
+                    sm.row_sum()[row0 + 8 * half] = row_sum[half];
+                }
+            }
+            named_barrier_arrive(BAR_STATS, CONSUMER_THREADS);
+        }
         store_output(o, row_sum, row_lse, 0, warp, lane, piece, a.kh, a.row_base, a.rows, a.s_q,
                      a.h_q, a.h_k, a.out, a.lse, a.o_part, a.lse_part, true);
     }
 }
 
 // Warpgroup 1: the right half of O, one page behind warpgroup 0's scores.
-DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
+DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid, int total_pages) {
     const int warp = tid / 32, lane = tid % 32;
     const int row0 = warp * 16 + lane / 4;
     const uint32_t p_addr = smem_addr(sm.p());
@@ -386,25 +383,26 @@ DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
     for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
         const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
         const bool has_pages = piece.page_end > piece.page_begin;
-        if (has_pages) stage_q_block(a, sm, req, WG_THREADS + tid);
+        if (has_pages) stage_q_block(a, sm, req, WG_THREADS + tid, false);
         float o[128];
 #pragma unroll
         for (int i = 0; i < 128; ++i) o[i] = 0.f;
-        float row_sum[2] = {0.f, 0.f}, row_lse[2] = {0.f, 0.f};
         for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
             const int stage = it % KV_STAGES;
             named_barrier_sync(BAR_P_READY, CONSUMER_THREADS);
             rescale_rows(o, sm.row_scale()[row0], sm.row_scale()[row0 + 8]);
-            if (page + 1 == piece.page_end) {
-#pragma unroll
-                for (int half = 0; half < 2; ++half) {
-                    row_lse[half] = sm.row_lse()[row0 + 8 * half];
-                    row_sum[half] = sm.row_sum()[row0 + 8 * half];
-                }
-            }
             pv_gemm(o, p_addr, smem_addr(sm.kv(stage)) + RIGHT_HALF_BYTES);
-            mbarrier_arrive(&sm.empty_bar()[stage]);  // release the stage before waiting on WG0
-            if (page + 1 < piece.page_end) named_barrier_sync(BAR_P_FREE, CONSUMER_THREADS);
+            if (it + 1 < total_pages) named_barrier_arrive(BAR_P_FREE, CONSUMER_THREADS);
+            mbarrier_arrive(&sm.empty_bar()[stage]);
+        }
+        float row_sum[2] = {0.f, 0.f}, row_lse[2] = {0.f, 0.f};
+        if (has_pages) {
+            named_barrier_sync(BAR_STATS, CONSUMER_THREADS);
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                row_lse[half] = sm.row_lse()[row0 + 8 * half];
+                row_sum[half] = sm.row_sum()[row0 + 8 * half];
+            }
         }
         store_output(o, row_sum, row_lse, V_COLS_PER_WG, warp, lane, piece, a.kh, a.row_base, a.rows,
                      a.s_q, a.h_q, a.h_k, a.out, a.lse, a.o_part, a.lse_part, false);
@@ -460,6 +458,11 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
         run_softmax_wg(a, sm, tid);
     } else {
         setmaxnreg_inc_224();
-        run_pv_wg(a, sm, tid - WG_THREADS);
+        int total_pages = 0;
+        for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
+            const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
+            total_pages += piece.page_end - piece.page_begin;
+        }
+        run_pv_wg(a, sm, tid - WG_THREADS, total_pages);
     }
 }
