@@ -42,13 +42,20 @@ unit)
   grep -E "passed|failed|error" "$OUT/unit_tests.log" | tail -3
   ;;
 kernels)
+  # Side-by-side table (shipped kernel + peers), then archived versions alone on the same GPU:
+  # VERSIONS (names in benchmarks/kernel_versions, default v5_heads_on_n) on the rows whose
+  # label contains ROWS (default ", 16, ": the h_q = 16 rows, all v5 takes), reference-checked.
   CUDA_VISIBLE_DEVICES=0 timeout 300 python -m flashmla_backend.bench --out "$OUT/bench" "$@" \
     2> "$OUT/bench.err" > "$OUT/bench.md"
-  for v in benchmarks/kernel_versions/mla_decode_v1s_*.cu; do
-    name=$(basename "$v" .cu)
-    FLASHMLA_BACKEND_DECODE_FILE=$PWD/$v CUDA_VISIBLE_DEVICES=0 timeout 120 python -m flashmla_backend.bench \
-      --no-peers --no-plots --no-check --out "$OUT/$name" > "$OUT/$name.md" 2>/dev/null
-    echo "== $name (ours only)"; grep -E "^\| (memory|mixed|compute|latency)" "$OUT/$name.md" | cut -d'|' -f2,3
+  for name in ${VERSIONS:-mla_decode_v5_heads_on_n}; do
+    FLASHMLA_BACKEND_DECODE_FILE=$PWD/benchmarks/kernel_versions/$name.cu CUDA_VISIBLE_DEVICES=0 timeout 120 \
+      python benchmarks/check_decode_version.py --max-rows "${MAX_ROWS:-32}" > "$OUT/$name.check" 2>&1
+    echo "== $name correctness: $(tail -1 "$OUT/$name.check")"
+    FLASHMLA_BACKEND_DECODE_FILE=$PWD/benchmarks/kernel_versions/$name.cu CUDA_VISIBLE_DEVICES=0 timeout 150 \
+      python -m flashmla_backend.bench --no-peers --no-plots --rows "${ROWS:-, 16, }" --out "$OUT/$name" \
+      > "$OUT/$name.md" 2> "$OUT/$name.err"
+    echo "== $name (ours only, rc $?)"; grep -E "^\| (memory|mixed|compute|latency)|rel" "$OUT/$name.md" | cut -d'|' -f2,3
+    tail -3 "$OUT/$name.err"
   done
   cat "$OUT/bench.md"
   ;;

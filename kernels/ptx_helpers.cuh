@@ -19,9 +19,11 @@ typedef unsigned char uint8_t;
 #ifdef MLA_FP16
 #define MLA_WGMMA_TYPE "f16"
 #define MLA_CVT_TYPE "f16x2"
+#define MLA_CVT1_TYPE "f16"
 #else
 #define MLA_WGMMA_TYPE "bf16"
 #define MLA_CVT_TYPE "bf16x2"
+#define MLA_CVT1_TYPE "bf16"
 #endif
 
 #define DEVICE __device__ __forceinline__
@@ -180,6 +182,34 @@ DEVICE void wgmma_m64n32k16_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b,
         : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
+// D[64x16] / D[64x32] (+)= A[64x16] * B[16xN] with the query rows on N, for few rows per KV
+// head (benchmarks/kernel_versions/mla_decode_v5_heads_on_n.cu). B is K-major; A is K-major
+// (TRANS_A = 0: scores S^T = K Q^T) or MN-major (TRANS_A = 1: O^T += V^T P^T, V read
+// straight from the K tile).
+template <int TRANS_A>
+DEVICE void wgmma_m64n16k16_ss(float (&d)[8], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    asm volatile(
+        "{\n .reg .pred p;\n setp.ne.b32 p, %10, 0;\n"
+        " wgmma.mma_async.sync.aligned.m64n16k16.f32." MLA_WGMMA_TYPE "." MLA_WGMMA_TYPE "\n"
+        " {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, %11, 0;\n}"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+          "+f"(d[7])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TRANS_A));
+}
+
+template <int TRANS_A>
+DEVICE void wgmma_m64n32k16_ss_t(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    asm volatile(
+        "{\n .reg .pred p;\n setp.ne.b32 p, %18, 0;\n"
+        " wgmma.mma_async.sync.aligned.m64n32k16.f32." MLA_WGMMA_TYPE "." MLA_WGMMA_TYPE "\n"
+        " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15},"
+        " %16, %17, p, 1, 1, %19, 0;\n}"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+          "+f"(d[14]), "+f"(d[15])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TRANS_A));
+}
+
 #define MLA_ACC8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), \
                     "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
 
@@ -205,6 +235,13 @@ DEVICE void wgmma_m64n256k16_ss_bt(float (&d)[128], uint64_t desc_a, uint64_t de
 #undef MLA_ACC8
 
 // ---------------------------------------------------------------------------------------
+// One float -> one 16-bit element (round to nearest), as raw bits.
+DEVICE uint16_t to_half_bits(float x) {
+    uint16_t bits;
+    asm("cvt.rn." MLA_CVT1_TYPE ".f32 %0, %1;" : "=h"(bits) : "f"(x));
+    return bits;
+}
+
 // Two floats -> two packed 16-bit elements (round to nearest), low half = lo.
 DEVICE uint32_t pack_half2(float lo, float hi) {
     uint32_t packed;

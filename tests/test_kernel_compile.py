@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from functools import lru_cache
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +54,19 @@ def test_decode_sass_uses_hopper_instructions(dtype_name: str) -> None:
     assert "SYNCS" in text, "mbarrier waits/arrives expected"
     assert "USETMAXREG" in text, "setmaxnreg should rebalance registers across warpgroups"
     assert not re.search(r"\b(LDL|STL)\b", text), "register spills to local memory"
+
+
+ARCHIVED_DECODE_VERSIONS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_versions").glob("*.cu"))
+
+
+@pytest.mark.parametrize("path", ARCHIVED_DECODE_VERSIONS, ids=lambda p: p.stem)
+def test_archived_decode_versions_still_compile(path: Path) -> None:
+    """The A/B harness swaps these in (FLASHMLA_BACKEND_DECODE_FILE): they must keep compiling
+    against the shared headers, with the decode entry point and its Hopper instructions."""
+    import torch
+
+    text = sass(KernelModule(str(path), ("mla_decode",), torch.bfloat16))
+    assert "mla_decode" in text and "HGMMA" in text and "UTMALDG.4D" in text
 
 
 def test_fp16_variant_differs_from_bf16() -> None:
