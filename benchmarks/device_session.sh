@@ -7,6 +7,7 @@
 #   benchmarks/device_session.sh unit          # GPU tests (GPU 0) | sanitizers (GPU 1)
 #   benchmarks/device_session.sh kernels       # side-by-side kernel benchmark, then A/B of
 #                                              # archived decode versions (GPU 0 alone)
+#   benchmarks/device_session.sh sanitize [V]  # compute-sanitizer on version V (or the shipped)
 #   benchmarks/device_session.sh integration A # integration tests in two lanes, one per GPU
 #                                              # (groups A, B, C; see below)
 #   benchmarks/device_session.sh tp            # tensor parallel 2 (both GPUs)
@@ -42,22 +43,29 @@ unit)
   grep -E "passed|failed|error" "$OUT/unit_tests.log" | tail -3
   ;;
 kernels)
-  # Side-by-side table (shipped kernel + peers), then archived versions alone on the same GPU:
-  # VERSIONS (names in benchmarks/kernel_versions, default v5_heads_on_n) on the rows whose
-  # label contains ROWS (default ", 16, ": the h_q = 16 rows, all v5 takes), reference-checked.
+  # Side-by-side table (shipped kernel + peers), then archived versions alone on the same GPU,
+  # each first through check_decode_version.py: NARROW_VERSIONS (default v5) on the h_q = 16
+  # rows (at most 32 query rows per KV head), FULL_VERSIONS (default v1m) on every row.
   CUDA_VISIBLE_DEVICES=0 timeout 300 python -m flashmla_backend.bench --out "$OUT/bench" "$@" \
     2> "$OUT/bench.err" > "$OUT/bench.md"
-  for name in ${VERSIONS:-mla_decode_v5_heads_on_n}; do
-    FLASHMLA_BACKEND_DECODE_FILE=$PWD/benchmarks/kernel_versions/$name.cu CUDA_VISIBLE_DEVICES=0 timeout 120 \
-      python benchmarks/check_decode_version.py --max-rows "${MAX_ROWS:-32}" > "$OUT/$name.check" 2>&1
+  run_version() {  # run_version NAME MAX_ROWS ROWS
+    local name=$1 file=$PWD/benchmarks/kernel_versions/$1.cu
+    FLASHMLA_BACKEND_DECODE_FILE=$file CUDA_VISIBLE_DEVICES=0 timeout 120 \
+      python benchmarks/check_decode_version.py --max-rows "$2" > "$OUT/$name.check" 2>&1
     echo "== $name correctness: $(tail -1 "$OUT/$name.check")"
-    FLASHMLA_BACKEND_DECODE_FILE=$PWD/benchmarks/kernel_versions/$name.cu CUDA_VISIBLE_DEVICES=0 timeout 150 \
-      python -m flashmla_backend.bench --no-peers --no-plots --rows "${ROWS:-, 16, }" --out "$OUT/$name" \
-      > "$OUT/$name.md" 2> "$OUT/$name.err"
+    FLASHMLA_BACKEND_DECODE_FILE=$file CUDA_VISIBLE_DEVICES=0 timeout 150 python -m flashmla_backend.bench \
+      --no-peers --no-plots --rows "$3" --out "$OUT/$name" > "$OUT/$name.md" 2> "$OUT/$name.err"
     echo "== $name (ours only, rc $?)"; grep -E "^\| (memory|mixed|compute|latency)|rel" "$OUT/$name.md" | cut -d'|' -f2,3
     tail -3 "$OUT/$name.err"
-  done
+  }
+  for name in ${NARROW_VERSIONS-mla_decode_v5_heads_on_n}; do run_version "$name" 32 ", 16, "; done
+  for name in ${FULL_VERSIONS-mla_decode_v1m_mbarrier_handoff}; do run_version "$name" 512 ""; done
   cat "$OUT/bench.md"
+  ;;
+sanitize)
+  # Sanitizers on an archived decode version (default: the shipped kernel): sanitize [NAME]
+  if [ -n "${1:-}" ]; then export FLASHMLA_BACKEND_DECODE_FILE=$PWD/benchmarks/kernel_versions/$1.cu; fi
+  CUDA_VISIBLE_DEVICES=${GPU:-0} bash benchmarks/run_sanitizers.sh
   ;;
 integration)
   tiny_model
