@@ -1,0 +1,70 @@
+"""The serving soak's client logic on CPU (integration_tests/soak_client.py): the request mix
+is reproducible and has what the soak promises, and the probe comparison accepts identical
+answers and near ties only. The soak itself runs against ``vllm serve`` on the GPU machine."""
+
+from __future__ import annotations
+
+from integration_tests.soak_client import (
+    PROBE_MAX_TOKENS,
+    Outcome,
+    compare_probe,
+    make_jobs,
+    make_probes,
+    summarize,
+)
+
+VOCAB = 1024
+
+
+def test_job_mix_is_reproducible_and_covers_the_promised_kinds() -> None:
+    jobs = make_jobs(2000, VOCAB, seed=2, first_index=256)
+    assert [j.__dict__ for j in jobs] == [j.__dict__ for j in make_jobs(2000, VOCAB, seed=2, first_index=256)]
+    assert [j.index for j in jobs] == list(range(256, 2256))
+    kinds = {(j.api, j.stream) for j in jobs}
+    assert kinds == {("completion", True), ("completion", False), ("chat", True), ("chat", False)}
+    token_prompts = [j.prompt for j in jobs if j.api == "completion"]
+    assert all(isinstance(p, list) and all(6 <= t < VOCAB for t in p) for p in token_prompts)
+    lengths = [len(p) for p in token_prompts]
+    assert min(lengths) >= 1 and max(lengths) <= 3000 and max(lengths) > 2000
+    assert all(1 <= j.max_tokens <= 64 for j in jobs)
+    streams_cut = [j for j in jobs if j.cancel_after_chunks is not None]
+    plain_cut = [j for j in jobs if j.cancel_after_s is not None]
+    assert all(j.stream for j in streams_cut) and not any(j.stream for j in plain_cut)
+    assert 0.05 < (len(streams_cut) + len(plain_cut)) / len(jobs) < 0.15
+    assert {j.temperature for j in jobs} == {0.0, 0.8}
+
+
+def test_probes_are_greedy_plain_completions() -> None:
+    probes = make_probes([5, 700], VOCAB, seed=7)
+    assert [len(p.prompt) for p in probes] == [5, 700]
+    assert all(p.temperature == 0.0 and not p.stream and p.max_tokens == PROBE_MAX_TOKENS for p in probes)
+    assert [p.probe for p in probes] == [0, 1]
+
+
+def _answer(tokens: list[str], tops: list[dict[str, float]]) -> Outcome:
+    return Outcome(index=-1, status="ok", tokens=tokens, top_logprobs=tops)
+
+
+def test_probe_comparison_accepts_identity_and_near_ties_only() -> None:
+    tops = [{"a": -0.1, "b": -2.0}, {"c": -0.50, "d": -0.55}, {"e": -0.2, "f": -3.0}]
+    alone = _answer(["a", "c", "e"], tops)
+    assert compare_probe(alone, _answer(["a", "c", "e"], tops)) is None
+    # Position 1 is a near tie (0.05 apart): a flip there ends the comparison, accepted.
+    flipped = _answer(["a", "d", "x"], [tops[0], {"d": -0.50, "c": -0.52}, {"x": -0.1}])
+    assert compare_probe(alone, flipped) is None
+    # Position 0 is no tie (1.9 apart): a flip there is a failure.
+    assert "no near tie" in compare_probe(alone, _answer(["b", "c", "e"], [{"b": -0.1, "a": -0.2}, tops[1], tops[2]]))
+    # A token outside the other's top list is a failure.
+    assert "top" in compare_probe(alone, _answer(["z", "c", "e"], [{"z": -0.1}, tops[1], tops[2]]))
+    assert "tokens" in compare_probe(alone, _answer(["a", "c"], tops[:2]))
+    assert "not answered" in compare_probe(alone, Outcome(index=-1, status="error", detail="boom"))
+
+
+def test_summary_counts_statuses_and_lists_errors() -> None:
+    jobs = make_jobs(4, VOCAB, seed=0)
+    outcomes = [Outcome(j.index, s, detail="x" if s == "error" else "", seconds=1.0)
+                for j, s in zip(jobs, ["ok", "ok", "cancelled", "error"], strict=True)]
+    summary = summarize(jobs, outcomes)
+    assert summary["requests"] == 4
+    assert summary["status"] == {"ok": 2, "cancelled": 1, "error": 1}
+    assert summary["errors"] == [f"job {jobs[3].index}: x"]
