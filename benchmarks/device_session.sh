@@ -60,6 +60,10 @@ kernels)
   }
   for name in ${NARROW_VERSIONS-mla_decode_v5_heads_on_n}; do run_version "$name" 32 ", 16, "; done
   for name in ${FULL_VERSIONS-mla_decode_v1m_mbarrier_handoff}; do run_version "$name" 512 ""; done
+  # The shipped kernels with the combine launched programmatically (FLASHMLA_BACKEND_PDL=1).
+  FLASHMLA_BACKEND_PDL=1 CUDA_VISIBLE_DEVICES=0 timeout 150 python -m flashmla_backend.bench --no-peers --no-plots \
+    --out "$OUT/pdl" > "$OUT/pdl.md" 2> "$OUT/pdl.err"
+  echo "== shipped, combine with PDL (ours only, rc $?)"; grep -E "^\| (memory|mixed|compute|latency)|rel|Whole" "$OUT/pdl.md" | cut -d'|' -f2,3
   cat "$OUT/bench.md"
   ;;
 sanitize)

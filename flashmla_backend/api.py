@@ -19,7 +19,14 @@ from ._constants import (
 )
 from .kernel_sources import SCHEDULE_MODULE, combine_module, decode_module
 from .reference import mla_decode_reference
-from .runtime import check_device, get_function, launch, sm_count
+from .runtime import (
+    check_device,
+    get_function,
+    launch,
+    launch_programmatic,
+    programmatic_launch_enabled,
+    sm_count,
+)
 from .schedule import num_sm_parts, schedule_reference, split_overhead_pages
 from .validation import validate_contents, validate_decode_args, validate_metadata_args
 
@@ -203,14 +210,16 @@ def flash_mla_with_kvcache(
             np.int32(shape.s_q), np.int32(shape.h_q), np.int32(shape.h_k), np.int32(causal),
             np.float32(scale * _LOG2E), np.int32(m_blocks == 1)),
            index, shared_mem=DECODE_SMEM_BYTES)
-    combine = get_function(combine_module(q.dtype), "mla_combine", index)
+    programmatic = programmatic_launch_enabled()
+    combine = get_function(combine_module(q.dtype, programmatic), "mla_combine", index)
     warps_per_row = _combine_warps_per_row(shape.batch, parts)
     rows_per_cta = COMBINE_WARPS // warps_per_row
-    launch(combine, (-(-shape.h_k * rows // rows_per_cta), shape.batch, 1), COMBINE_WARPS * 32,
-           (o_part.data_ptr(), lse_part.data_ptr(), num_splits.data_ptr(), out.data_ptr(),
-            lse.data_ptr(), np.int32(shape.s_q), np.int32(shape.h_q), np.int32(shape.h_k),
-            np.int32(warps_per_row)),
-           index)
+    (launch_programmatic if programmatic else launch)(
+        combine, (-(-shape.h_k * rows // rows_per_cta), shape.batch, 1), COMBINE_WARPS * 32,
+        (o_part.data_ptr(), lse_part.data_ptr(), num_splits.data_ptr(), out.data_ptr(),
+         lse.data_ptr(), np.int32(shape.s_q), np.int32(shape.h_q), np.int32(shape.h_k),
+         np.int32(warps_per_row)),
+        index)
     return out, lse
 
 

@@ -23,15 +23,17 @@ _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 
 @dataclass(frozen=True)
 class KernelModule:
-    """One NVRTC compilation unit: a ``.cu`` file, its entry points and a 16-bit dtype."""
+    """One NVRTC compilation unit: a ``.cu`` file, its entry points, a 16-bit dtype and any
+    extra ``-D`` options."""
 
     source_file: str
     entry_points: tuple[str, ...]
     dtype: torch.dtype
+    extra_defines: tuple[str, ...] = ()
 
     @property
     def defines(self) -> tuple[str, ...]:
-        return ("-DMLA_FP16",) if self.dtype == torch.float16 else ()
+        return (("-DMLA_FP16",) if self.dtype == torch.float16 else ()) + self.extra_defines
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -52,16 +54,18 @@ def decode_module(dtype: torch.dtype) -> KernelModule:
     return KernelModule(os.environ.get("FLASHMLA_BACKEND_DECODE_FILE", "mla_decode.cu"), ("mla_decode",), dtype)
 
 
-def combine_module(dtype: torch.dtype) -> KernelModule:
-    """The split combine kernel writing ``dtype`` output."""
-    return KernelModule("mla_combine.cu", ("mla_combine",), dtype)
+def combine_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModule:
+    """The split combine kernel writing ``dtype`` output; ``programmatic``: the variant that
+    waits for the decode itself (``griddepcontrol.wait``), for a programmatic dependent launch."""
+    extra = ("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ()
+    return KernelModule("mla_combine.cu", ("mla_combine",), dtype, extra)
 
 
 def all_modules() -> list[KernelModule]:
     """Every module variant the API can launch (what ``precompile()`` builds)."""
     mods = [SCHEDULE_MODULE]
     for dtype in SUPPORTED_DTYPES:
-        mods += [decode_module(dtype), combine_module(dtype)]
+        mods += [decode_module(dtype), combine_module(dtype), combine_module(dtype, programmatic=True)]
     return mods
 
 

@@ -8,11 +8,13 @@ capture needs: nothing may compile or allocate through CuPy inside a capture.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ._constants import DECODE_SMEM_BYTES, MAX_BATCH
@@ -100,6 +102,57 @@ def launch(fn: Any, grid: tuple[int, int, int], block: int, args: tuple, device_
     cp = _cupy()
     with cp.cuda.Device(device_index):
         fn(grid, (block, 1, 1), args, shared_mem=shared_mem, stream=stream)
+
+
+#: Set to 1 to launch the combine with programmatic stream serialization (an experiment:
+#: see benchmarks/NOTES.md; off by default until measured).
+PROGRAMMATIC_LAUNCH_ENV = "FLASHMLA_BACKEND_PDL"
+
+
+def programmatic_launch_enabled() -> bool:
+    """Whether ``FLASHMLA_BACKEND_PDL=1`` asks for programmatic dependent launches."""
+    return os.environ.get(PROGRAMMATIC_LAUNCH_ENV, "0") == "1"
+
+
+def _ctypes_argument(value: Any) -> ctypes._SimpleCData:
+    """A kernel argument as the ctypes value whose bytes the driver copies: Python ints are
+    device pointers; numpy scalars keep their width."""
+    if isinstance(value, np.int32):
+        return ctypes.c_int32(int(value))
+    if isinstance(value, np.int64):
+        return ctypes.c_int64(int(value))
+    if isinstance(value, np.float32):
+        return ctypes.c_float(float(value))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return ctypes.c_uint64(value)
+    raise TypeError(f"programmatic launch: unsupported kernel argument {value!r} ({type(value).__name__})")
+
+
+def launch_programmatic(fn: Any, grid: tuple[int, int, int], block: int, args: tuple, device_index: int,
+                        shared_mem: int = 0) -> None:
+    """Launches ``fn`` on torch's current stream with programmatic stream serialization: it may
+    start while the previous kernel on the stream is still running, and must itself wait
+    (``grid_dependency_wait``) before reading that kernel's results. Capturable in CUDA graphs."""
+    from cuda.bindings import driver
+
+    values = [_ctypes_argument(v) for v in args]
+    pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+    attribute = driver.CUlaunchAttribute()
+    attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attribute.value.programmaticStreamSerializationAllowed = 1
+    config = driver.CUlaunchConfig()
+    config.gridDimX, config.gridDimY, config.gridDimZ = grid
+    config.blockDimX, config.blockDimY, config.blockDimZ = block, 1, 1
+    config.sharedMemBytes = shared_mem
+    config.hStream = driver.CUstream(torch._C._cuda_getCurrentRawStream(device_index))
+    config.attrs = [attribute]
+    config.numAttrs = 1
+    cp = _cupy()
+    with cp.cuda.Device(device_index):
+        function = driver.CUfunction(fn.kernel.ptr)
+        (err,) = driver.cuLaunchKernelEx(config, function, ctypes.addressof(pointers), 0)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"cuLaunchKernelEx failed: {err}")
 
 
 def precompile(device: torch.device | int | None = None) -> None:

@@ -21,6 +21,12 @@ mla_combine(const float* __restrict__ o_part, const float* __restrict__ lse_part
     const int req = blockIdx.y;
     const int first = num_splits[req], count = num_splits[req + 1] - first;
     if (count <= 1) return;  // the same for the whole CTA
+#ifdef MLA_PROGRAMMATIC_LAUNCH
+    // Launched behind the decode with programmatic stream serialization: num_splits comes
+    // from the scheduler, which finished before the decode began; the partials come from the
+    // decode, which may still be running.
+    grid_dependency_wait();
+#endif
 
     const int group = h_q / h_k, rows = s_q * group;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;

@@ -112,6 +112,14 @@ DEVICE void named_barrier_arrive(uint32_t id, uint32_t threads) {
     asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Programmatic dependent launch: a kernel launched with programmatic stream serialization
+// may start while the previous kernel on its stream still runs; it waits here, before its
+// first read of that kernel's results, until that kernel has completed and flushed. Returns
+// at once for an ordinary launch.
+DEVICE void grid_dependency_wait() {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+
 // ---------------------------------------------------------------------------------------
 // wgmma shared-memory matrix descriptors, 128-byte swizzle.
 // Smem tiles are stored as 64-column chunks: a chunk is 64 rows x 128 bytes, swizzled in

@@ -1,0 +1,58 @@
+"""The programmatic dependent launch of the combine (``FLASHMLA_BACKEND_PDL=1``, an
+experiment that is off by default): argument marshalling on CPU; on a Hopper GPU, results
+equal to the reference for split-heavy shapes and under CUDA-graph replay."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import requires_hopper
+from flashmla_backend.kernel_sources import combine_module
+from flashmla_backend.runtime import PROGRAMMATIC_LAUNCH_ENV, _ctypes_argument, programmatic_launch_enabled
+from flashmla_backend.testing import make_problem
+
+
+def test_arguments_keep_their_widths() -> None:
+    assert ctypes.sizeof(_ctypes_argument(np.int32(-3))) == 4 and _ctypes_argument(np.int32(-3)).value == -3
+    assert ctypes.sizeof(_ctypes_argument(np.int64(1 << 40))) == 8
+    assert ctypes.sizeof(_ctypes_argument(np.float32(0.5))) == 4 and _ctypes_argument(np.float32(0.5)).value == 0.5
+    pointer = 0x7F00_0000_1234
+    assert ctypes.sizeof(_ctypes_argument(pointer)) == 8 and _ctypes_argument(pointer).value == pointer
+    for bad in (1.5, True, "x", None):
+        with pytest.raises(TypeError, match="unsupported kernel argument"):
+            _ctypes_argument(bad)
+
+
+def test_switch_and_module_variant(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(PROGRAMMATIC_LAUNCH_ENV, raising=False)
+    assert not programmatic_launch_enabled()
+    monkeypatch.setenv(PROGRAMMATIC_LAUNCH_ENV, "1")
+    assert programmatic_launch_enabled()
+    assert "-DMLA_PROGRAMMATIC_LAUNCH" in combine_module(torch.bfloat16, programmatic=True).options
+    assert "-DMLA_PROGRAMMATIC_LAUNCH" not in combine_module(torch.bfloat16).options
+
+
+@requires_hopper
+@pytest.mark.parametrize(("lengths", "s_q", "h_q", "dtype"), [
+    ([8192], 1, 16, torch.bfloat16),           # one request over every SM: 100+ splits
+    ([2048] * 8, 1, 128, torch.bfloat16),      # the b = 8 latency shape
+    ([1, 0, 5000, 300], 2, 16, torch.float16),  # empty and short requests beside a split one
+])
+def test_programmatic_combine_matches_reference(monkeypatch: pytest.MonkeyPatch, lengths: list[int], s_q: int,
+                                                h_q: int, dtype: torch.dtype) -> None:
+    from test_gpu_decode import run_and_check
+
+    monkeypatch.setenv(PROGRAMMATIC_LAUNCH_ENV, "1")
+    run_and_check(make_problem(lengths, s_q, h_q, dtype=dtype, seed=len(lengths)), dtype)
+
+
+@requires_hopper
+def test_programmatic_combine_under_graph_replay(monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_gpu_decode import test_cuda_graph_replay_with_new_lengths
+
+    monkeypatch.setenv(PROGRAMMATIC_LAUNCH_ENV, "1")
+    test_cuda_graph_replay_with_new_lengths()
