@@ -201,7 +201,8 @@ def flash_mla_with_kvcache(
         out = torch.empty((shape.batch, shape.s_q, shape.h_q, HEAD_DIM_V), dtype=q.dtype, device=q.device)
     lse = torch.empty((shape.batch, shape.h_q, shape.s_q), dtype=torch.float32, device=q.device)
 
-    decode = get_function(decode_module(q.dtype), "mla_decode", index)
+    programmatic = programmatic_launch_enabled()
+    decode = get_function(decode_module(q.dtype, programmatic), "mla_decode", index)
     launch(decode, (m_blocks, shape.h_k, parts), DECODE_THREADS,
            (kv_cache_tensor_map(k_cache), q.data_ptr(), np.int64(q.stride(0)), np.int64(q.stride(1)),
             np.int64(q.stride(2)), block_table.data_ptr(), np.int64(block_table.stride(0)),
@@ -210,7 +211,6 @@ def flash_mla_with_kvcache(
             np.int32(shape.s_q), np.int32(shape.h_q), np.int32(shape.h_k), np.int32(causal),
             np.float32(scale * _LOG2E), np.int32(m_blocks == 1)),
            index, shared_mem=DECODE_SMEM_BYTES)
-    programmatic = programmatic_launch_enabled()
     combine = get_function(combine_module(q.dtype, programmatic), "mla_combine", index)
     warps_per_row = _combine_warps_per_row(shape.batch, parts)
     rows_per_cta = COMBINE_WARPS // warps_per_row

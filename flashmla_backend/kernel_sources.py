@@ -45,13 +45,16 @@ SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
 SCHEDULE_MODULE = KernelModule("mla_schedule.cu", ("mla_schedule",), torch.bfloat16)
 
 
-def decode_module(dtype: torch.dtype) -> KernelModule:
-    """The split-KV decode kernel for ``dtype`` (bf16 or fp16).
+def decode_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModule:
+    """The split-KV decode kernel for ``dtype`` (bf16 or fp16); ``programmatic``: the variant
+    that lets a programmatically launched combine be scheduled early.
 
     ``FLASHMLA_BACKEND_DECODE_FILE`` (a path) swaps in another version of the decode source
     with the same interface, for A/B benchmarks of kernel versions in one process.
     """
-    return KernelModule(os.environ.get("FLASHMLA_BACKEND_DECODE_FILE", "mla_decode.cu"), ("mla_decode",), dtype)
+    extra = ("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ()
+    return KernelModule(os.environ.get("FLASHMLA_BACKEND_DECODE_FILE", "mla_decode.cu"), ("mla_decode",), dtype,
+                        extra)
 
 
 def combine_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModule:
@@ -65,7 +68,8 @@ def all_modules() -> list[KernelModule]:
     """Every module variant the API can launch (what ``precompile()`` builds)."""
     mods = [SCHEDULE_MODULE]
     for dtype in SUPPORTED_DTYPES:
-        mods += [decode_module(dtype), combine_module(dtype), combine_module(dtype, programmatic=True)]
+        for programmatic in (False, True):
+            mods += [decode_module(dtype, programmatic), combine_module(dtype, programmatic)]
     return mods
 
 

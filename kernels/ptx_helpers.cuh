@@ -120,6 +120,12 @@ DEVICE void grid_dependency_wait() {
     asm volatile("griddepcontrol.wait;" ::: "memory");
 }
 
+// Lets the next kernel on the stream, if launched programmatically, be scheduled now rather
+// than when this CTA exits (it still waits in grid_dependency_wait for this grid's results).
+DEVICE void allow_dependent_launch() {
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
 // ---------------------------------------------------------------------------------------
 // wgmma shared-memory matrix descriptors, 128-byte swizzle.
 // Smem tiles are stored as 64-column chunks: a chunk is 64 rows x 128 bytes, swizzled in

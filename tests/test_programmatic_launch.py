@@ -1,6 +1,8 @@
-"""The programmatic dependent launch of the combine (``FLASHMLA_BACKEND_PDL=1``, an
-experiment that is off by default): argument marshalling on CPU; on a Hopper GPU, results
-equal to the reference for split-heavy shapes and under CUDA-graph replay."""
+"""The programmatic dependent launch of the combine behind the decode (``FLASHMLA_BACKEND_PDL=1``,
+an experiment that is off by default: the decode variant triggers its dependents at once, the
+combine variant waits for the decode's results): argument marshalling and module variants on
+CPU; on a Hopper GPU, results equal to the reference for split-heavy shapes and under
+CUDA-graph replay."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from conftest import requires_hopper
-from flashmla_backend.kernel_sources import combine_module
+from flashmla_backend.kernel_sources import combine_module, decode_module
 from flashmla_backend.runtime import PROGRAMMATIC_LAUNCH_ENV, _ctypes_argument, programmatic_launch_enabled
 from flashmla_backend.testing import make_problem
 
@@ -34,6 +36,8 @@ def test_switch_and_module_variant(monkeypatch: pytest.MonkeyPatch) -> None:
     assert programmatic_launch_enabled()
     assert "-DMLA_PROGRAMMATIC_LAUNCH" in combine_module(torch.bfloat16, programmatic=True).options
     assert "-DMLA_PROGRAMMATIC_LAUNCH" not in combine_module(torch.bfloat16).options
+    assert "-DMLA_PROGRAMMATIC_LAUNCH" in decode_module(torch.float16, programmatic=True).options
+    assert "-DMLA_PROGRAMMATIC_LAUNCH" not in decode_module(torch.float16).options
 
 
 @requires_hopper
