@@ -449,6 +449,9 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     a.kh = blockIdx.y;
     a.row_base = blockIdx.x * BLOCK_M;
     a.rows = RowMap{s_q * (h_q / h_k), h_q / h_k};
+#ifdef MLA_PROGRAMMATIC_LAUNCH
+    allow_dependent_launch();  // the combine may take idle SMs and wait there for this grid
+#endif
     a.work = load_part(metadata, blockIdx.z);
     if (a.work.end_req < a.work.begin_req) return;  // idle part
 
