@@ -24,10 +24,14 @@ tiny_model() {
   export FLASHMLA_TINY_DEEPSEEK_DIR=$TINY
 }
 
+# A test that hangs (a kernel waiting on a barrier forever) fails alone after 300 s.
+PER_TEST_TIMEOUT=$(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout=300")
+
 # pytest on one GPU: pytest_on GPU LOGNAME ARGS...
 pytest_on() {
   local gpu=$1 name=$2; shift 2
-  VLLM_CACHE_ROOT=/tmp/vllm-cache-gpu$gpu CUDA_VISIBLE_DEVICES=$gpu timeout 900 python -m pytest -q -ra -p no:cacheprovider "$@" > "$OUT/$name.log" 2>&1
+  VLLM_CACHE_ROOT=/tmp/vllm-cache-gpu$gpu CUDA_VISIBLE_DEVICES=$gpu timeout 900 python -m pytest -q -ra \
+    -p no:cacheprovider $PER_TEST_TIMEOUT "$@" > "$OUT/$name.log" 2>&1
   echo "$name (GPU $gpu): $(tail -1 "$OUT/$name.log")"
 }
 
