@@ -182,20 +182,6 @@ DEVICE void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
         : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
-// D[64x32] (+)= A[64x16] * B[16x32]; A and B K-major in smem. Half of the scores of a page
-// (benchmarks/kernel_versions/mla_decode_v3_split_scores.cu).
-DEVICE void wgmma_m64n32k16_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-    asm volatile(
-        "{\n .reg .pred p;\n setp.ne.b32 p, %18, 0;\n"
-        " wgmma.mma_async.sync.aligned.m64n32k16.f32." MLA_WGMMA_TYPE "." MLA_WGMMA_TYPE "\n"
-        " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15},"
-        " %16, %17, p, 1, 1, 0, 0;\n}"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
-          "+f"(d[14]), "+f"(d[15])
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
-
 // D[64x16] / D[64x32] (+)= A[64x16] * B[16xN] with the query rows on N, for few rows per KV
 // head (benchmarks/kernel_versions/mla_decode_v5_heads_on_n.cu). B is K-major; A is K-major
 // (TRANS_A = 0: scores S^T = K Q^T) or MN-major (TRANS_A = 1: O^T += V^T P^T, V read
@@ -212,7 +198,7 @@ DEVICE void wgmma_m64n16k16_ss(float (&d)[8], uint64_t desc_a, uint64_t desc_b, 
 }
 
 template <int TRANS_A>
-DEVICE void wgmma_m64n32k16_ss_t(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+DEVICE void wgmma_m64n32k16_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int accumulate) {
     asm volatile(
         "{\n .reg .pred p;\n setp.ne.b32 p, %18, 0;\n"
         " wgmma.mma_async.sync.aligned.m64n32k16.f32." MLA_WGMMA_TYPE "." MLA_WGMMA_TYPE "\n"

@@ -129,7 +129,7 @@ DEVICE int slot_col(int slot, int lane) { return 8 * (slot >> 1) + 2 * (lane % 4
 template <int N, int TRANS_A>
 DEVICE void wgmma_m64nN(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int accumulate) {
     if constexpr (N == 16) wgmma_m64n16k16_ss<TRANS_A>(d, desc_a, desc_b, accumulate);
-    else wgmma_m64n32k16_ss_t<TRANS_A>(d, desc_a, desc_b, accumulate);
+    else wgmma_m64n32k16_ss<TRANS_A>(d, desc_a, desc_b, accumulate);
 }
 
 // The first N query rows -> smem, v1's 128B-swizzled K-major chunks; rows past the end are zero.
