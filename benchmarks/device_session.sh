@@ -4,7 +4,8 @@
 # summary last. Stages after "unit" need the vLLM bundle installed at /tmp/vsite
 # (../shared/devkit/README.md).
 #
-#   benchmarks/device_session.sh unit          # GPU tests (GPU 0) | sanitizers (GPU 1)
+#   benchmarks/device_session.sh unit          # GPU tests (GPU 0) | sanitizers (GPU 1) on the
+#                                              # shipped decode, or on SANITIZE_VERSION if set
 #   benchmarks/device_session.sh kernels       # side-by-side kernel benchmark, then A/B of
 #                                              # archived decode versions (GPU 0 alone)
 #   benchmarks/device_session.sh sanitize [V]  # compute-sanitizer on version V (or the shipped)
@@ -12,6 +13,8 @@
 #                                              # (groups A, B, C; see below)
 #   benchmarks/device_session.sh tp            # tensor parallel 2 (both GPUs)
 #   benchmarks/device_session.sh e2e           # end-to-end throughput, 2 backends at a time
+#   benchmarks/device_session.sh pytest G NAME ARGS...  # one pytest lane on GPU G (log NAME.log),
+#                                              # to run beside another stage on the other GPU
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -41,7 +44,11 @@ case $stage in
 unit)
   python -c "import flashmla_backend as f; f.precompile()"
   pytest_on 0 unit_tests tests &
-  (CUDA_VISIBLE_DEVICES=1 bash benchmarks/run_sanitizers.sh > "$OUT/sanitizers.txt" 2>&1) &
+  (if [ -n "${SANITIZE_VERSION:-}" ]; then
+     export FLASHMLA_BACKEND_DECODE_FILE=$PWD/benchmarks/kernel_versions/$SANITIZE_VERSION.cu
+     echo "sanitizers on $SANITIZE_VERSION"
+   fi
+   CUDA_VISIBLE_DEVICES=1 bash benchmarks/run_sanitizers.sh) > "$OUT/sanitizers.txt" 2>&1 &
   wait
   cat "$OUT/sanitizers.txt"
   grep -E "passed|failed|error" "$OUT/unit_tests.log" | tail -3
@@ -98,6 +105,10 @@ tp)
   CUDA_VISIBLE_DEVICES=0,1 timeout 600 python -m pytest -q -ra -p no:cacheprovider \
     integration_tests/test_tensor_parallel.py > "$OUT/it_tp2.log" 2>&1
   echo "it_tp2 (GPUs 0,1): $(tail -1 "$OUT/it_tp2.log")"
+  ;;
+pytest)
+  tiny_model
+  pytest_on "$@"
   ;;
 e2e)
   timeout 590 python benchmarks/e2e_vllm.py --out "$OUT/e2e" --parallel-gpus 2 "$@" 2>&1 | tail -14
