@@ -1,0 +1,492 @@
+// EXPERIMENT v1m2 (not shipped; NOTES.md "v1m2"): v1m (hand-offs on mbarriers, racecheck
+// clean, measured 4-5% slower than v1 on compute rows) with one arrival per hand-off instead of
+// 128: each warpgroup first meets at its own named barrier (which warpgroup 0 already pays
+// every page before its P V), then one thread arrives. Q_READY keeps 256 arrivals (once per piece).
+// Split-KV MLA decode for Hopper (sm_90a): one CTA per (64-row query block, KV head,
+// scheduler part). The part's share of (request, page range) pieces comes from
+// tile_scheduler_metadata.
+//
+// Warpgroup roles (384 threads; setmaxnreg moves registers from the producer to the math):
+//   warpgroup 0 (softmax): S = Q K^T with wgmma, masking, online softmax, P to smem,
+//                          O[:, 0:256] += P V                                   240 regs
+//   warpgroup 1 (PV):      O[:, 256:512] += P V, overlapping warpgroup 0's next S  224 regs
+//   warpgroup 2 (producer): one thread streams 64-token pages by TMA into a two-stage
+//                          ring guarded by full/empty mbarriers                   40 regs
+// Q (64 x 576) stays in smem for a whole piece. V is the first 512 columns of the K tile,
+// read MN-major by the P V wgmma straight from the same swizzled buffer.
+#include "ptx_helpers.cuh"
+#include "mla_common.cuh"
+
+constexpr int CHUNK_COLS = 64;                          // one 128-byte swizzle span
+constexpr int CHUNK_BYTES = PAGE_SIZE * CHUNK_COLS * 2; // 8 KB
+constexpr int QK_CHUNKS = HEAD_DIM_QK / CHUNK_COLS;     // 9
+constexpr int V_CHUNKS = HEAD_DIM_V / CHUNK_COLS;       // 8
+constexpr int TILE_BYTES = QK_CHUNKS * CHUNK_BYTES;     // 72 KB: one page, or the Q block
+constexpr int KV_STAGES = 2;
+constexpr int WG_THREADS = 128;
+constexpr int CONSUMER_THREADS = 2 * WG_THREADS;
+constexpr int DECODE_THREADS = 3 * WG_THREADS;
+constexpr int SOFTMAX_WG_REGS = 240;
+constexpr int PV_WG_REGS = 224;
+constexpr int PRODUCER_WG_REGS = 40;
+static_assert(WG_THREADS * (SOFTMAX_WG_REGS + PV_WG_REGS + PRODUCER_WG_REGS) <= 65536,
+              "register split exceeds the register file");
+constexpr int V_COLS_PER_WG = HEAD_DIM_V / 2;           // 256: each warpgroup owns half of O
+constexpr int K_STEP = 16;                              // wgmma K per instruction
+
+// Hand-off mbarriers between the math warpgroups (index into SharedTiles::handoff_bar()).
+constexpr int HB_Q_READY = 0;    // both WGs stored Q       (256 arrivals, WG0 waits)
+constexpr int HB_P_READY = 1;    // WG0 stored P and scales (1 arrival after BAR_WG0, WG1 waits)
+constexpr int HB_P_FREE = 2;     // WG1 done reading P      (1 arrival after BAR_WG1, WG0 waits)
+constexpr int HB_STATS = 3;      // WG0 stored row max/sum  (1 arrival after BAR_WG0, WG1 waits)
+constexpr int HANDOFF_BARRIERS = 4;
+// Named barriers (0 is __syncthreads): each warpgroup's own meeting point before its one
+// thread signals the other warpgroup (WG0: also its P / V-tail stores before its P V wgmma).
+constexpr int BAR_WG0 = 1;
+constexpr int BAR_WG1 = 2;
+
+// Shared memory map (byte offsets from a 1024-aligned base).
+constexpr int SMEM_Q = 0;
+constexpr int SMEM_KV = TILE_BYTES;
+constexpr int SMEM_P = SMEM_KV + KV_STAGES * TILE_BYTES;
+constexpr int SMEM_ROW_SCALE = SMEM_P + CHUNK_BYTES;
+constexpr int SMEM_ROW_MAX = SMEM_ROW_SCALE + BLOCK_M * 4;
+constexpr int SMEM_ROW_SUM = SMEM_ROW_MAX + BLOCK_M * 4;
+constexpr int SMEM_BARRIERS = SMEM_ROW_SUM + BLOCK_M * 4;
+constexpr int SMEM_USED = SMEM_BARRIERS + (2 * KV_STAGES + HANDOFF_BARRIERS) * 8;
+constexpr int SMEM_ALIGN = 1024;
+constexpr int DECODE_SMEM_BYTES = SMEM_USED + SMEM_ALIGN;  // slack to align the base
+static_assert(DECODE_SMEM_BYTES <= 227 * 1024, "decode tile does not fit in shared memory");
+
+struct __align__(64) TensorMap { uint64_t opaque[16]; };
+
+
+// One (request, page range) of a part's work.
+struct Piece {
+    int req, page_begin, page_end, split;
+    bool is_split;  // the request has several splits: write partials for the combine
+};
+
+struct PartWork {
+    int begin_req, begin_page, end_req, end_page, begin_split;
+};
+
+DEVICE PartWork load_part(const int* metadata, int part) {
+    const int* row = metadata + part * METADATA_FIELDS;
+    return {row[MD_BEGIN_REQ], row[MD_BEGIN_PAGE], row[MD_END_REQ], row[MD_END_PAGE],
+            row[MD_BEGIN_SPLIT]};
+}
+
+DEVICE int pages_of(int seqlen) { return (seqlen + PAGE_SIZE - 1) / PAGE_SIZE; }
+
+DEVICE Piece piece_of(const PartWork& w, int req, const int* seqlens, const int* num_splits) {
+    Piece p;
+    p.req = req;
+    p.page_begin = req == w.begin_req ? w.begin_page : 0;
+    p.page_end = req == w.end_req ? w.end_page : pages_of(seqlens[req]);
+    p.split = req == w.begin_req ? w.begin_split : num_splits[req];
+    p.is_split = num_splits[req + 1] - num_splits[req] > 1;
+    return p;
+}
+
+// Row r of the 64-row block -> (query token, head) of KV head kh; rows are s_idx * G + g.
+struct RowMap {
+    int rows, group;  // rows = s_q * G valid rows; group = G = h_q / h_k
+    DEVICE int s_idx(int row) const { return row / group; }
+    DEVICE int head(int row, int kh) const { return kh * group + row % group; }
+};
+
+// Q block -> smem, 128B-swizzled K-major chunks; rows past the end are zero.
+DEVICE void load_q_block(uint8_t* q_smem, const uint16_t* q, long long q_stride_b,
+                         long long q_stride_s, long long q_stride_h, int req, int kh,
+                         int row_base, const RowMap& rows, int tid) {
+    constexpr int VECS_PER_ROW = HEAD_DIM_QK / 8;  // 16-byte vectors
+    for (int idx = tid; idx < BLOCK_M * VECS_PER_ROW; idx += CONSUMER_THREADS) {
+        const int r = idx / VECS_PER_ROW, v = idx % VECS_PER_ROW;
+        const int grow = row_base + r;
+        uint4 val = make_uint4(0, 0, 0, 0);
+        if (grow < rows.rows) {
+            const uint16_t* src = q + req * q_stride_b + rows.s_idx(grow) * q_stride_s +
+                                  rows.head(grow, kh) * q_stride_h + v * 8;
+            val = *reinterpret_cast<const uint4*>(src);
+        }
+        const int chunk = v / 8, unit = v % 8;
+        *reinterpret_cast<uint4*>(q_smem + chunk * CHUNK_BYTES + r * 128 + ((unit ^ (r & 7)) << 4)) = val;
+    }
+}
+
+// Zeroes V rows [first_row, 64) of a page tile: cache slots past the sequence end may hold
+// NaN, and P = 0 times NaN would still be NaN.
+DEVICE void zero_v_tail(uint8_t* kv_tile, int first_row, int tid) {
+    const int rows = PAGE_SIZE - first_row;
+    for (int idx = tid; idx < V_CHUNKS * rows * 8; idx += WG_THREADS) {
+        const int chunk = idx / (rows * 8), rem = idx % (rows * 8);
+        const int r = first_row + rem / 8, unit = rem % 8;
+        *reinterpret_cast<uint4*>(kv_tile + chunk * CHUNK_BYTES + r * 128 + unit * 16) =
+            make_uint4(0, 0, 0, 0);
+    }
+}
+
+// Accumulator fragment of wgmma m64nN (f32): register i of a thread holds
+// row = warp*16 + lane/4 + 8*((i>>1)&1), col = 8*(i>>2) + 2*(lane%4) + (i&1).
+DEVICE int frag_row(int i, int warp, int lane) { return warp * 16 + lane / 4 + 8 * ((i >> 1) & 1); }
+DEVICE int frag_col(int i, int lane) { return 8 * (i >> 2) + 2 * (lane % 4) + (i & 1); }
+
+DEVICE void rescale_rows(float (&o)[128], float alpha0, float alpha1) {
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] *= ((i >> 1) & 1) ? alpha1 : alpha0;
+}
+
+// O[:, col_base:col_base+256] += P V for one page.
+DEVICE void pv_gemm(float (&o)[128], uint32_t p_addr, uint32_t v_addr) {
+    wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < PAGE_SIZE / K_STEP; ++k)
+        wgmma_m64n256k16_ss_bt(o, desc_k_major(p_addr + k * K_STEP * 2),
+                               desc_mn_major(v_addr + k * K_STEP * 128, CHUNK_BYTES));
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_accumulators(o);
+}
+
+// Writes this warpgroup's 64 x 256 half of O for rows row0 and row0 + 8, normalised by the
+// row sums; final output if the request is not split, else a float32 partial for the combine.
+DEVICE void store_output(const float (&o)[128], const float (&row_sum)[2], const float (&row_lse)[2],
+                         int col_base, int warp, int lane, const Piece& piece, int kh,
+                         int row_base, const RowMap& rows, int s_q, int h_q, int h_k,
+                         uint16_t* out, float* lse, float* o_part, float* lse_part, bool write_lse) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = warp * 16 + lane / 4 + 8 * half;
+        const int grow = row_base + r;
+        if (grow >= rows.rows) continue;
+        const float inv = row_sum[half] > 0.f ? 1.f / row_sum[half] : 0.f;
+        const int s_idx = rows.s_idx(grow), head = rows.head(grow, kh);
+        if (!piece.is_split) {
+            uint16_t* dst = out + ((size_t)(piece.req * s_q + s_idx) * h_q + head) * HEAD_DIM_V + col_base;
+#pragma unroll
+            for (int n = 0; n < V_COLS_PER_WG / 8; ++n) {
+                const int c = 8 * n + 2 * (lane % 4);
+                *reinterpret_cast<uint32_t*>(dst + c) =
+                    pack_half2(o[4 * n + 2 * half] * inv, o[4 * n + 2 * half + 1] * inv);
+            }
+            if (write_lse && lane % 4 == 0)
+                lse[((size_t)piece.req * h_q + head) * s_q + s_idx] = row_sum[half] > 0.f ? row_lse[half] : POS_INF;
+        } else {
+            const size_t prow = ((size_t)piece.split * h_k + kh) * rows.rows + grow;
+            float* dst = o_part + prow * HEAD_DIM_V + col_base;
+#pragma unroll
+            for (int n = 0; n < V_COLS_PER_WG / 8; ++n) {
+                const int c = 8 * n + 2 * (lane % 4);
+                *reinterpret_cast<float2*>(dst + c) =
+                    make_float2(o[4 * n + 2 * half] * inv, o[4 * n + 2 * half + 1] * inv);
+            }
+            if (write_lse && lane % 4 == 0)
+                lse_part[prow] = row_sum[half] > 0.f ? row_lse[half] : NEG_INF;
+        }
+    }
+}
+
+
+// Everything a role needs to walk its part's pieces.
+struct DecodeArgs {
+    const TensorMap* kv_map;
+    const uint16_t* q;
+    long long q_stride_b, q_stride_s, q_stride_h;
+    const int* block_table;
+    long long bt_stride;
+    const int* seqlens;
+    const int* num_splits;
+    uint16_t* out;
+    float* lse;
+    float* o_part;
+    float* lse_part;
+    int s_q, h_q, h_k, causal, kv_evict_first;
+    float scale_log2;
+    int kh, row_base;
+    RowMap rows;
+    PartWork work;
+};
+
+struct SharedTiles {
+    uint8_t* base;
+    DEVICE uint8_t* q() const { return base + SMEM_Q; }
+    DEVICE uint8_t* kv(int stage) const { return base + SMEM_KV + stage * TILE_BYTES; }
+    DEVICE uint8_t* p() const { return base + SMEM_P; }
+    DEVICE float* row_scale() const { return reinterpret_cast<float*>(base + SMEM_ROW_SCALE); }
+    DEVICE float* row_lse() const { return reinterpret_cast<float*>(base + SMEM_ROW_MAX); }
+    DEVICE float* row_sum() const { return reinterpret_cast<float*>(base + SMEM_ROW_SUM); }
+    DEVICE uint64_t* full_bar() const { return reinterpret_cast<uint64_t*>(base + SMEM_BARRIERS); }
+    DEVICE uint64_t* empty_bar() const { return full_bar() + KV_STAGES; }
+    DEVICE uint64_t* handoff_bar(int which) const { return full_bar() + 2 * KV_STAGES + which; }
+};
+
+DEVICE void setmaxnreg_inc_240() { asm volatile("setmaxnreg.inc.sync.aligned.u32 240;"); }
+DEVICE void setmaxnreg_inc_224() { asm volatile("setmaxnreg.inc.sync.aligned.u32 224;"); }
+DEVICE void setmaxnreg_dec_40() { asm volatile("setmaxnreg.dec.sync.aligned.u32 40;"); }
+
+// Producer: streams every page of every piece through the KV ring.
+DEVICE void run_producer(const DecodeArgs& a, const SharedTiles& sm) {
+    // One query block streams each page once; several blocks re-read it from L2.
+    const uint64_t policy = a.kv_evict_first ? l2_policy_evict_first() : l2_policy_evict_last();
+    int it = 0;
+    for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
+        const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
+        const int* pages = a.block_table + (size_t)req * a.bt_stride;
+        for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
+            const int stage = it % KV_STAGES;
+            mbarrier_wait(&sm.empty_bar()[stage], ((it / KV_STAGES) & 1) ^ 1);
+            mbarrier_arrive_expect_tx(&sm.full_bar()[stage], TILE_BYTES);
+            const int page_id = pages[page];
+#pragma unroll
+            for (int c = 0; c < QK_CHUNKS; ++c)
+                tma_load_4d(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, &sm.full_bar()[stage],
+                            c * CHUNK_COLS, a.kh, 0, page_id, policy);
+        }
+    }
+}
+
+// Both math warpgroups store their share of the Q block and arrive at HB_Q_READY; warpgroup 0
+// waits for phase q_phase (the number of earlier pieces with pages).
+DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int req, int tid, bool waits,
+                          int q_phase) {
+    load_q_block(sm.q(), a.q, a.q_stride_b, a.q_stride_s, a.q_stride_h, req, a.kh, a.row_base,
+                 a.rows, tid);
+    fence_proxy_async_smem();
+    mbarrier_arrive(sm.handoff_bar(HB_Q_READY));
+    if (waits) mbarrier_wait(sm.handoff_bar(HB_Q_READY), q_phase & 1);
+}
+
+// Warpgroup 0: scores, softmax, P, and the left half of O.
+DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
+    const int warp = tid / 32, lane = tid % 32;
+    const int row0 = warp * 16 + lane / 4;  // this thread's rows: row0 and row0 + 8
+    const uint32_t q_addr = smem_addr(sm.q()), p_addr = smem_addr(sm.p());
+    int it = 0, pieces = 0;
+    for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
+        const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
+        const bool has_pages = piece.page_end > piece.page_begin;
+        const int seqlen = a.seqlens[req];
+        if (has_pages) stage_q_block(a, sm, req, tid, true, pieces);
+
+        // Key limit of each of this thread's rows (bottom-right causal alignment).
+        int limit[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int grow = a.row_base + row0 + 8 * half;
+            limit[half] = (a.causal && grow < a.rows.rows) ? seqlen - (a.s_q - 1 - a.rows.s_idx(grow)) : seqlen;
+        }
+        const int min_limit = a.causal ? seqlen - (a.s_q - 1) : seqlen;
+        float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.f, 0.f};
+        float o[128];
+#pragma unroll
+        for (int i = 0; i < 128; ++i) o[i] = 0.f;
+
+        for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
+            const int stage = it % KV_STAGES;
+            uint8_t* kv_tile = sm.kv(stage);
+            const uint32_t kv_addr = smem_addr(kv_tile);
+            mbarrier_wait(&sm.full_bar()[stage], (it / KV_STAGES) & 1);
+
+            float s[32];
+#pragma unroll
+            for (int i = 0; i < 32; ++i) s[i] = 0.f;
+            wgmma_fence();
+#pragma unroll
+            for (int c = 0; c < QK_CHUNKS; ++c)
+#pragma unroll
+                for (int k = 0; k < CHUNK_COLS / K_STEP; ++k)
+                    wgmma_m64n64k16_ss(s, desc_k_major(q_addr + c * CHUNK_BYTES + k * K_STEP * 2),
+                                       desc_k_major(kv_addr + c * CHUNK_BYTES + k * K_STEP * 2),
+                                       (c | k) != 0);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_accumulators(s);
+
+            const int tok0 = page * PAGE_SIZE;
+            if (tok0 + PAGE_SIZE > min_limit) {
+#pragma unroll
+                for (int i = 0; i < 32; ++i)
+                    if (tok0 + frag_col(i, lane) >= limit[(i >> 1) & 1]) s[i] = NEG_INF;
+            }
+            if (tok0 + PAGE_SIZE > seqlen) {
+                zero_v_tail(kv_tile, seqlen - tok0, tid);
+                fence_proxy_async_smem();
+            }
+
+            // Online softmax in the log2 domain; row sums stay per-thread until the end.
+            float alpha[2];
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                float mx = NEG_INF;
+#pragma unroll
+                for (int i = 0; i < 32; ++i)
+                    if (((i >> 1) & 1) == half) mx = fmaxf(mx, s[i]);
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(row_max[half], mx * a.scale_log2);
+                const float m_use = m_new == NEG_INF ? 0.f : m_new;
+                alpha[half] = exp2f(row_max[half] - m_use);
+                row_max[half] = m_new;
+                float sum = 0.f;
+#pragma unroll
+                for (int i = 0; i < 32; ++i)
+                    if (((i >> 1) & 1) == half) {
+                        s[i] = exp2f(s[i] * a.scale_log2 - m_use);
+                        sum += s[i];
+                    }
+                row_sum[half] = row_sum[half] * alpha[half] + sum;
+            }
+
+            if (it > 0) mbarrier_wait(sm.handoff_bar(HB_P_FREE), (it - 1) & 1);
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    const int r = row0 + 8 * half;
+                    *reinterpret_cast<uint32_t*>(sm.p() + r * 128 + ((n ^ (r & 7)) << 4) + (lane % 4) * 4) =
+                        pack_half2(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]);
+                }
+            if (lane % 4 == 0) {
+                sm.row_scale()[row0] = alpha[0];
+                sm.row_scale()[row0 + 8] = alpha[1];
+            }
+            fence_proxy_async_smem();
+            named_barrier_sync(BAR_WG0, WG_THREADS);
+            if (tid == 0) mbarrier_arrive(sm.handoff_bar(HB_P_READY));
+
+            rescale_rows(o, alpha[0], alpha[1]);
+            pv_gemm(o, p_addr, kv_addr);
+            mbarrier_arrive(&sm.empty_bar()[stage]);
+        }
+
+        float row_lse[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            float l = row_sum[half];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            row_sum[half] = l;
+            row_lse[half] = (row_max[half] + log2f(l)) * LN2;
+        }
+        if (has_pages) {
+            if (lane % 4 == 0) {
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    sm.row_lse()[row0 + 8 * half] = row_lse[half];
+                    sm.row_sum()[row0 + 8 * half] = row_sum[half];
+                }
+            }
+            named_barrier_sync(BAR_WG0, WG_THREADS);
+            if (tid == 0) mbarrier_arrive(sm.handoff_bar(HB_STATS));
+            ++pieces;
+        }
+        store_output(o, row_sum, row_lse, 0, warp, lane, piece, a.kh, a.row_base, a.rows, a.s_q,
+                     a.h_q, a.h_k, a.out, a.lse, a.o_part, a.lse_part, true);
+    }
+}
+
+// Warpgroup 1: the right half of O, one page behind warpgroup 0's scores.
+DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid, int total_pages) {
+    const int warp = tid / 32, lane = tid % 32;
+    const int row0 = warp * 16 + lane / 4;
+    const uint32_t p_addr = smem_addr(sm.p());
+    constexpr int RIGHT_HALF_BYTES = (V_COLS_PER_WG / CHUNK_COLS) * CHUNK_BYTES;
+    int it = 0, pieces = 0;
+    for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
+        const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
+        const bool has_pages = piece.page_end > piece.page_begin;
+        if (has_pages) stage_q_block(a, sm, req, WG_THREADS + tid, false, pieces);
+        float o[128];
+#pragma unroll
+        for (int i = 0; i < 128; ++i) o[i] = 0.f;
+        for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
+            const int stage = it % KV_STAGES;
+            mbarrier_wait(sm.handoff_bar(HB_P_READY), it & 1);
+            rescale_rows(o, sm.row_scale()[row0], sm.row_scale()[row0 + 8]);
+            pv_gemm(o, p_addr, smem_addr(sm.kv(stage)) + RIGHT_HALF_BYTES);
+            if (it + 1 < total_pages) {  // uniform across the warpgroup
+                named_barrier_sync(BAR_WG1, WG_THREADS);
+                if (tid == 0) mbarrier_arrive(sm.handoff_bar(HB_P_FREE));
+            }
+            mbarrier_arrive(&sm.empty_bar()[stage]);
+        }
+        float row_sum[2] = {0.f, 0.f}, row_lse[2] = {0.f, 0.f};
+        if (has_pages) {
+            mbarrier_wait(sm.handoff_bar(HB_STATS), pieces & 1);
+            ++pieces;
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                row_lse[half] = sm.row_lse()[row0 + 8 * half];
+                row_sum[half] = sm.row_sum()[row0 + 8 * half];
+            }
+        }
+        store_output(o, row_sum, row_lse, V_COLS_PER_WG, warp, lane, piece, a.kh, a.row_base, a.rows,
+                     a.s_q, a.h_q, a.h_k, a.out, a.lse, a.o_part, a.lse_part, false);
+    }
+}
+
+// q: [b, s_q, h_q, 576] with the given element strides; block_table: [b, *] int32 with row
+// stride bt_stride; out: contiguous [b, s_q, h_q, 512]; lse: contiguous [b, h_q, s_q];
+// o_part: [splits, h_k, s_q*G, 512] f32; lse_part: [splits, h_k, s_q*G] f32.
+// Grid: (ceil(s_q*G / 64), h_k, num_sm_parts).
+extern "C" __global__ void __launch_bounds__(DECODE_THREADS, 1)
+mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict__ q,
+           long long q_stride_b, long long q_stride_s, long long q_stride_h,
+           const int* __restrict__ block_table, long long bt_stride,
+           const int* __restrict__ seqlens, const int* __restrict__ metadata,
+           const int* __restrict__ num_splits, uint16_t* __restrict__ out,
+           float* __restrict__ lse, float* __restrict__ o_part, float* __restrict__ lse_part,
+           int s_q, int h_q, int h_k, int causal, float scale_log2, int kv_evict_first) {
+    extern __shared__ uint8_t smem_raw[];
+    const SharedTiles sm{reinterpret_cast<uint8_t*>(
+        (reinterpret_cast<size_t>(smem_raw) + SMEM_ALIGN - 1) & ~size_t(SMEM_ALIGN - 1))};
+
+    DecodeArgs a;
+    a.kv_map = &kv_map;
+    a.q = q; a.q_stride_b = q_stride_b; a.q_stride_s = q_stride_s; a.q_stride_h = q_stride_h;
+    a.block_table = block_table; a.bt_stride = bt_stride;
+    a.seqlens = seqlens; a.num_splits = num_splits;
+    a.out = out; a.lse = lse; a.o_part = o_part; a.lse_part = lse_part;
+    a.s_q = s_q; a.h_q = h_q; a.h_k = h_k; a.causal = causal; a.kv_evict_first = kv_evict_first;
+    a.scale_log2 = scale_log2;
+    a.kh = blockIdx.y;
+    a.row_base = blockIdx.x * BLOCK_M;
+    a.rows = RowMap{s_q * (h_q / h_k), h_q / h_k};
+#ifdef MLA_PROGRAMMATIC_LAUNCH
+    allow_dependent_launch();  // the combine may take idle SMs and wait there for this grid
+#endif
+    a.work = load_part(metadata, blockIdx.z);
+    if (a.work.end_req < a.work.begin_req) return;  // idle part
+
+    const int tid = threadIdx.x;
+    if (tid == 0) {
+        for (int s = 0; s < KV_STAGES; ++s) {
+            mbarrier_init(&sm.full_bar()[s], 1);
+            mbarrier_init(&sm.empty_bar()[s], CONSUMER_THREADS);
+        }
+        mbarrier_init(sm.handoff_bar(HB_Q_READY), CONSUMER_THREADS);
+        mbarrier_init(sm.handoff_bar(HB_P_READY), 1);
+        mbarrier_init(sm.handoff_bar(HB_P_FREE), 1);
+        mbarrier_init(sm.handoff_bar(HB_STATS), 1);
+        fence_barrier_init();
+    }
+    __syncthreads();
+
+    const int wg = tid / WG_THREADS;
+    if (wg == 2) {
+        setmaxnreg_dec_40();
+        if (tid == 2 * WG_THREADS) run_producer(a, sm);
+    } else if (wg == 0) {
+        setmaxnreg_inc_240();
+        run_softmax_wg(a, sm, tid);
+    } else {
+        setmaxnreg_inc_224();
+        int total_pages = 0;
+        for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
+            const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
+            total_pages += piece.page_end - piece.page_begin;
+        }
+        run_pv_wg(a, sm, tid - WG_THREADS, total_pages);
+    }
+}
