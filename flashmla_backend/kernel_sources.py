@@ -50,11 +50,12 @@ def decode_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModul
     that lets a programmatically launched combine be scheduled early.
 
     ``FLASHMLA_BACKEND_DECODE_FILE`` (a path) swaps in another version of the decode source
-    with the same interface, for A/B benchmarks of kernel versions in one process.
+    with the same interface, for A/B benchmarks of kernel versions in one process; unset or
+    empty means the shipped source.
     """
     extra = ("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ()
-    return KernelModule(os.environ.get("FLASHMLA_BACKEND_DECODE_FILE", "mla_decode.cu"), ("mla_decode",), dtype,
-                        extra)
+    source = os.environ.get("FLASHMLA_BACKEND_DECODE_FILE") or "mla_decode.cu"
+    return KernelModule(source, ("mla_decode",), dtype, extra)
 
 
 def combine_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModule:

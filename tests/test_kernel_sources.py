@@ -1,0 +1,28 @@
+"""Which source the decode module compiles: the shipped one, or an archived version named by
+``FLASHMLA_BACKEND_DECODE_FILE`` for A/B runs (CPU only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashmla_backend.kernel_sources import decode_module
+
+ARCHIVED = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_versions"
+
+
+def test_unset_or_empty_override_means_the_shipped_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An A/B script exports an empty value for its shipped runs; that must not resolve to the
+    # kernels folder (a device run failed that way on 2026-11-28).
+    monkeypatch.delenv("FLASHMLA_BACKEND_DECODE_FILE", raising=False)
+    assert decode_module(torch.bfloat16).source_file == "mla_decode.cu"
+    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", "")
+    assert decode_module(torch.bfloat16).source_file == "mla_decode.cu"
+
+
+def test_override_names_an_archived_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    archived = sorted(ARCHIVED.glob("*.cu"))[0]
+    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(archived))
+    assert decode_module(torch.float16).source_file == str(archived)
