@@ -254,20 +254,33 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 0) -> str:
     return "n/a" if value is None else f"{value * scale:.{digits}f}"
 
 
+def fastest_timings_rate(result: dict[str, Any]) -> float:
+    """Decode tok/s from the fastest full run minus the fastest prefill-only run over all repeats.
+
+    The issue's "best of N" picks the repeat with the largest difference, which also rewards a
+    slow prefill-only run (seen: 5.9 vs 7.0 s on the same backend); taking each timing at its best
+    is the steadier estimate, so the table shows both."""
+    runs = result["runs"]
+    decode_s = min(r["full_s"] for r in runs) - min(r["prefill_only_s"] for r in runs)
+    return runs[0]["decode_tokens"] / decode_s if decode_s > 0 else float("nan")
+
+
 def markdown_table(results: list[dict[str, Any]]) -> str:
     """One row per backend, with the decode rate relative to CUSTOM where both ran."""
     ours = next((r for r in results if r.get("backend") == "CUSTOM" and "best" in r), None)
-    lines = ["| backend | decode tok/s | vs CUSTOM | prefill-only s | full s | TTFT mean ms | TTFT median ms |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| backend | decode tok/s (best of repeats) | vs CUSTOM | decode tok/s (fastest full − fastest "
+             "prefill-only) | vs CUSTOM | prefill-only s | full s | TTFT mean ms | TTFT median ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "best" not in r:
-            lines.append(f"| {r['backend']} | failed: {r.get('error', '?')} | | | | | |")
+            lines.append(f"| {r['backend']} | failed: {r.get('error', '?')} | | | | | | | |")
             continue
-        best = r["best"]
+        best, steady = r["best"], fastest_timings_rate(r)
         relative = (f"{best['decode_tok_per_s'] / ours['best']['decode_tok_per_s']:.2f}x" if ours else "n/a")
+        steady_relative = f"{steady / fastest_timings_rate(ours):.2f}x" if ours else "n/a"
         ttft = f"{_fmt(best['ttft_mean_s'], 1e3)} | {_fmt(best['ttft_median_s'], 1e3)}"
-        lines.append(f"| {r['backend']} | {best['decode_tok_per_s']:.0f} | {relative} | {best['prefill_only_s']:.2f} "
-                     f"| {best['full_s']:.2f} | {ttft} |")
+        lines.append(f"| {r['backend']} | {best['decode_tok_per_s']:.0f} | {relative} | {steady:.0f} | {steady_relative} "
+                     f"| {best['prefill_only_s']:.2f} | {best['full_s']:.2f} | {ttft} |")
     return "\n".join(lines)
 
 
