@@ -20,9 +20,10 @@ MAX_BATCH = 48 * 1024
 COMBINE_WARPS = 8
 
 _TILE_BYTES = PAGE_SIZE * HEAD_DIM_QK * 2
-#: Q block + two KV stages + P + three per-row float arrays + four mbarriers + alignment
-#: slack (archived kernel versions need at most this much).
-DECODE_SMEM_BYTES = 3 * _TILE_BYTES + PAGE_SIZE * 64 * 2 + 4 * BLOCK_M * 4 + 4 * 8 + 1024
+#: Q block + two KV stages + P + up to four per-row float arrays + up to eight mbarriers +
+#: alignment slack. The decode sources static_assert their own map against it
+#: (``-DMLA_LAUNCH_SMEM_BYTES``), archived versions included.
+DECODE_SMEM_BYTES = 3 * _TILE_BYTES + PAGE_SIZE * 64 * 2 + 4 * BLOCK_M * 4 + 8 * 8 + 1024
 
 #: SMs assumed when a schedule is built on the CPU (an H100/H200 SXM has 132).
 DEFAULT_NUM_SMS = 132

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ._constants import DECODE_SMEM_BYTES
+
 #: NVRTC options for every module. sm_90a unlocks wgmma, TMA and setmaxnreg.
 NVRTC_OPTIONS: tuple[str, ...] = ("-arch=sm_90a", "-std=c++17")
 
@@ -45,6 +47,12 @@ SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
 SCHEDULE_MODULE = KernelModule("mla_schedule.cu", ("mla_schedule",), torch.bfloat16)
 
 
+def decode_launch_defines() -> tuple[str, ...]:
+    """What every decode source is told about its launch: the dynamic shared memory the API
+    reserves, which the source's own smem map must fit (a static_assert)."""
+    return (f"-DMLA_LAUNCH_SMEM_BYTES={DECODE_SMEM_BYTES}",)
+
+
 def decode_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModule:
     """The split-KV decode kernel for ``dtype`` (bf16 or fp16); ``programmatic``: the variant
     that lets a programmatically launched combine be scheduled early.
@@ -53,7 +61,7 @@ def decode_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModul
     with the same interface, for A/B benchmarks of kernel versions in one process; unset or
     empty means the shipped source.
     """
-    extra = ("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ()
+    extra = decode_launch_defines() + (("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ())
     source = os.environ.get("FLASHMLA_BACKEND_DECODE_FILE") or "mla_decode.cu"
     return KernelModule(source, ("mla_decode",), dtype, extra)
 

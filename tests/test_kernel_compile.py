@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from flashmla_backend import _constants as C
-from flashmla_backend.kernel_sources import KernelModule, all_modules, assembled_source, decode_module
+from flashmla_backend.kernel_sources import (KernelModule, all_modules, assembled_source, decode_launch_defines,
+                                             decode_module)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("cuda.bindings") is None,
                                 reason="cuda-bindings (NVRTC wheel) not installed: pip install -e .[test]")
@@ -65,7 +66,7 @@ def test_archived_decode_versions_still_compile(path: Path) -> None:
     against the shared headers, with the decode entry point and its Hopper instructions."""
     import torch
 
-    text = sass(KernelModule(str(path), ("mla_decode",), torch.bfloat16))
+    text = sass(KernelModule(str(path), ("mla_decode",), torch.bfloat16, decode_launch_defines()))
     assert "mla_decode" in text and "HGMMA" in text and "UTMALDG.4D" in text
 
 
@@ -85,6 +86,19 @@ def test_wrong_arch_fails_loudly() -> None:
     with pytest.raises(OfflineCompileError, match="sm_90a"):
         compile_to_cubin(decode_module(torch.bfloat16), options=("-arch=sm_80", "-std=c++17"))
 
+
+
+def test_decode_smem_map_must_fit_the_launch() -> None:
+    """Every decode source checks its shared-memory map against what the API reserves."""
+    import torch
+
+    from flashmla_backend.offline_compile import OfflineCompileError, compile_to_cubin
+
+    module = decode_module(torch.bfloat16)
+    assert f"-DMLA_LAUNCH_SMEM_BYTES={C.DECODE_SMEM_BYTES}" in module.options
+    too_small = tuple(o for o in module.options if not o.startswith("-DMLA_LAUNCH_SMEM_BYTES="))
+    with pytest.raises(OfflineCompileError, match="reserves less shared memory"):
+        compile_to_cubin(module, options=too_small + ("-DMLA_LAUNCH_SMEM_BYTES=200000",))
 
 def _constexpr(source: str, name: str) -> int:
     m = re.search(rf"constexpr int {name} = ([^;]+);", source)

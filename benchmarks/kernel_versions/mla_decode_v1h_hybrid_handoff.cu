@@ -1,7 +1,11 @@
-// EXPERIMENT v1m2 (not shipped; NOTES.md "v1m2"): v1m (hand-offs on mbarriers, racecheck
-// clean, measured 4-5% slower than v1 on compute rows) with one arrival per hand-off instead of
-// 128: each warpgroup first meets at its own named barrier (which warpgroup 0 already pays
-// every page before its P V), then one thread arrives. Q_READY keeps 256 arrivals (once per piece).
+// EXPERIMENT v1h (not shipped, not yet run; NOTES.md "v1h"): v1m keeps racecheck clean but
+// is 5% slower than v1 on compute rows, and v1m2 showed the 128 arrivals are not the cause. v1h
+// puts back v1's hardware barrier for P_FREE, the hand-off on warpgroup 0's critical path, and
+// removes the generic-memory hazard that barrier hid from racecheck: row_scale becomes a ring
+// indexed by KV stage, so warpgroup 0 overwrites a slot only after the KV ring itself has
+// recycled that stage (warpgroup 1's empty arrival -> producer -> full barrier -> warpgroup 0),
+// an mbarrier chain racecheck can follow. P_FREE then guards only the P tile, which is read by
+// wgmma (async proxy) and was never reported. Q_READY, P_READY and STATS stay on mbarriers.
 // Split-KV MLA decode for Hopper (sm_90a): one CTA per (64-row query block, KV head,
 // scheduler part). The part's share of (request, page range) pieces comes from
 // tile_scheduler_metadata.
@@ -36,27 +40,28 @@ constexpr int K_STEP = 16;                              // wgmma K per instructi
 
 // Hand-off mbarriers between the math warpgroups (index into SharedTiles::handoff_bar()).
 constexpr int HB_Q_READY = 0;    // both WGs stored Q       (256 arrivals, WG0 waits)
-constexpr int HB_P_READY = 1;    // WG0 stored P and scales (1 arrival after BAR_WG0, WG1 waits)
-constexpr int HB_P_FREE = 2;     // WG1 done reading P      (1 arrival after BAR_WG1, WG0 waits)
-constexpr int HB_STATS = 3;      // WG0 stored row max/sum  (1 arrival after BAR_WG0, WG1 waits)
-constexpr int HANDOFF_BARRIERS = 4;
-// Named barriers (0 is __syncthreads): each warpgroup's own meeting point before its one
-// thread signals the other warpgroup (WG0: also its P / V-tail stores before its P V wgmma).
-constexpr int BAR_WG0 = 1;
-constexpr int BAR_WG1 = 2;
+constexpr int HB_P_READY = 1;    // WG0 stored P and scales (128 arrivals, WG1 waits)
+constexpr int HB_STATS = 2;      // WG0 stored row max/sum  (128 arrivals, WG1 waits)
+constexpr int HANDOFF_BARRIERS = 3;
+// Named barriers (0 is __syncthreads).
+constexpr int BAR_P_FREE = 1;    // WG1's P V wgmma done with P (WG1 arrives, WG0 waits)
+constexpr int BAR_WG0 = 2;       // WG0's own P / V-tail stores, before its P V wgmma
 
 // Shared memory map (byte offsets from a 1024-aligned base).
 constexpr int SMEM_Q = 0;
 constexpr int SMEM_KV = TILE_BYTES;
 constexpr int SMEM_P = SMEM_KV + KV_STAGES * TILE_BYTES;
 constexpr int SMEM_ROW_SCALE = SMEM_P + CHUNK_BYTES;
-constexpr int SMEM_ROW_MAX = SMEM_ROW_SCALE + BLOCK_M * 4;
+constexpr int SMEM_ROW_MAX = SMEM_ROW_SCALE + KV_STAGES * BLOCK_M * 4;  // row_scale: one per stage
 constexpr int SMEM_ROW_SUM = SMEM_ROW_MAX + BLOCK_M * 4;
 constexpr int SMEM_BARRIERS = SMEM_ROW_SUM + BLOCK_M * 4;
 constexpr int SMEM_USED = SMEM_BARRIERS + (2 * KV_STAGES + HANDOFF_BARRIERS) * 8;
 constexpr int SMEM_ALIGN = 1024;
 constexpr int DECODE_SMEM_BYTES = SMEM_USED + SMEM_ALIGN;  // slack to align the base
 static_assert(DECODE_SMEM_BYTES <= 227 * 1024, "decode tile does not fit in shared memory");
+#ifdef MLA_LAUNCH_SMEM_BYTES  // what the API reserves (flashmla_backend._constants)
+static_assert(DECODE_SMEM_BYTES <= MLA_LAUNCH_SMEM_BYTES, "the launch reserves less shared memory than this map needs");
+#endif
 
 struct __align__(64) TensorMap { uint64_t opaque[16]; };
 
@@ -213,7 +218,9 @@ struct SharedTiles {
     DEVICE uint8_t* q() const { return base + SMEM_Q; }
     DEVICE uint8_t* kv(int stage) const { return base + SMEM_KV + stage * TILE_BYTES; }
     DEVICE uint8_t* p() const { return base + SMEM_P; }
-    DEVICE float* row_scale() const { return reinterpret_cast<float*>(base + SMEM_ROW_SCALE); }
+    DEVICE float* row_scale(int stage) const {
+        return reinterpret_cast<float*>(base + SMEM_ROW_SCALE) + stage * BLOCK_M;
+    }
     DEVICE float* row_lse() const { return reinterpret_cast<float*>(base + SMEM_ROW_MAX); }
     DEVICE float* row_sum() const { return reinterpret_cast<float*>(base + SMEM_ROW_SUM); }
     DEVICE uint64_t* full_bar() const { return reinterpret_cast<uint64_t*>(base + SMEM_BARRIERS); }
@@ -338,7 +345,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
                 row_sum[half] = row_sum[half] * alpha[half] + sum;
             }
 
-            if (it > 0) mbarrier_wait(sm.handoff_bar(HB_P_FREE), (it - 1) & 1);
+            if (it > 0) named_barrier_sync(BAR_P_FREE, CONSUMER_THREADS);
 #pragma unroll
             for (int n = 0; n < 8; ++n)
 #pragma unroll
@@ -348,12 +355,12 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
                         pack_half2(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]);
                 }
             if (lane % 4 == 0) {
-                sm.row_scale()[row0] = alpha[0];
-                sm.row_scale()[row0 + 8] = alpha[1];
+                sm.row_scale(stage)[row0] = alpha[0];
+                sm.row_scale(stage)[row0 + 8] = alpha[1];
             }
             fence_proxy_async_smem();
+            mbarrier_arrive(sm.handoff_bar(HB_P_READY));
             named_barrier_sync(BAR_WG0, WG_THREADS);
-            if (tid == 0) mbarrier_arrive(sm.handoff_bar(HB_P_READY));
 
             rescale_rows(o, alpha[0], alpha[1]);
             pv_gemm(o, p_addr, kv_addr);
@@ -377,8 +384,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
                     sm.row_sum()[row0 + 8 * half] = row_sum[half];
                 }
             }
-            named_barrier_sync(BAR_WG0, WG_THREADS);
-            if (tid == 0) mbarrier_arrive(sm.handoff_bar(HB_STATS));
+            mbarrier_arrive(sm.handoff_bar(HB_STATS));
             ++pieces;
         }
         store_output(o, row_sum, row_lse, 0, warp, lane, piece, a.kh, a.row_base, a.rows, a.s_q,
@@ -403,12 +409,9 @@ DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid, int t
         for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
             const int stage = it % KV_STAGES;
             mbarrier_wait(sm.handoff_bar(HB_P_READY), it & 1);
-            rescale_rows(o, sm.row_scale()[row0], sm.row_scale()[row0 + 8]);
+            rescale_rows(o, sm.row_scale(stage)[row0], sm.row_scale(stage)[row0 + 8]);
             pv_gemm(o, p_addr, smem_addr(sm.kv(stage)) + RIGHT_HALF_BYTES);
-            if (it + 1 < total_pages) {  // uniform across the warpgroup
-                named_barrier_sync(BAR_WG1, WG_THREADS);
-                if (tid == 0) mbarrier_arrive(sm.handoff_bar(HB_P_FREE));
-            }
+            if (it + 1 < total_pages) named_barrier_arrive(BAR_P_FREE, CONSUMER_THREADS);
             mbarrier_arrive(&sm.empty_bar()[stage]);
         }
         float row_sum[2] = {0.f, 0.f}, row_lse[2] = {0.f, 0.f};
@@ -466,9 +469,8 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
             mbarrier_init(&sm.empty_bar()[s], CONSUMER_THREADS);
         }
         mbarrier_init(sm.handoff_bar(HB_Q_READY), CONSUMER_THREADS);
-        mbarrier_init(sm.handoff_bar(HB_P_READY), 1);
-        mbarrier_init(sm.handoff_bar(HB_P_FREE), 1);
-        mbarrier_init(sm.handoff_bar(HB_STATS), 1);
+        mbarrier_init(sm.handoff_bar(HB_P_READY), WG_THREADS);
+        mbarrier_init(sm.handoff_bar(HB_STATS), WG_THREADS);
         fence_barrier_init();
     }
     __syncthreads();
