@@ -1,25 +1,42 @@
 #!/usr/bin/env bash
 # One-GPU A/B of archived decode versions against the shipped one: reference check, ours-only
-# benchmark in A B ... A order (drift shows as A vs A), sanitizers and the GPU unit tests on the
-# candidate. Usage: OUT=... benchmarks/ab_session.sh CANDIDATE [OTHER_VERSION ...]
+# benchmark in shipped, CANDIDATE, OTHERS..., shipped order (drift shows as shipped vs shipped),
+# then the four sanitizers and the GPU unit tests on the candidate.
+#   OUT=... benchmarks/ab_session.sh CANDIDATE [OTHER ...]
+# A version is a file stem in benchmarks/kernel_versions/, optionally with knobs:
+# NAME+KEY=VALUE[+KEY=VALUE] compiles it with -DKEY=VALUE. AB_TIMING_ONLY=1 runs only the
+# benchmarks (for diagnostics whose outputs are not a decode).
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 candidate=${1:?candidate version}; shift
-file_of() { [ "$1" = shipped ] && echo "" || echo "$PWD/benchmarks/kernel_versions/$1.cu"; }
+
+# with_version VERSION COMMAND...: runs COMMAND with that version's source file and knobs.
+with_version() {
+  local version=$1 stem file defines=""; shift
+  stem=${version%%+*}
+  file=$([ "$stem" = shipped ] || echo "$PWD/benchmarks/kernel_versions/$stem.cu")
+  [ "$stem" != "$version" ] && defines=$(echo "${version#*+}" | tr '+' '\n' | sed 's/^/-D/' | tr '\n' ' ')
+  FLASHMLA_BACKEND_DECODE_FILE=$file FLASHMLA_BACKEND_DECODE_DEFINES=$defines "$@"
+}
+
 nvidia-smi --query-gpu=name --format=csv,noheader
 python -c "import flashmla_backend as f; f.precompile()"
-FLASHMLA_BACKEND_DECODE_FILE=$(file_of "$candidate") timeout 120 python benchmarks/check_decode_version.py \
-  --max-rows 512 > "$OUT/$candidate.check" 2>&1
-echo "== $candidate correctness: $(tail -1 "$OUT/$candidate.check")"
+if [ -z "${AB_TIMING_ONLY:-}" ]; then
+  with_version "$candidate" timeout 120 python benchmarks/check_decode_version.py --max-rows 512 \
+    > "$OUT/${candidate//[+=]/_}.check" 2>&1
+  echo "== $candidate correctness: $(tail -1 "$OUT/${candidate//[+=]/_}.check")"
+fi
 n=0
-for name in shipped "$candidate" "$@" shipped; do
-  n=$((n + 1))
-  FLASHMLA_BACKEND_DECODE_FILE=$(file_of "$name") timeout 150 python -m flashmla_backend.bench --no-peers \
-    --no-plots --out "$OUT/bench$n-$name" > "$OUT/bench$n-$name.md" 2> "$OUT/bench$n-$name.err"
+for version in shipped "$candidate" "$@" shipped; do
+  n=$((n + 1)); label=bench$n-${version//[+=]/_}
+  with_version "$version" timeout 150 python -m flashmla_backend.bench --no-peers --no-plots \
+    --out "$OUT/$label" > "$OUT/$label.md" 2> "$OUT/$label.err" \
+    || { echo "bench of $version failed:"; tail -3 "$OUT/$label.err"; }
 done
 python benchmarks/ab_table.py "$OUT"/bench*/bench.json
-FLASHMLA_BACKEND_DECODE_FILE=$(file_of "$candidate") bash benchmarks/run_sanitizers.sh
-FLASHMLA_BACKEND_DECODE_FILE=$(file_of "$candidate") timeout 200 python -m pytest -q -p no:cacheprovider tests \
-  > "$OUT/unit_tests_$candidate.log" 2>&1
-echo "GPU unit tests on $candidate: $(tail -1 "$OUT/unit_tests_$candidate.log")"
+[ -n "${AB_TIMING_ONLY:-}" ] && exit 0
+with_version "$candidate" bash benchmarks/run_sanitizers.sh
+with_version "$candidate" timeout 200 python -m pytest -q -p no:cacheprovider tests \
+  > "$OUT/unit_tests.log" 2>&1
+echo "GPU unit tests on $candidate: $(tail -1 "$OUT/unit_tests.log")"

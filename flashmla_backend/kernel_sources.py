@@ -59,9 +59,13 @@ def decode_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModul
 
     ``FLASHMLA_BACKEND_DECODE_FILE`` (a path) swaps in another version of the decode source
     with the same interface, for A/B benchmarks of kernel versions in one process; unset or
-    empty means the shipped source.
+    empty means the shipped source. ``FLASHMLA_BACKEND_DECODE_DEFINES`` adds ``-D`` options
+    (space-separated, e.g. ``-DDIAG_STAGES=3``) for such a version's knobs.
     """
-    extra = decode_launch_defines() + (("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ())
+    knobs = tuple(os.environ.get("FLASHMLA_BACKEND_DECODE_DEFINES", "").split())
+    if any(not k.startswith("-D") for k in knobs):
+        raise ValueError(f"FLASHMLA_BACKEND_DECODE_DEFINES must hold only -D options, got {knobs}")
+    extra = decode_launch_defines() + knobs + (("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ())
     source = os.environ.get("FLASHMLA_BACKEND_DECODE_FILE") or "mla_decode.cu"
     return KernelModule(source, ("mla_decode",), dtype, extra)
 

@@ -67,8 +67,21 @@ def test_archived_decode_versions_still_compile(path: Path) -> None:
     import torch
 
     text = sass(KernelModule(str(path), ("mla_decode",), torch.bfloat16, decode_launch_defines()))
-    assert "mla_decode" in text and "HGMMA" in text and "UTMALDG.4D" in text
+    assert "mla_decode" in text and "UTMALDG.4D" in text
+    # Diagnostics (the memory pipeline without the math) have no wgmma; decode versions must.
+    assert "HGMMA" in text or path.stem.startswith("mla_decode_diag_")
 
+
+
+def test_pipeline_diagnostic_with_three_stages_fits_the_launch() -> None:
+    """The knob ab_session.sh passes (mla_decode_diag_pipeline_only+DIAG_STAGES=3) must compile
+    within the shared memory the API reserves (the source static_asserts it)."""
+    import torch
+
+    path = ARCHIVED_DECODE_VERSIONS[0].parent / "mla_decode_diag_pipeline_only.cu"
+    text = sass(KernelModule(str(path), ("mla_decode",), torch.bfloat16,
+                             decode_launch_defines() + ("-DDIAG_STAGES=3",)))
+    assert "UTMALDG.4D" in text
 
 def test_fp16_variant_differs_from_bf16() -> None:
     import torch

@@ -26,3 +26,11 @@ def test_override_names_an_archived_version(monkeypatch: pytest.MonkeyPatch) -> 
     archived = sorted(ARCHIVED.glob("*.cu"))[0]
     monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(archived))
     assert decode_module(torch.float16).source_file == str(archived)
+
+
+def test_defines_for_an_archived_version_are_passed_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_DEFINES", "-DDIAG_STAGES=3")
+    assert "-DDIAG_STAGES=3" in decode_module(torch.bfloat16).options
+    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_DEFINES", "--use_fast_math")
+    with pytest.raises(ValueError, match="only -D options"):
+        decode_module(torch.bfloat16)
