@@ -30,8 +30,18 @@ def num_m_blocks(num_q_tokens_per_head_k: int) -> int:
 
 
 def num_sm_parts(num_sms: int, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
-    """How many parts the batch is split into, so that parts x m-blocks x KV heads fill the SMs."""
-    return max(1, num_sms // (num_heads_k * num_m_blocks(num_q_tokens_per_head_k)))
+    """How many parts the batch is split into, so that parts x m-blocks x KV heads fill the SMs.
+
+    ``FLASHMLA_BACKEND_MAX_SM_PARTS`` caps it (a tuning knob for experiments: with 128
+    equal-length requests and 128 parts, no request is split and the combine has no work);
+    unset or empty means no cap."""
+    parts = max(1, num_sms // (num_heads_k * num_m_blocks(num_q_tokens_per_head_k)))
+    cap = os.environ.get("FLASHMLA_BACKEND_MAX_SM_PARTS", "")
+    if not cap:  # unset or empty: no cap
+        return parts
+    if not cap.isdigit() or int(cap) < 1:
+        raise ValueError(f"FLASHMLA_BACKEND_MAX_SM_PARTS: expected a positive integer, got {cap!r}")
+    return min(parts, int(cap))
 
 
 def split_overhead_pages() -> int:

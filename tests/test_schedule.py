@@ -50,3 +50,20 @@ def test_part_count_fills_the_sms() -> None:
     assert num_sm_parts(132, 256, 1) == 33
     assert num_sm_parts(132, 512, 2) == 8
     assert num_sm_parts(4, 512, 2) == 1
+
+
+def test_part_cap_knob_removes_splits_for_an_even_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 128 x 4096 on 132 parts: a part boundary cuts every request (the combine merges 2 splits
+    # each); capped at 128 parts, the boundaries fall between requests.
+    lengths = torch.tensor([4096] * 128, dtype=torch.int32)
+    _, ns = schedule_reference(lengths, num_sm_parts(132, 16, 1))
+    assert int(ns[-1]) > 128
+    monkeypatch.setenv("FLASHMLA_BACKEND_MAX_SM_PARTS", "128")
+    assert num_sm_parts(132, 16, 1) == 128 and num_sm_parts(132, 256, 1) == 33
+    _, ns = schedule_reference(lengths, num_sm_parts(132, 16, 1))
+    assert int(ns[-1]) == 128
+    monkeypatch.setenv("FLASHMLA_BACKEND_MAX_SM_PARTS", "")
+    assert num_sm_parts(132, 16, 1) == 132
+    monkeypatch.setenv("FLASHMLA_BACKEND_MAX_SM_PARTS", "0")
+    with pytest.raises(ValueError, match="FLASHMLA_BACKEND_MAX_SM_PARTS"):
+        num_sm_parts(132, 16, 1)

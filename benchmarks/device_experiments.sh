@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The open kernel questions of benchmarks/NOTES.md, for one call on a one-GPU machine
+# (~8 min for all). Logs under $OUT/<experiment>/; each prints its table.
+#   OUT=... benchmarks/device_experiments.sh [pipeline] [parts] [v6] [v1h]
+#   pipeline: v1 without the math, 2 and 3 stages (is the KV ring the memory-row bound?)
+#   parts:    memory rows with the scheduler capped at 128 parts (no splits, no combine work)
+#   v6:       seesaw A/B, reference check, sanitizers, GPU unit tests
+#   v1h:      hybrid hand-offs A/B, reference check, sanitizers, GPU unit tests
+set -uo pipefail
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
+ROOT_OUT=${OUT:-/tmp/out}
+run() { mkdir -p "$ROOT_OUT/$1"; echo "=== $1"; }
+for experiment in ${@:-pipeline parts v6 v1h}; do
+  case $experiment in
+  pipeline)
+    run pipeline
+    OUT=$ROOT_OUT/pipeline AB_TIMING_ONLY=1 timeout 400 bash benchmarks/ab_session.sh \
+      mla_decode_diag_pipeline_only mla_decode_diag_pipeline_only+DIAG_STAGES=3 ;;
+  parts)
+    run parts
+    for n in 1 2; do
+      for cap in "" 128; do
+        label=parts${cap:-_default}_run$n
+        FLASHMLA_BACKEND_MAX_SM_PARTS=$cap timeout 120 python -m flashmla_backend.bench --no-peers --no-plots \
+          --rows "memory" --out "$ROOT_OUT/parts/$label" > "$ROOT_OUT/parts/$label.md" 2>&1
+        echo "$label:"; grep -E "^\| memory" "$ROOT_OUT/parts/$label.md" | cut -d'|' -f2,3
+      done
+    done ;;
+  v6)
+    run v6
+    OUT=$ROOT_OUT/v6 timeout 560 bash benchmarks/ab_session.sh mla_decode_v6_seesaw ;;
+  v1h)
+    run v1h
+    OUT=$ROOT_OUT/v1h timeout 560 bash benchmarks/ab_session.sh mla_decode_v1h_hybrid_handoff mla_decode_v1m_mbarrier_handoff ;;
+  *) echo "unknown experiment $experiment"; exit 2 ;;
+  esac
+done
