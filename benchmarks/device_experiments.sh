@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The open kernel questions of benchmarks/NOTES.md, for one call on a one-GPU machine
 # (~8 min for all). Logs under $OUT/<experiment>/; each prints its table.
-#   OUT=... benchmarks/device_experiments.sh [pipeline] [parts] [v6] [v1h]
+#   OUT=... benchmarks/device_experiments.sh [pipeline] [parts] [overhead] [v6] [v1h]
 #   pipeline: v1 without the math, 2 and 3 stages (is the KV ring the memory-row bound?)
 #   parts:    memory rows with the scheduler capped at 128 parts (no splits, no combine work)
+#   overhead: latency and varlen rows with the scheduler's per-split cost at 2, 5 (shipped),
+#             10 and 20 pages (fewer, longer splits for small batches)
 #   v6:       seesaw A/B, reference check, sanitizers, GPU unit tests
 #   v1h:      hybrid hand-offs A/B, reference check, sanitizers, GPU unit tests
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
 ROOT_OUT=${OUT:-/tmp/out}
 run() { mkdir -p "$ROOT_OUT/$1"; echo "=== $1"; }
-for experiment in ${@:-pipeline parts v6 v1h}; do
+for experiment in ${@:-pipeline parts overhead v6 v1h}; do
   case $experiment in
   pipeline)
     run pipeline
@@ -25,6 +27,16 @@ for experiment in ${@:-pipeline parts v6 v1h}; do
           --rows "memory" --out "$ROOT_OUT/parts/$label" > "$ROOT_OUT/parts/$label.md" 2>&1
         echo "$label:"; grep -E "^\| memory" "$ROOT_OUT/parts/$label.md" | cut -d'|' -f2,3
       done
+    done ;;
+  overhead)
+    run overhead
+    n=0
+    for pages in 5 2 10 20 5; do
+      n=$((n + 1)); label=overhead${n}_$pages
+      FLASHMLA_BACKEND_SPLIT_OVERHEAD=$pages timeout 120 python -m flashmla_backend.bench --no-peers --no-plots \
+        --rows "" --out "$ROOT_OUT/overhead/$label" > "$ROOT_OUT/overhead/$label.md" 2>&1
+      echo "$label:"; grep -E "^\| (latency|memory: 128, 1, 16, varlen|compute: 128, 2, 128, varlen)|Whole" \
+        "$ROOT_OUT/overhead/$label.md" | cut -d'|' -f2,3
     done ;;
   v6)
     run v6
