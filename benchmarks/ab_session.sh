@@ -25,7 +25,12 @@ python -c "import flashmla_backend as f; f.precompile()"
 if [ -z "${AB_TIMING_ONLY:-}" ]; then
   with_version "$candidate" timeout 120 python benchmarks/check_decode_version.py --max-rows 512 \
     > "$OUT/${candidate//[+=]/_}.check" 2>&1
-  echo "== $candidate correctness: $(tail -1 "$OUT/${candidate//[+=]/_}.check")"
+  rc=$?
+  echo "== $candidate correctness (rc $rc): $(tail -1 "$OUT/${candidate//[+=]/_}.check")"
+  if [ $rc -ne 0 ]; then  # wrong or hung: show the cases and stop before timing it
+    grep -E "FAIL|ok  |Error|error" "$OUT/${candidate//[+=]/_}.check" | tail -20
+    exit 1
+  fi
 fi
 n=0
 for version in shipped "$candidate" "$@" shipped; do
