@@ -16,26 +16,15 @@
 // starts at buffer 0.
 //
 // Warpgroup roles (384 threads): 0 and 1 math (232 registers each), 2 the TMA producer (40).
-#include "ptx_helpers.cuh"
-#include "mla_common.cuh"
+#include "mla_decode_shared.cuh"
 
-constexpr int CHUNK_COLS = 64;                          // one 128-byte swizzle span
-constexpr int CHUNK_BYTES = PAGE_SIZE * CHUNK_COLS * 2; // 8 KB
-constexpr int QK_CHUNKS = HEAD_DIM_QK / CHUNK_COLS;     // 9
-constexpr int V_CHUNKS = HEAD_DIM_V / CHUNK_COLS;       // 8
 constexpr int HALF_CHUNKS = V_CHUNKS / 2;               // 4: one warpgroup's half of V
 constexpr int ROPE_CHUNK = QK_CHUNKS - 1;               // 8: rope columns; then P of the pair
-constexpr int TILE_BYTES = QK_CHUNKS * CHUNK_BYTES;     // 72 KB: one page, or the Q block
 constexpr int KV_BUFFERS = 2;                           // buffer b: pages scored by warpgroup b
-constexpr int WG_THREADS = 128;
-constexpr int CONSUMER_THREADS = 2 * WG_THREADS;
-constexpr int DECODE_THREADS = 3 * WG_THREADS;
 constexpr int MATH_WG_REGS = 232;
 constexpr int PRODUCER_WG_REGS = 40;
 static_assert(WG_THREADS * (2 * MATH_WG_REGS + PRODUCER_WG_REGS) <= 65536,
               "register split exceeds the register file");
-constexpr int V_COLS_PER_WG = HEAD_DIM_V / 2;           // 256: each warpgroup owns half of O
-constexpr int K_STEP = 16;                              // wgmma K per instruction
 constexpr uint32_t OWN_GROUP_BYTES = HALF_CHUNKS * CHUNK_BYTES;
 constexpr uint32_t REST_GROUP_BYTES = (QK_CHUNKS - HALF_CHUNKS) * CHUNK_BYTES;
 
@@ -61,139 +50,6 @@ static_assert(DECODE_SMEM_BYTES <= 227 * 1024, "decode tile does not fit in shar
 #ifdef MLA_LAUNCH_SMEM_BYTES  // what the API reserves (flashmla_backend._constants)
 static_assert(DECODE_SMEM_BYTES <= MLA_LAUNCH_SMEM_BYTES, "the launch reserves less shared memory than this map needs");
 #endif
-
-struct __align__(64) TensorMap { uint64_t opaque[16]; };
-
-
-// One (request, page range) of a part's work.
-struct Piece {
-    int req, page_begin, page_end, split;
-    bool is_split;  // the request has several splits: write partials for the combine
-};
-
-struct PartWork {
-    int begin_req, begin_page, end_req, end_page, begin_split;
-};
-
-DEVICE PartWork load_part(const int* metadata, int part) {
-    const int* row = metadata + part * METADATA_FIELDS;
-    return {row[MD_BEGIN_REQ], row[MD_BEGIN_PAGE], row[MD_END_REQ], row[MD_END_PAGE],
-            row[MD_BEGIN_SPLIT]};
-}
-
-DEVICE int pages_of(int seqlen) { return (seqlen + PAGE_SIZE - 1) / PAGE_SIZE; }
-
-DEVICE Piece piece_of(const PartWork& w, int req, const int* seqlens, const int* num_splits) {
-    Piece p;
-    p.req = req;
-    p.page_begin = req == w.begin_req ? w.begin_page : 0;
-    p.page_end = req == w.end_req ? w.end_page : pages_of(seqlens[req]);
-    p.split = req == w.begin_req ? w.begin_split : num_splits[req];
-    p.is_split = num_splits[req + 1] - num_splits[req] > 1;
-    return p;
-}
-
-// Row r of the 64-row block -> (query token, head) of KV head kh; rows are s_idx * G + g.
-struct RowMap {
-    int rows, group;  // rows = s_q * G valid rows; group = G = h_q / h_k
-    DEVICE int s_idx(int row) const { return row / group; }
-    DEVICE int head(int row, int kh) const { return kh * group + row % group; }
-};
-
-// Q block -> smem, 128B-swizzled K-major chunks; rows past the end are zero.
-DEVICE void load_q_block(uint8_t* q_smem, const uint16_t* q, long long q_stride_b,
-                         long long q_stride_s, long long q_stride_h, int req, int kh,
-                         int row_base, const RowMap& rows, int tid) {
-    constexpr int VECS_PER_ROW = HEAD_DIM_QK / 8;  // 16-byte vectors
-    for (int idx = tid; idx < BLOCK_M * VECS_PER_ROW; idx += CONSUMER_THREADS) {
-        const int r = idx / VECS_PER_ROW, v = idx % VECS_PER_ROW;
-        const int grow = row_base + r;
-        uint4 val = make_uint4(0, 0, 0, 0);
-        if (grow < rows.rows) {
-            const uint16_t* src = q + req * q_stride_b + rows.s_idx(grow) * q_stride_s +
-                                  rows.head(grow, kh) * q_stride_h + v * 8;
-            val = *reinterpret_cast<const uint4*>(src);
-        }
-        const int chunk = v / 8, unit = v % 8;
-        *reinterpret_cast<uint4*>(q_smem + chunk * CHUNK_BYTES + r * 128 + ((unit ^ (r & 7)) << 4)) = val;
-    }
-}
-
-// Zeroes V rows [first_row, 64) of a page tile: cache slots past the sequence end may hold
-// NaN, and P = 0 times NaN would still be NaN.
-DEVICE void zero_v_tail(uint8_t* kv_tile, int first_row, int tid) {
-    const int rows = PAGE_SIZE - first_row;
-    for (int idx = tid; idx < V_CHUNKS * rows * 8; idx += WG_THREADS) {
-        const int chunk = idx / (rows * 8), rem = idx % (rows * 8);
-        const int r = first_row + rem / 8, unit = rem % 8;
-        *reinterpret_cast<uint4*>(kv_tile + chunk * CHUNK_BYTES + r * 128 + unit * 16) =
-            make_uint4(0, 0, 0, 0);
-    }
-}
-
-// Accumulator fragment of wgmma m64nN (f32): register i of a thread holds
-// row = warp*16 + lane/4 + 8*((i>>1)&1), col = 8*(i>>2) + 2*(lane%4) + (i&1).
-DEVICE int frag_row(int i, int warp, int lane) { return warp * 16 + lane / 4 + 8 * ((i >> 1) & 1); }
-DEVICE int frag_col(int i, int lane) { return 8 * (i >> 2) + 2 * (lane % 4) + (i & 1); }
-
-// Writes this warpgroup's 64 x 256 half of O for rows row0 and row0 + 8, normalised by the
-// row sums; final output if the request is not split, else a float32 partial for the combine.
-DEVICE void store_output(const float (&o)[128], const float (&row_sum)[2], const float (&row_lse)[2],
-                         int col_base, int warp, int lane, const Piece& piece, int kh,
-                         int row_base, const RowMap& rows, int s_q, int h_q, int h_k,
-                         uint16_t* out, float* lse, float* o_part, float* lse_part, bool write_lse) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        const int r = warp * 16 + lane / 4 + 8 * half;
-        const int grow = row_base + r;
-        if (grow >= rows.rows) continue;
-        const float inv = row_sum[half] > 0.f ? 1.f / row_sum[half] : 0.f;
-        const int s_idx = rows.s_idx(grow), head = rows.head(grow, kh);
-        if (!piece.is_split) {
-            uint16_t* dst = out + ((size_t)(piece.req * s_q + s_idx) * h_q + head) * HEAD_DIM_V + col_base;
-#pragma unroll
-            for (int n = 0; n < V_COLS_PER_WG / 8; ++n) {
-                const int c = 8 * n + 2 * (lane % 4);
-                *reinterpret_cast<uint32_t*>(dst + c) =
-                    pack_half2(o[4 * n + 2 * half] * inv, o[4 * n + 2 * half + 1] * inv);
-            }
-            if (write_lse && lane % 4 == 0)
-                lse[((size_t)piece.req * h_q + head) * s_q + s_idx] = row_sum[half] > 0.f ? row_lse[half] : POS_INF;
-        } else {
-            const size_t prow = ((size_t)piece.split * h_k + kh) * rows.rows + grow;
-            float* dst = o_part + prow * HEAD_DIM_V + col_base;
-#pragma unroll
-            for (int n = 0; n < V_COLS_PER_WG / 8; ++n) {
-                const int c = 8 * n + 2 * (lane % 4);
-                *reinterpret_cast<float2*>(dst + c) =
-                    make_float2(o[4 * n + 2 * half] * inv, o[4 * n + 2 * half + 1] * inv);
-            }
-            if (write_lse && lane % 4 == 0)
-                lse_part[prow] = row_sum[half] > 0.f ? row_lse[half] : NEG_INF;
-        }
-    }
-}
-
-
-// Everything a role needs to walk its part's pieces.
-struct DecodeArgs {
-    const TensorMap* kv_map;
-    const uint16_t* q;
-    long long q_stride_b, q_stride_s, q_stride_h;
-    const int* block_table;
-    long long bt_stride;
-    const int* seqlens;
-    const int* num_splits;
-    uint16_t* out;
-    float* lse;
-    float* o_part;
-    float* lse_part;
-    int s_q, h_q, h_k, causal, kv_evict_first;
-    float scale_log2;
-    int kh, row_base;
-    RowMap rows;
-    PartWork work;
-};
 
 struct SharedTiles {
     uint8_t* base;
@@ -368,11 +224,6 @@ DEVICE void store_p(uint8_t* chunk, const uint32_t (&pa)[16], int wg_tid) {
         }
 }
 
-DEVICE void rescale_rows(float (&o)[128], float alpha0, float alpha1) {
-#pragma unroll
-    for (int i = 0; i < 128; ++i) o[i] *= ((i >> 1) & 1) ? alpha1 : alpha0;
-}
-
 // O[:, half] += P V for one page, P from registers.
 DEVICE void pv_gemm_rs(float (&o)[128], uint32_t (&pa)[16], uint32_t v_addr) {
     wgmma_fence();
@@ -385,18 +236,6 @@ DEVICE void pv_gemm_rs(float (&o)[128], uint32_t (&pa)[16], uint32_t v_addr) {
     fence_accumulators(o);
 #pragma unroll
     for (int j = 0; j < 16; ++j) asm volatile("" : "+r"(pa[j])::"memory");  // live until read
-}
-
-// O[:, half] += P V for one page, P from shared memory (the other group's page).
-DEVICE void pv_gemm_ss(float (&o)[128], uint32_t p_addr, uint32_t v_addr) {
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < PAGE_SIZE / K_STEP; ++kk)
-        wgmma_m64n256k16_ss_bt(o, desc_k_major(p_addr + kk * K_STEP * 2),
-                               desc_mn_major(v_addr + kk * K_STEP * 128, CHUNK_BYTES));
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_accumulators(o);
 }
 
 // End of a piece: the two groups add their row-sum partials and write their halves of O.
@@ -490,7 +329,7 @@ DEVICE void run_even_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
             if (has_odd) {
                 named_barrier_sync(BAR_P1_READY, CONSUMER_THREADS);
                 rescale_rows(o, s1[0], s1[1]);
-                pv_gemm_ss(o, smem_addr(sm.kv(1) + ROPE_CHUNK * CHUNK_BYTES), smem_addr(sm.kv(1)));
+                pv_gemm(o, smem_addr(sm.kv(1) + ROPE_CHUNK * CHUNK_BYTES), smem_addr(sm.kv(1)));
                 mbarrier_arrive(sm.empty_rest(1));
             }
         }
@@ -560,7 +399,7 @@ DEVICE void run_odd_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
                 rescale_rows(o, s0[0], s0[1]);
             }
             named_barrier_sync(BAR_P0_READY, CONSUMER_THREADS);
-            pv_gemm_ss(o, smem_addr(sm.kv(0) + ROPE_CHUNK * CHUNK_BYTES), smem_addr(sm.kv(0)) + RIGHT_HALF_BYTES);
+            pv_gemm(o, smem_addr(sm.kv(0) + ROPE_CHUNK * CHUNK_BYTES), smem_addr(sm.kv(0)) + RIGHT_HALF_BYTES);
             mbarrier_arrive(sm.empty_rest(0));
         }
         finish_piece(a, sm, piece, pages > 0, 1, tid, o, l, m);
@@ -583,17 +422,9 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     const SharedTiles sm{reinterpret_cast<uint8_t*>(
         (reinterpret_cast<size_t>(smem_raw) + SMEM_ALIGN - 1) & ~size_t(SMEM_ALIGN - 1))};
 
-    DecodeArgs a;
-    a.kv_map = &kv_map;
-    a.q = q; a.q_stride_b = q_stride_b; a.q_stride_s = q_stride_s; a.q_stride_h = q_stride_h;
-    a.block_table = block_table; a.bt_stride = bt_stride;
-    a.seqlens = seqlens; a.num_splits = num_splits;
-    a.out = out; a.lse = lse; a.o_part = o_part; a.lse_part = lse_part;
-    a.s_q = s_q; a.h_q = h_q; a.h_k = h_k; a.causal = causal; a.kv_evict_first = kv_evict_first;
-    a.scale_log2 = scale_log2;
-    a.kh = blockIdx.y;
-    a.row_base = blockIdx.x * BLOCK_M;
-    a.rows = RowMap{s_q * (h_q / h_k), h_q / h_k};
+    DecodeArgs a = gather_decode_args(&kv_map, q, q_stride_b, q_stride_s, q_stride_h, block_table, bt_stride,
+                                      seqlens, num_splits, out, lse, o_part, lse_part, s_q, h_q, h_k, causal,
+                                      scale_log2, kv_evict_first);
 #ifdef MLA_PROGRAMMATIC_LAUNCH
     allow_dependent_launch();  // the combine may take idle SMs and wait there for this grid
 #endif
