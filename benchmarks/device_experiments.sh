@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The open kernel questions of benchmarks/NOTES.md, for one call on a one-GPU machine
-# (~8 min for all). Logs under $OUT/<experiment>/; each prints its table.
+# The open kernel questions of benchmarks/NOTES.md, on a one-GPU machine (~13 min for all:
+# split them over back-to-back calls, each under the 10-minute limit). Logs under
+# $OUT/<experiment>/; each prints its table.
 #   OUT=... benchmarks/device_experiments.sh [pipeline] [parts] [overhead] [v6] [v1h]
 #   pipeline: v1 without the math, 2 and 3 stages (is the KV ring the memory-row bound?)
 #   parts:    memory rows with the scheduler capped at 128 parts (no splits, no combine work)
