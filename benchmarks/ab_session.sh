@@ -28,7 +28,7 @@ if [ -z "${AB_TIMING_ONLY:-}" ]; then
   rc=$?
   echo "== $candidate correctness (rc $rc): $(tail -1 "$OUT/${candidate//[+=]/_}.check")"
   if [ $rc -ne 0 ]; then  # wrong or hung: show the cases and stop before timing it
-    grep -E "FAIL|ok  |Error|error" "$OUT/${candidate//[+=]/_}.check" | tail -20
+    grep -E "FAIL|ok  |columns|Error|error" "$OUT/${candidate//[+=]/_}.check" | tail -20
     exit 1
   fi
 fi

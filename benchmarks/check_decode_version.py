@@ -6,7 +6,9 @@
 Runs the API (so the swapped-in decode, the scheduler and the combine) on poisoned random
 problems whose query rows per KV head (s_q * h_q / h_k) fit ``--max-rows``: fixed and variable
 lengths, empty sequences, tails inside a page, causal s_q = 2, odd head counts, two KV heads,
-fp16, a long context split over many SMs. Compares output and LSE with the float32 reference;
+fp16, a long context split over many SMs, and (with ``--max-rows`` >= 64) 64 to 256 rows with
+1-4 pages per request. A failing case also reports the error of each half of the output
+columns (the two math warpgroups' halves) and of the LSE, to localise the fault. Compares output and LSE with the float32 reference;
 exits 1 if any case is off.
 """
 
@@ -34,6 +36,12 @@ CASES = [
     ([4096, 100], 2, 16, 1, torch.float16),
     ([16384], 1, 16, 1, torch.bfloat16),
     (list(range(1, 400, 3)), 1, 16, 1, torch.bfloat16),
+    # More than 32 rows per KV head (compute-bound shapes): one and several 64-row blocks, and
+    # 1, 2, 3, 4 pages per request (page pairs and a lone last page for paired schedules).
+    ([64, 128, 192, 256, 0, 1000], 1, 64, 1, torch.bfloat16),
+    ([2048, 1, 65, 700], 1, 128, 1, torch.bfloat16),
+    ([1500, 64, 3], 2, 128, 1, torch.bfloat16),
+    ([900, 4096], 1, 128, 1, torch.float16),
 ]
 TOLERANCE = 1e-2
 
@@ -67,6 +75,12 @@ def main() -> int:
         print(f"{'FAIL' if bad else 'ok  '} lengths={lengths if len(lengths) <= 8 else f'{len(lengths)} requests'} "
               f"s_q={s_q} h_q={h_q} h_k={h_k} {str(dtype)[6:]}: rel err {err:.2e}, lse {'ok' if lse_ok else 'WRONG'}",
               flush=True)
+        if bad:
+            half = out.shape[-1] // 2
+            left, right = relative_error(out[..., :half], ref[..., :half]), relative_error(out[..., half:], ref[..., half:])
+            lse_diff = (lse.double() - ref_lse.double())[finite].abs().max().item() if finite.any() else 0.0
+            print(f"     columns [0, {half}): rel err {left:.2e}; [{half}, {2 * half}): {right:.2e}; "
+                  f"non-finite outputs {int((~torch.isfinite(out)).sum())}; max |lse diff| {lse_diff:.2e}", flush=True)
     print(f"{failed} failed; worst relative error {worst:.2e}")
     return 1 if failed else 0
 
