@@ -193,6 +193,21 @@ DEVICE void scaled_row_max(const float (&s)[32], float scale_log2, float (&mx)[2
 
 DEVICE float usable_max(float m) { return m == NEG_INF ? 0.f : m; }
 
+// Running row max after a page whose row maxima are mx: m becomes max(m, mx); returns in
+// `rescale` what earlier sums and O must be multiplied by (exp2(m_old - m_new)) and in `m_use`
+// the max to subtract (0 while a row has seen only masked keys); publishes m for the other group.
+DEVICE void advance_row_max(float (&m)[2], const float (&mx)[2], float (&m_use)[2], float (&rescale)[2],
+                            float* published, int row0, int lane) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const float m_new = fmaxf(m[half], mx[half]);
+        m_use[half] = usable_max(m_new);
+        rescale[half] = exp2f(m[half] - m_use[half]);
+        m[half] = m_new;
+        if (lane % 4 == 0) published[row0 + 8 * half] = m_new;
+    }
+}
+
 // s <- exp2(s * scale_log2 - m) in place; returns this thread's partial row sums.
 DEVICE void exponentiate(float (&s)[32], float scale_log2, const float (&m_use)[2], float (&sum)[2]) {
     sum[0] = sum[1] = 0.f;
@@ -204,11 +219,12 @@ DEVICE void exponentiate(float (&s)[32], float scale_log2, const float (&m_use)[
     }
 }
 
-// P (accumulator layout) -> 16-bit A fragments of the four k16 slices: slice kk is the two n8
-// blocks 2kk and 2kk+1, which is exactly the wgmma A register layout.
-DEVICE void pack_p(const float (&s)[32], float scale, uint32_t (&pa)[16]) {
+// P (accumulator layout) times a per-row-half scale -> 16-bit A fragments of the four k16
+// slices: slice kk is the two n8 blocks 2kk and 2kk+1, exactly the wgmma A register layout;
+// pa[j] holds row half j & 1.
+DEVICE void pack_p(const float (&s)[32], const float (&scale)[2], uint32_t (&pa)[16]) {
 #pragma unroll
-    for (int j = 0; j < 16; ++j) pa[j] = pack_half2(s[2 * j] * scale, s[2 * j + 1] * scale);
+    for (int j = 0; j < 16; ++j) pa[j] = pack_half2(s[2 * j] * scale[j & 1], s[2 * j + 1] * scale[j & 1]);
 }
 
 // Stores P (packed) into a 64 x 64 K-major 128B-swizzled chunk, the layout TMA gives K.
@@ -283,19 +299,13 @@ DEVICE void run_even_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
 
             float mx[2], m0_use[2], s0[2], sum[2];
             scaled_row_max(s, a.scale_log2, mx);
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const float m0 = fmaxf(m[half], mx[half]);
-                m0_use[half] = usable_max(m0);
-                s0[half] = exp2f(m[half] - m0_use[half]);
-                m[half] = m0;
-                if (lane % 4 == 0) sm.row_max(0)[row0 + 8 * half] = m0;
-            }
+            advance_row_max(m, mx, m0_use, s0, sm.row_max(0), row0, lane);
             named_barrier_arrive(BAR_MAX0, CONSUMER_THREADS);
 
             exponentiate(s, a.scale_log2, m0_use, sum);
             uint32_t pa[16];
-            pack_p(s, 1.f, pa);
+            const float unscaled[2] = {1.f, 1.f};
+            pack_p(s, unscaled, pa);
 #pragma unroll
             for (int half = 0; half < 2; ++half) l[half] = l[half] * s0[half] + sum[half];
             rescale_rows(o, s0[0], s0[1]);
@@ -317,11 +327,7 @@ DEVICE void run_even_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
                 named_barrier_sync(BAR_WG0, WG_THREADS);  // all of WG0 is past its wgmma
             }
             // P0 (scaled by s1) goes into buffer 0's rope chunk for warpgroup 1.
-#pragma unroll
-            for (int j = 0; j < 16; ++j) {
-                const float sc = s1[j & 1];  // pa[j] holds row half (j & 1)
-                pa[j] = pack_half2(s[2 * j] * sc, s[2 * j + 1] * sc);
-            }
+            pack_p(s, s1, pa);
             store_p(sm.kv(0) + ROPE_CHUNK * CHUNK_BYTES, pa, tid);
             fence_proxy_async_smem();
             named_barrier_arrive(BAR_P0_READY, CONSUMER_THREADS);
@@ -371,19 +377,13 @@ DEVICE void run_odd_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
             }
             if (has_odd) {
                 float m1_use[2], sum[2];
-#pragma unroll
-                for (int half = 0; half < 2; ++half) {
-                    const float m1 = fmaxf(m[half], mx[half]);
-                    m1_use[half] = usable_max(m1);
-                    s1[half] = exp2f(m[half] - m1_use[half]);
-                    m[half] = m1;
-                    if (lane % 4 == 0) sm.row_max(1)[row0 + 8 * half] = m1;
-                }
+                advance_row_max(m, mx, m1_use, s1, sm.row_max(1), row0, lane);
                 named_barrier_arrive(BAR_MAX1, CONSUMER_THREADS);
 
                 exponentiate(s, a.scale_log2, m1_use, sum);
                 uint32_t pa[16];
-                pack_p(s, 1.f, pa);
+                const float unscaled[2] = {1.f, 1.f};
+                pack_p(s, unscaled, pa);
                 store_p(sm.kv(1) + ROPE_CHUNK * CHUNK_BYTES, pa, tid);
                 fence_proxy_async_smem();
                 named_barrier_arrive(BAR_P1_READY, CONSUMER_THREADS);
