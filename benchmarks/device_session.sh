@@ -6,8 +6,8 @@
 #
 #   benchmarks/device_session.sh unit          # GPU tests (GPU 0) | sanitizers (GPU 1) on the
 #                                              # shipped decode, or on SANITIZE_VERSION if set
-#   benchmarks/device_session.sh kernels       # side-by-side kernel benchmark, then A/B of
-#                                              # archived decode versions (GPU 0 alone)
+#   benchmarks/device_session.sh kernels       # side-by-side kernel benchmark, the no-split
+#                                              # rule's A/B, archived versions (GPU 0 alone)
 #   benchmarks/device_session.sh sanitize [V]  # compute-sanitizer on version V (or the shipped)
 #   benchmarks/device_session.sh integration A # integration tests in two lanes, one per GPU
 #                                              # (groups A, B, C; see below)
@@ -54,27 +54,26 @@ unit)
   grep -E "passed|failed|error" "$OUT/unit_tests.log" | tail -3
   ;;
 kernels)
-  # Side-by-side table (shipped kernel + peers), then archived versions alone on the same GPU,
-  # each first through check_decode_version.py: NARROW_VERSIONS (default v5) on the h_q = 16
-  # rows (at most 32 query rows per KV head), FULL_VERSIONS (default v1m) on every row.
+  # Side-by-side table (shipped kernel + peers); then, on the same GPU, ours alone with the
+  # scheduler's no-split rule off (its A/B); then archived versions from VERSIONS (default none),
+  # each first through check_decode_version.py; with WITH_PDL=1, the combine launched by PDL.
   CUDA_VISIBLE_DEVICES=0 timeout 300 python -m flashmla_backend.bench --out "$OUT/bench" "$@" \
     2> "$OUT/bench.err" > "$OUT/bench.md"
-  run_version() {  # run_version NAME MAX_ROWS ROWS
-    local name=$1 file=$PWD/benchmarks/kernel_versions/$1.cu
-    FLASHMLA_BACKEND_DECODE_FILE=$file CUDA_VISIBLE_DEVICES=0 timeout 120 \
-      python benchmarks/check_decode_version.py --max-rows "$2" > "$OUT/$name.check" 2>&1
-    echo "== $name correctness: $(tail -1 "$OUT/$name.check")"
-    FLASHMLA_BACKEND_DECODE_FILE=$file CUDA_VISIBLE_DEVICES=0 timeout 150 python -m flashmla_backend.bench \
-      --no-peers --no-plots --rows "$3" --out "$OUT/$name" > "$OUT/$name.md" 2> "$OUT/$name.err"
-    echo "== $name (ours only, rc $?)"; grep -E "^\| (memory|mixed|compute|latency)|rel" "$OUT/$name.md" | cut -d'|' -f2,3
-    tail -3 "$OUT/$name.err"
+  ours_only() {  # ours_only LABEL ROWS [ENV=VALUE...]
+    local label=$1 rows=$2; shift 2
+    env "$@" CUDA_VISIBLE_DEVICES=0 timeout 150 python -m flashmla_backend.bench --no-peers --no-plots \
+      --rows "$rows" --out "$OUT/$label" > "$OUT/$label.md" 2> "$OUT/$label.err"
+    echo "== $label (ours only, rc $?)"; grep -E "^\| (memory|mixed|compute|latency)|Whole" "$OUT/$label.md" | cut -d'|' -f2,3
   }
-  for name in ${NARROW_VERSIONS-mla_decode_v5_heads_on_n}; do run_version "$name" 32 ", 16, "; done
-  for name in ${FULL_VERSIONS-mla_decode_v1m_mbarrier_handoff}; do run_version "$name" 512 ""; done
-  # The shipped kernels with the combine launched programmatically (FLASHMLA_BACKEND_PDL=1).
-  FLASHMLA_BACKEND_PDL=1 CUDA_VISIBLE_DEVICES=0 timeout 150 python -m flashmla_backend.bench --no-peers --no-plots \
-    --out "$OUT/pdl" > "$OUT/pdl.md" 2> "$OUT/pdl.err"
-  echo "== shipped, combine with PDL (ours only, rc $?)"; grep -E "^\| (memory|mixed|compute|latency)|rel|Whole" "$OUT/pdl.md" | cut -d'|' -f2,3
+  ours_only no_split_slack_0 "memory" FLASHMLA_BACKEND_NO_SPLIT_SLACK=0
+  for name in ${VERSIONS:-}; do
+    file=$PWD/benchmarks/kernel_versions/$name.cu
+    FLASHMLA_BACKEND_DECODE_FILE=$file CUDA_VISIBLE_DEVICES=0 timeout 120 \
+      python benchmarks/check_decode_version.py --max-rows 512 > "$OUT/$name.check" 2>&1
+    echo "== $name correctness: $(tail -1 "$OUT/$name.check")"
+    ours_only "$name" "" FLASHMLA_BACKEND_DECODE_FILE="$file"
+  done
+  [ "${WITH_PDL:-0}" = 1 ] && ours_only pdl "" FLASHMLA_BACKEND_PDL=1
   cat "$OUT/bench.md"
   ;;
 sanitize)

@@ -8,6 +8,7 @@ HEAD_DIM_V = 512
 PAGE_SIZE = 64
 BLOCK_M = 64
 SPLIT_OVERHEAD_PAGES = 5  # default scheduler cost of one split, in pages (schedule.py)
+NO_SPLIT_SLACK_16THS = 1  # default no-split slack of the scheduler, in 16ths of a part (schedule.py)
 METADATA_FIELDS = 8
 MD_BEGIN_REQ, MD_BEGIN_PAGE, MD_END_REQ, MD_END_PAGE, MD_BEGIN_SPLIT = range(5)
 

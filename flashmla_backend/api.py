@@ -27,7 +27,7 @@ from .runtime import (
     programmatic_launch_enabled,
     sm_count,
 )
-from .schedule import num_sm_parts, schedule_reference, split_overhead_pages
+from .schedule import no_split_slack, num_sm_parts, schedule_reference, split_overhead_pages
 from .validation import validate_contents, validate_decode_args, validate_metadata_args
 
 _LOG2E = 1.4426950408889634
@@ -78,7 +78,7 @@ def get_mla_metadata(
     fn = get_function(SCHEDULE_MODULE, "mla_schedule", index)
     launch(fn, (1, 1, 1), SCHEDULE_THREADS,
            (cache_seqlens.data_ptr(), np.int32(batch), np.int32(parts), np.int32(split_overhead_pages()),
-            metadata.data_ptr(), num_splits.data_ptr()),
+            np.int32(no_split_slack()), metadata.data_ptr(), num_splits.data_ptr()),
            index, shared_mem=4 * (batch + 1))
     return metadata, num_splits
 

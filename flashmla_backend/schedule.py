@@ -19,6 +19,7 @@ from ._constants import (
     MD_BEGIN_SPLIT,
     MD_END_PAGE,
     MD_END_REQ,
+    NO_SPLIT_SLACK_16THS,
     PAGE_SIZE,
     SPLIT_OVERHEAD_PAGES,
 )
@@ -53,22 +54,39 @@ def split_overhead_pages() -> int:
     return value
 
 
-def schedule_reference(cache_seqlens: torch.Tensor, num_parts: int,
-                       overhead: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def no_split_slack() -> int:
+    """How far (in 16ths of a part) the scheduler may grow a part to keep the costliest request
+    whole: a split costs more than its modelled overhead (the partial write and the combine).
+    ``FLASHMLA_BACKEND_NO_SPLIT_SLACK`` overrides it (a tuning knob; 0 turns the rule off)."""
+    raw = os.environ.get("FLASHMLA_BACKEND_NO_SPLIT_SLACK", "")
+    if not raw:
+        return NO_SPLIT_SLACK_16THS
+    if not raw.isdigit():
+        raise ValueError(f"FLASHMLA_BACKEND_NO_SPLIT_SLACK: expected an integer >= 0, got {raw!r}")
+    return int(raw)
+
+
+def schedule_reference(cache_seqlens: torch.Tensor, num_parts: int, overhead: int | None = None,
+                       slack_16ths: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Python mirror of ``mla_schedule``: returns ``(metadata [num_parts, 8], num_splits [b+1])``.
 
     Request i occupies ``overhead + pages_i`` consecutive cost positions (overhead first);
-    part p owns positions ``[p * payload, (p + 1) * payload)``, ``payload = ceil(total / parts)``.
+    part p owns positions ``[p * payload, (p + 1) * payload)``, ``payload = ceil(total / parts)``,
+    grown to the costliest request when that is at most ``slack_16ths`` 16ths larger.
     A request is split wherever a part boundary cuts its pages; a request without pages belongs
     to the part that holds its first position.
     """
     overhead = split_overhead_pages() if overhead is None else overhead
+    slack_16ths = no_split_slack() if slack_16ths is None else slack_16ths
     lengths = cache_seqlens.to("cpu", torch.int64).clamp_min(0)
     batch = lengths.shape[0]
     pages = (lengths + PAGE_SIZE - 1) // PAGE_SIZE
     start = torch.zeros(batch + 1, dtype=torch.int64)
     start[1:] = torch.cumsum(pages + overhead, 0)
     payload = -(-int(start[-1]) // num_parts)
+    max_cost = int((pages + overhead).max()) if batch else 0
+    if payload < max_cost and max_cost * 16 <= payload * (16 + slack_16ths):
+        payload = max_cost
     first = torch.where(pages > 0, start[:-1] + overhead, start[:-1])
     last = torch.where(pages > 0, start[:-1] + overhead + pages - 1, start[:-1])
     splits = last // payload - first // payload + 1

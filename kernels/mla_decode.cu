@@ -10,6 +10,13 @@
 //                          ring guarded by full/empty mbarriers                   40 regs
 // Q (64 x 576) stays in smem for a whole piece. V is the first 512 columns of the K tile,
 // read MN-major by the P V wgmma straight from the same swizzled buffer.
+//
+// Hand-offs between the math warpgroups: Q ready, P ready and the final row stats go through
+// mbarriers, which compute-sanitizer's racecheck follows. P_FREE, on warpgroup 0's critical path,
+// stays a hardware named barrier (an mbarrier there costs ~5% on the compute rows); it guards
+// only the P tile, which the wgmma reads through the async proxy. The per-row rescale factors
+// that warpgroup 1 reads get one slot per KV stage, so warpgroup 0 rewrites a slot only after the
+// KV ring has recycled that stage: an mbarrier chain, not the named barrier, orders them.
 #include "mla_decode_shared.cuh"
 
 constexpr int KV_STAGES = 2;
@@ -19,22 +26,24 @@ constexpr int PRODUCER_WG_REGS = 40;
 static_assert(WG_THREADS * (SOFTMAX_WG_REGS + PV_WG_REGS + PRODUCER_WG_REGS) <= 65536,
               "register split exceeds the register file");
 
+// Hand-off mbarriers between the math warpgroups (index into SharedTiles::handoff_bar()).
+constexpr int HB_Q_READY = 0;    // both WGs stored Q       (256 arrivals, WG0 waits)
+constexpr int HB_P_READY = 1;    // WG0 stored P and scales (128 arrivals, WG1 waits)
+constexpr int HB_STATS = 2;      // WG0 stored row max/sum  (128 arrivals, WG1 waits)
+constexpr int HANDOFF_BARRIERS = 3;
 // Named barriers (0 is __syncthreads).
-constexpr int BAR_Q_READY = 1;   // both WGs stored Q       (WG1 arrives, WG0 waits)
-constexpr int BAR_P_READY = 2;   // WG0 stored P and scales (WG0 arrives, WG1 waits)
-constexpr int BAR_P_FREE = 3;    // WG1 done reading P      (WG1 arrives, WG0 waits)
-constexpr int BAR_STATS = 4;     // WG0 stored row max/sum  (WG0 arrives, WG1 waits)
-constexpr int BAR_WG0 = 5;       // WG0's own P / V-tail stores, before its P V wgmma
+constexpr int BAR_P_FREE = 1;    // WG1's P V wgmma done with P (WG1 arrives, WG0 waits)
+constexpr int BAR_WG0 = 2;       // WG0's own P / V-tail stores, before its P V wgmma
 
 // Shared memory map (byte offsets from a 1024-aligned base).
 constexpr int SMEM_Q = 0;
 constexpr int SMEM_KV = TILE_BYTES;
 constexpr int SMEM_P = SMEM_KV + KV_STAGES * TILE_BYTES;
 constexpr int SMEM_ROW_SCALE = SMEM_P + CHUNK_BYTES;
-constexpr int SMEM_ROW_MAX = SMEM_ROW_SCALE + BLOCK_M * 4;
+constexpr int SMEM_ROW_MAX = SMEM_ROW_SCALE + KV_STAGES * BLOCK_M * 4;  // row_scale: one per stage
 constexpr int SMEM_ROW_SUM = SMEM_ROW_MAX + BLOCK_M * 4;
 constexpr int SMEM_BARRIERS = SMEM_ROW_SUM + BLOCK_M * 4;
-constexpr int SMEM_USED = SMEM_BARRIERS + 2 * KV_STAGES * 8;
+constexpr int SMEM_USED = SMEM_BARRIERS + (2 * KV_STAGES + HANDOFF_BARRIERS) * 8;
 constexpr int SMEM_ALIGN = 1024;
 constexpr int DECODE_SMEM_BYTES = SMEM_USED + SMEM_ALIGN;  // slack to align the base
 static_assert(DECODE_SMEM_BYTES <= 227 * 1024, "decode tile does not fit in shared memory");
@@ -47,11 +56,14 @@ struct SharedTiles {
     DEVICE uint8_t* q() const { return base + SMEM_Q; }
     DEVICE uint8_t* kv(int stage) const { return base + SMEM_KV + stage * TILE_BYTES; }
     DEVICE uint8_t* p() const { return base + SMEM_P; }
-    DEVICE float* row_scale() const { return reinterpret_cast<float*>(base + SMEM_ROW_SCALE); }
+    DEVICE float* row_scale(int stage) const {
+        return reinterpret_cast<float*>(base + SMEM_ROW_SCALE) + stage * BLOCK_M;
+    }
     DEVICE float* row_lse() const { return reinterpret_cast<float*>(base + SMEM_ROW_MAX); }
     DEVICE float* row_sum() const { return reinterpret_cast<float*>(base + SMEM_ROW_SUM); }
     DEVICE uint64_t* full_bar() const { return reinterpret_cast<uint64_t*>(base + SMEM_BARRIERS); }
     DEVICE uint64_t* empty_bar() const { return full_bar() + KV_STAGES; }
+    DEVICE uint64_t* handoff_bar(int which) const { return full_bar() + 2 * KV_STAGES + which; }
 };
 
 DEVICE void setmaxnreg_inc_240() { asm volatile("setmaxnreg.inc.sync.aligned.u32 240;"); }
@@ -79,13 +91,15 @@ DEVICE void run_producer(const DecodeArgs& a, const SharedTiles& sm) {
     }
 }
 
-// Both math warpgroups store their share of the Q block, then meet at BAR_Q_READY.
-DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int req, int tid, bool waits) {
+// Both math warpgroups store their share of the Q block and arrive at HB_Q_READY; warpgroup 0
+// waits for phase q_phase (the number of earlier pieces with pages).
+DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int req, int tid, bool waits,
+                          int q_phase) {
     load_q_block(sm.q(), a.q, a.q_stride_b, a.q_stride_s, a.q_stride_h, req, a.kh, a.row_base,
                  a.rows, tid);
     fence_proxy_async_smem();
-    if (waits) named_barrier_sync(BAR_Q_READY, CONSUMER_THREADS);
-    else named_barrier_arrive(BAR_Q_READY, CONSUMER_THREADS);
+    mbarrier_arrive(sm.handoff_bar(HB_Q_READY));
+    if (waits) mbarrier_wait(sm.handoff_bar(HB_Q_READY), q_phase & 1);
 }
 
 // Warpgroup 0: scores, softmax, P, and the left half of O.
@@ -93,12 +107,12 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
     const int warp = tid / 32, lane = tid % 32;
     const int row0 = warp * 16 + lane / 4;  // this thread's rows: row0 and row0 + 8
     const uint32_t q_addr = smem_addr(sm.q()), p_addr = smem_addr(sm.p());
-    int it = 0;
+    int it = 0, pieces = 0;
     for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
         const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
         const bool has_pages = piece.page_end > piece.page_begin;
         const int seqlen = a.seqlens[req];
-        if (has_pages) stage_q_block(a, sm, req, tid, true);
+        if (has_pages) stage_q_block(a, sm, req, tid, true, pieces);
 
         // Key limit of each of this thread's rows (bottom-right causal alignment).
         int limit[2];
@@ -179,11 +193,11 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
                         pack_half2(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]);
                 }
             if (lane % 4 == 0) {
-                sm.row_scale()[row0] = alpha[0];
-                sm.row_scale()[row0 + 8] = alpha[1];
+                sm.row_scale(stage)[row0] = alpha[0];
+                sm.row_scale(stage)[row0 + 8] = alpha[1];
             }
             fence_proxy_async_smem();
-            named_barrier_arrive(BAR_P_READY, CONSUMER_THREADS);
+            mbarrier_arrive(sm.handoff_bar(HB_P_READY));
             named_barrier_sync(BAR_WG0, WG_THREADS);
 
             rescale_rows(o, alpha[0], alpha[1]);
@@ -208,7 +222,8 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
                     sm.row_sum()[row0 + 8 * half] = row_sum[half];
                 }
             }
-            named_barrier_arrive(BAR_STATS, CONSUMER_THREADS);
+            mbarrier_arrive(sm.handoff_bar(HB_STATS));
+            ++pieces;
         }
         store_output(o, row_sum, row_lse, 0, warp, lane, piece, a.kh, a.row_base, a.rows, a.s_q,
                      a.h_q, a.h_k, a.out, a.lse, a.o_part, a.lse_part, true);
@@ -221,25 +236,26 @@ DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid, int t
     const int row0 = warp * 16 + lane / 4;
     const uint32_t p_addr = smem_addr(sm.p());
     constexpr int RIGHT_HALF_BYTES = (V_COLS_PER_WG / CHUNK_COLS) * CHUNK_BYTES;
-    int it = 0;
+    int it = 0, pieces = 0;
     for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
         const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
         const bool has_pages = piece.page_end > piece.page_begin;
-        if (has_pages) stage_q_block(a, sm, req, WG_THREADS + tid, false);
+        if (has_pages) stage_q_block(a, sm, req, WG_THREADS + tid, false, pieces);
         float o[128];
 #pragma unroll
         for (int i = 0; i < 128; ++i) o[i] = 0.f;
         for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
             const int stage = it % KV_STAGES;
-            named_barrier_sync(BAR_P_READY, CONSUMER_THREADS);
-            rescale_rows(o, sm.row_scale()[row0], sm.row_scale()[row0 + 8]);
+            mbarrier_wait(sm.handoff_bar(HB_P_READY), it & 1);
+            rescale_rows(o, sm.row_scale(stage)[row0], sm.row_scale(stage)[row0 + 8]);
             pv_gemm(o, p_addr, smem_addr(sm.kv(stage)) + RIGHT_HALF_BYTES);
             if (it + 1 < total_pages) named_barrier_arrive(BAR_P_FREE, CONSUMER_THREADS);
             mbarrier_arrive(&sm.empty_bar()[stage]);
         }
         float row_sum[2] = {0.f, 0.f}, row_lse[2] = {0.f, 0.f};
         if (has_pages) {
-            named_barrier_sync(BAR_STATS, CONSUMER_THREADS);
+            mbarrier_wait(sm.handoff_bar(HB_STATS), pieces & 1);
+            ++pieces;
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 row_lse[half] = sm.row_lse()[row0 + 8 * half];
@@ -282,6 +298,9 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
             mbarrier_init(&sm.full_bar()[s], 1);
             mbarrier_init(&sm.empty_bar()[s], CONSUMER_THREADS);
         }
+        mbarrier_init(sm.handoff_bar(HB_Q_READY), CONSUMER_THREADS);
+        mbarrier_init(sm.handoff_bar(HB_P_READY), WG_THREADS);
+        mbarrier_init(sm.handoff_bar(HB_STATS), WG_THREADS);
         fence_barrier_init();
     }
     __syncthreads();

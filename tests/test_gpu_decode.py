@@ -79,9 +79,13 @@ def test_context_shorter_than_query_is_empty_row() -> None:
     run_and_check(p, torch.bfloat16)
 
 
-@pytest.mark.parametrize("lengths", [[4096] * 128, [0] * 5, [1, 0, 100000], list(range(0, 4000, 37))])
+@pytest.mark.parametrize("lengths", [[4096] * 128, [8192] * 120, [0] * 5, [1, 0, 100000],
+                                     list(range(0, 4000, 37)), [64 * (i % 7) for i in range(2000)]])
 @pytest.mark.parametrize("rows", [16, 128, 512])
-def test_gpu_schedule_matches_python_mirror(lengths: list[int], rows: int) -> None:
+@pytest.mark.parametrize("slack", ["0", "", "4"])
+def test_gpu_schedule_matches_python_mirror(lengths: list[int], rows: int, slack: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLASHMLA_BACKEND_NO_SPLIT_SLACK", slack)
     seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
     md, ns = get_mla_metadata(seqlens, rows, 1)
     ref_md, ref_ns = schedule_reference(seqlens.cpu(), md.shape[0])

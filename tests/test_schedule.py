@@ -24,10 +24,11 @@ def pieces(metadata: torch.Tensor, num_splits: torch.Tensor, lengths: list[int])
 
 @pytest.mark.parametrize("lengths,parts", [
     ([4096] * 128, 132), ([0] * 7, 132), ([1], 132), ([8192], 132), ([0, 5, 100000, 64, 65], 16),
-    (list(range(0, 5000, 41)), 33), ([3] * 1000, 132), ([70000, 1], 1),
+    (list(range(0, 5000, 41)), 33), ([3] * 1000, 132), ([70000, 1], 1), ([4096] * 120 + [4000] * 4, 132),
 ])
-def test_every_page_is_covered_once(lengths: list[int], parts: int) -> None:
-    md, ns = schedule_reference(torch.tensor(lengths, dtype=torch.int32), parts)
+@pytest.mark.parametrize("slack", [0, 1, 16])
+def test_every_page_is_covered_once(lengths: list[int], parts: int, slack: int) -> None:
+    md, ns = schedule_reference(torch.tensor(lengths, dtype=torch.int32), parts, slack_16ths=slack)
     assert md.shape == (parts, 8) and ns.shape == (len(lengths) + 1,)
     got = pieces(md, ns, lengths)
     for req, n in enumerate(lengths):
@@ -55,6 +56,7 @@ def test_part_count_fills_the_sms() -> None:
 def test_part_cap_knob_removes_splits_for_an_even_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     # 128 x 4096 on 132 parts: a part boundary cuts every request (the combine merges 2 splits
     # each); capped at 128 parts, the boundaries fall between requests.
+    monkeypatch.setenv("FLASHMLA_BACKEND_NO_SPLIT_SLACK", "0")
     lengths = torch.tensor([4096] * 128, dtype=torch.int32)
     _, ns = schedule_reference(lengths, num_sm_parts(132, 16, 1))
     assert int(ns[-1]) > 128
@@ -67,3 +69,31 @@ def test_part_cap_knob_removes_splits_for_an_even_batch(monkeypatch: pytest.Monk
     monkeypatch.setenv("FLASHMLA_BACKEND_MAX_SM_PARTS", "0")
     with pytest.raises(ValueError, match="FLASHMLA_BACKEND_MAX_SM_PARTS"):
         num_sm_parts(132, 16, 1)
+
+
+@pytest.mark.parametrize("batch,length,unsplit", [
+    (128, 4096, True),    # cost 69 against payload 67: within 1/16, one request per part
+    (128, 8192, True),    # 133 against 129
+    (124, 4096, True),    # 69 against 65 (6.2%)
+    (120, 4096, False),   # 69 against 63 (9.5%): splitting balances better
+    (32, 32768, False),   # one request spans many parts either way
+])
+def test_no_split_rule_keeps_near_even_batches_whole(batch: int, length: int, unsplit: bool) -> None:
+    lengths = torch.tensor([length] * batch, dtype=torch.int32)
+    _, ns = schedule_reference(lengths, 132, overhead=5, slack_16ths=1)
+    assert (int(ns[-1]) == batch) == unsplit
+    _, ns_off = schedule_reference(lengths, 132, overhead=5, slack_16ths=0)
+    assert int(ns_off[-1]) > batch
+
+
+def test_no_split_slack_knob(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flashmla_backend.schedule import no_split_slack
+
+    monkeypatch.setenv("FLASHMLA_BACKEND_NO_SPLIT_SLACK", "")
+    assert no_split_slack() == 1
+    monkeypatch.setenv("FLASHMLA_BACKEND_NO_SPLIT_SLACK", "3")
+    assert no_split_slack() == 3
+    for bad in ("-1", "x", "1.5"):
+        monkeypatch.setenv("FLASHMLA_BACKEND_NO_SPLIT_SLACK", bad)
+        with pytest.raises(ValueError, match="FLASHMLA_BACKEND_NO_SPLIT_SLACK"):
+            no_split_slack()
