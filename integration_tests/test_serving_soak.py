@@ -2,11 +2,17 @@
 
 One server (64 sequences at most, prefix caching on, CUDA graphs). The client (``soak_client``):
 1. sends 8 greedy probe completions alone, one at a time;
-2. warms up with 256 requests of the mix from 64 streams, then reads the GPU's used memory;
+2. warms up with rounds of 256 requests of the mix from 64 streams until a round leaves the
+   GPU's used memory unchanged (at most :data:`MAX_WARMUP_ROUNDS`): the caching allocators
+   reach their high-water mark there, so growth later means a leak;
 3. soaks with 2000 more requests from 64 streams: completions and chats, streamed or not,
    1-3000 prompt tokens, 1-64 generated, about 10% cancelled (streams closed early, plain
    requests given up by a client timeout), with each probe sent 3 more times among them;
-4. reads the used memory again once the server is idle.
+4. reads the used memory again once the server is idle. A sampler records the used memory
+   every 0.25 s throughout (the report's ``memory_timeline``).
+
+``FLASHMLA_SOAK_BACKEND`` runs the same soak on another backend (e.g. ``FLASHMLA``) as a
+control, to tell our plugin's memory behaviour from vLLM's.
 
 Passes when no request failed (cancellations are not failures), the server is alive and its
 log has no error or traceback, the used memory did not grow after the warm-up (within
@@ -21,6 +27,8 @@ import importlib.util
 import json
 import os
 import random
+import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -38,13 +46,15 @@ pytestmark = [
 MODEL_NAME = "tiny-deepseek"
 CONCURRENCY = 64
 WARMUP_REQUESTS = 256
+MAX_WARMUP_ROUNDS = 4
 SOAK_REQUESTS = 2000
 PROBE_LENGTHS = [5, 63, 64, 130, 700, 1500, 2500, 3000]
 PROBE_REPEATS = 3
 #: The driver and the CUDA caching allocator work in 2 MiB pages; a leak per request would
 #: show as hundreds of MiB over 2000 requests.
 MEMORY_GROWTH_TOLERANCE_MIB = 8
-SERVER_ARGS = ["--attention-backend", "CUSTOM", "--gpu-memory-utilization", "0.3", "--max-model-len", "4096",
+BACKEND = os.environ.get("FLASHMLA_SOAK_BACKEND") or "CUSTOM"
+SERVER_ARGS = ["--attention-backend", BACKEND, "--gpu-memory-utilization", "0.3", "--max-model-len", "4096",
                "--max-num-seqs", str(CONCURRENCY), "--seed", "0", "--enable-prefix-caching"]
 #: Log lines that mean the server hit an error (request aborts are logged at INFO).
 ERROR_MARKERS = ("Traceback (most recent call last)", " ERROR ", "CUDA error", "EngineDeadError")
@@ -54,6 +64,35 @@ def used_gpu_memory_mib() -> float:
     """Memory in use on GPU 0 by every process (the server's included), in MiB."""
     free, total = torch.cuda.mem_get_info(0)
     return (total - free) / 2**20
+
+
+class MemorySampler(threading.Thread):
+    """Samples :func:`used_gpu_memory_mib` every ``period_s`` until stopped; ``marks`` name the
+    sample index where each phase began."""
+
+    def __init__(self, period_s: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.period_s = period_s
+        self.samples: list[tuple[float, float]] = []
+        self.marks: dict[str, int] = {}
+        self._stop_event = threading.Event()
+        self._t0 = time.perf_counter()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.samples.append((round(time.perf_counter() - self._t0, 2), used_gpu_memory_mib()))
+            self._stop_event.wait(self.period_s)
+
+    def mark(self, phase: str) -> None:
+        self.marks[phase] = len(self.samples)
+
+    def stop(self) -> dict:
+        """Stops sampling; returns the marks and the samples where the used memory changed."""
+        self._stop_event.set()
+        self.join()
+        changes = [sample for i, sample in enumerate(self.samples)
+                   if i == 0 or sample[1] != self.samples[i - 1][1]]
+        return {"marks": self.marks, "changes_s_mib": changes[:200], "samples": len(self.samples)}
 
 
 def interleave_probes(jobs: list[Job], probes: list[Job], repeats: int, seed: int) -> list[Job]:
@@ -75,26 +114,49 @@ def test_soak_2000_requests_from_64_streams(tiny_model: Path, vllm_env: dict[str
     report: dict = {"concurrency": CONCURRENCY, "server_args": SERVER_ARGS}
 
     memory_start = used_gpu_memory_mib()
+    sampler = MemorySampler()
     try:
         with serve(tiny_model, MODEL_NAME, SERVER_ARGS, vllm_env, tmp_path / "server.log") as server:
             memory_ready = used_gpu_memory_mib()
+            sampler.start()
+            sampler.mark("probes_alone")
             alone = run_jobs(server.base_url, MODEL_NAME, probes, concurrency=1)
 
+            # Warm up until a whole round leaves the used memory where it was.
+            warmup_memory = [used_gpu_memory_mib()]
+            warmup_jobs: list[Job] = []
+            warmup_outcomes = []
             started = time.perf_counter()
-            warmup_outcomes = run_jobs(server.base_url, MODEL_NAME, warmup, CONCURRENCY)
-            report["warmup"] = summarize(warmup, warmup_outcomes) | {"seconds": time.perf_counter() - started}
-            time.sleep(2)
-            memory_after_warmup = used_gpu_memory_mib()
+            for round_index in range(MAX_WARMUP_ROUNDS):
+                sampler.mark(f"warmup_round_{round_index}")
+                jobs = warmup if round_index == 0 else make_jobs(
+                    WARMUP_REQUESTS, vocab_size, seed=100 + round_index,
+                    first_index=100_000 + WARMUP_REQUESTS * round_index)
+                warmup_outcomes += run_jobs(server.base_url, MODEL_NAME, jobs, CONCURRENCY)
+                warmup_jobs += jobs
+                time.sleep(2)
+                warmup_memory.append(used_gpu_memory_mib())
+                if round_index > 0 and warmup_memory[-1] == warmup_memory[-2]:
+                    break
+            report["warmup"] = summarize(warmup_jobs, warmup_outcomes) | {
+                "seconds": time.perf_counter() - started, "rounds": len(warmup_memory) - 1,
+                "memory_after_each_round_mib": warmup_memory}
+            memory_after_warmup = warmup_memory[-1]
 
+            sampler.mark("soak")
             started = time.perf_counter()
             outcomes = run_jobs(server.base_url, MODEL_NAME, soak_with_probes, CONCURRENCY)
             report["soak"] = summarize(soak_with_probes, outcomes) | {"seconds": time.perf_counter() - started}
             time.sleep(2)
+            sampler.mark("idle")
             memory_after_soak = used_gpu_memory_mib()
             server_alive = server.process.poll() is None
             log = server.log()
     except ServerStartError as exc:
         pytest.fail(str(exc))
+    finally:
+        if sampler.is_alive():
+            report["memory_timeline"] = sampler.stop()
 
     probe_problems = []
     exact = 0
@@ -112,15 +174,18 @@ def test_soak_2000_requests_from_64_streams(tiny_model: Path, vllm_env: dict[str
                        "growth_after_warmup": memory_after_soak - memory_after_warmup},
         "probes": {"compared": len(probes) * PROBE_REPEATS, "identical": exact, "problems": probe_problems},
         "server_alive": server_alive, "server_error_lines": error_lines[:20],
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0), "backend": BACKEND,
     })
     text = json.dumps(report, indent=1)
     (tmp_path / "soak_report.json").write_text(text)
     if os.environ.get("FLASHMLA_SOAK_REPORT"):
-        Path(os.environ["FLASHMLA_SOAK_REPORT"]).write_text(text)
+        report_path = Path(os.environ["FLASHMLA_SOAK_REPORT"])
+        report_path.write_text(text)
+        shutil.copy(tmp_path / "server.log", report_path.with_suffix(".server.log"))
     print(text)
 
-    assert_custom_backend_used(log)
+    if BACKEND == "CUSTOM":
+        assert_custom_backend_used(log)
     assert server_alive, "the server died during the soak"
     assert not error_lines, "server log has errors:\n" + "\n".join(error_lines[:20])
     for phase in ("warmup", "soak"):
