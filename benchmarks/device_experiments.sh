@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# The open kernel questions of benchmarks/NOTES.md, on a one-GPU machine (~1.5 min for all,
-# H200, 2026-11-28). Logs under
+# The open kernel questions of benchmarks/NOTES.md, on a one-GPU machine (pipeline, parts and
+# overhead ran on an H200 on 2026-11-28: results/h200_run8/experiments/). Logs under
 # $OUT/<experiment>/; each prints its table.
-#   OUT=... benchmarks/device_experiments.sh [pipeline] [parts] [overhead]
+#   OUT=... benchmarks/device_experiments.sh [pipeline] [parts] [overhead] [hold] [v7]
 #   pipeline: v1 without the math, 2 and 3 stages (is the KV ring the memory-row bound?)
 #   parts:    memory rows with the scheduler capped at 128 parts (no splits, no combine work),
 #             no-split rule off (FLASHMLA_BACKEND_NO_SPLIT_SLACK=0) so the cap alone differs
 #   overhead: latency and varlen rows with the scheduler's per-split cost at 2, 5 (shipped),
 #             10 and 20 pages (fewer, longer splits for small batches)
+#   hold:     the pipeline diagnostic with each stage held 1.5 us (the math's hold time at
+#             h_q = 16), 2 and 3 stages: is a held 2-stage ring latency-bound? (~2 min)
+#   v7:       half-page stages A/B, reference check, sanitizers, GPU unit tests (~3.5 min)
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
 ROOT_OUT=${OUT:-/tmp/out}
 run() { mkdir -p "$ROOT_OUT/$1"; echo "=== $1"; }
-for experiment in ${@:-pipeline parts overhead}; do
+for experiment in ${@:-hold v7}; do
   case $experiment in
   pipeline)
     run pipeline
@@ -38,6 +41,14 @@ for experiment in ${@:-pipeline parts overhead}; do
       echo "$label:"; grep -E "^\| (latency|memory: 128, 1, 16, varlen|compute: 128, 2, 128, varlen)|Whole" \
         "$ROOT_OUT/overhead/$label.md" | cut -d'|' -f2,3
     done ;;
+  hold)
+    run hold
+    OUT=$ROOT_OUT/hold AB_TIMING_ONLY=1 timeout 400 bash benchmarks/ab_session.sh \
+      mla_decode_diag_pipeline_only mla_decode_diag_pipeline_only+DIAG_HOLD_NS=1500 \
+      mla_decode_diag_pipeline_only+DIAG_STAGES=3+DIAG_HOLD_NS=1500 ;;
+  v7)
+    run v7
+    OUT=$ROOT_OUT/v7 timeout 560 bash benchmarks/ab_session.sh mla_decode_v7_half_page_stages ;;
   *) echo "unknown experiment $experiment"; exit 2 ;;
   esac
 done

@@ -17,7 +17,7 @@ from ._constants import (
     MAX_BATCH,
     SCHEDULE_THREADS,
 )
-from .kernel_sources import SCHEDULE_MODULE, combine_module, decode_module
+from .kernel_sources import SCHEDULE_MODULE, combine_module, decode_module, decode_tma_box_tokens
 from .reference import mla_decode_reference
 from .runtime import (
     check_device,
@@ -202,9 +202,10 @@ def flash_mla_with_kvcache(
     lse = torch.empty((shape.batch, shape.h_q, shape.s_q), dtype=torch.float32, device=q.device)
 
     programmatic = programmatic_launch_enabled()
-    decode = get_function(decode_module(q.dtype, programmatic), "mla_decode", index)
+    module = decode_module(q.dtype, programmatic)
+    decode = get_function(module, "mla_decode", index)
     launch(decode, (m_blocks, shape.h_k, parts), DECODE_THREADS,
-           (kv_cache_tensor_map(k_cache), q.data_ptr(), np.int64(q.stride(0)), np.int64(q.stride(1)),
+           (kv_cache_tensor_map(k_cache, decode_tma_box_tokens(module)), q.data_ptr(), np.int64(q.stride(0)), np.int64(q.stride(1)),
             np.int64(q.stride(2)), block_table.data_ptr(), np.int64(block_table.stride(0)),
             cache_seqlens.data_ptr(), tile_scheduler_metadata.data_ptr(), num_splits.data_ptr(),
             out.data_ptr(), lse.data_ptr(), o_part.data_ptr(), lse_part.data_ptr(),

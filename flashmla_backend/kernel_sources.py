@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ._constants import DECODE_SMEM_BYTES
+from ._constants import DECODE_SMEM_BYTES, PAGE_SIZE
 
 #: NVRTC options for every module. sm_90a unlocks wgmma, TMA and setmaxnreg.
 NVRTC_OPTIONS: tuple[str, ...] = ("-arch=sm_90a", "-std=c++17")
@@ -68,6 +68,17 @@ def decode_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModul
     extra = decode_launch_defines() + knobs + (("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ())
     source = os.environ.get("FLASHMLA_BACKEND_DECODE_FILE") or "mla_decode.cu"
     return KernelModule(source, ("mla_decode",), dtype, extra)
+
+
+_BOX_TOKENS = re.compile(r"constexpr\s+int\s+TMA_BOX_TOKENS\s*=\s*(\d+)\s*;")
+
+
+@lru_cache(maxsize=None)
+def decode_tma_box_tokens(module: KernelModule) -> int:
+    """Tokens per TMA box the decode source expects in its KV tensor map: its
+    ``constexpr int TMA_BOX_TOKENS = N;`` if it declares one, else a whole 64-token page."""
+    found = _BOX_TOKENS.search(assembled_source(module.source_file))
+    return int(found.group(1)) if found else PAGE_SIZE
 
 
 def combine_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModule:

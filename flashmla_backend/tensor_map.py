@@ -62,18 +62,21 @@ def _encode(ptr: int, dtype: torch.dtype, dims: tuple[int, ...], strides_bytes: 
 _cache: dict[tuple, np.void] = {}
 
 
-def kv_cache_tensor_map(k_cache: torch.Tensor) -> np.void:
+def kv_cache_tensor_map(k_cache: torch.Tensor, box_tokens: int = PAGE_SIZE) -> np.void:
     """Map over ``k_cache [num_pages, 64, h_k, 576]`` as the 4-D tensor
-    (576 cols, h_k, 64 tokens, num_pages); one box is 64 cols x 1 head x 64 tokens x 1 page."""
+    (576 cols, h_k, 64 tokens, num_pages); one box is 64 cols x 1 head x ``box_tokens`` tokens
+    x 1 page (a whole page, unless the decode version loads half pages)."""
+    if box_tokens not in (PAGE_SIZE, PAGE_SIZE // 2):
+        raise ValueError(f"box_tokens: expected {PAGE_SIZE} or {PAGE_SIZE // 2}, got {box_tokens}")
     num_pages, page, h_k, d = k_cache.shape
     elem = k_cache.element_size()
-    key = (k_cache.data_ptr(), k_cache.dtype, tuple(k_cache.shape), k_cache.stride())
+    key = (k_cache.data_ptr(), k_cache.dtype, tuple(k_cache.shape), k_cache.stride(), box_tokens)
     tmap = _cache.get(key)
     if tmap is None:
         tmap = _encode(
             k_cache.data_ptr(), k_cache.dtype, (d, h_k, page, num_pages),
             (k_cache.stride(2) * elem, k_cache.stride(1) * elem, k_cache.stride(0) * elem),
-            (BOX_COLS, 1, PAGE_SIZE, 1))
+            (BOX_COLS, 1, box_tokens, 1))
         if len(_cache) > 256:
             _cache.clear()
         _cache[key] = tmap

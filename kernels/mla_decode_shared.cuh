@@ -73,16 +73,23 @@ DEVICE void load_q_block(uint8_t* q_smem, const uint16_t* q, long long q_stride_
     }
 }
 
-// Zeroes V rows [first_row, 64) of a page tile: cache slots past the sequence end may hold
-// NaN, and P = 0 times NaN would still be NaN.
-DEVICE void zero_v_tail(uint8_t* kv_tile, int first_row, int tid) {
-    const int rows = PAGE_SIZE - first_row;
+// Zeroes V rows [first_row, TILE_ROWS) of a KV tile whose 64-column chunks lie CHUNK_STRIDE
+// bytes apart: cache slots past the sequence end may hold NaN, and P = 0 times NaN would
+// still be NaN. Whole 128-byte rows are zeroed, so the swizzle does not matter.
+template <int TILE_ROWS, int CHUNK_STRIDE>
+DEVICE void zero_v_rows(uint8_t* kv_tile, int first_row, int tid) {
+    const int rows = TILE_ROWS - first_row;
     for (int idx = tid; idx < V_CHUNKS * rows * 8; idx += WG_THREADS) {
         const int chunk = idx / (rows * 8), rem = idx % (rows * 8);
         const int r = first_row + rem / 8, unit = rem % 8;
-        *reinterpret_cast<uint4*>(kv_tile + chunk * CHUNK_BYTES + r * 128 + unit * 16) =
+        *reinterpret_cast<uint4*>(kv_tile + chunk * CHUNK_STRIDE + r * 128 + unit * 16) =
             make_uint4(0, 0, 0, 0);
     }
+}
+
+// The same for a whole-page tile (64 rows, chunks CHUNK_BYTES apart).
+DEVICE void zero_v_tail(uint8_t* kv_tile, int first_row, int tid) {
+    zero_v_rows<PAGE_SIZE, CHUNK_BYTES>(kv_tile, first_row, tid);
 }
 
 // Accumulator fragment of wgmma m64nN (f32): register i of a thread holds

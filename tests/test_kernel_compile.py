@@ -73,15 +73,18 @@ def test_archived_decode_versions_still_compile(path: Path) -> None:
 
 
 
-def test_pipeline_diagnostic_with_three_stages_fits_the_launch() -> None:
-    """The knob ab_session.sh passes (mla_decode_diag_pipeline_only+DIAG_STAGES=3) must compile
-    within the shared memory the API reserves (the source static_asserts it)."""
+@pytest.mark.parametrize("knobs", [("-DDIAG_STAGES=3",), ("-DDIAG_HOLD_NS=1500",),
+                                   ("-DDIAG_STAGES=3", "-DDIAG_HOLD_NS=1500")])
+def test_pipeline_diagnostic_knobs_compile_within_the_launch(knobs: tuple[str, ...]) -> None:
+    """The knobs ab_session.sh passes (e.g. mla_decode_diag_pipeline_only+DIAG_STAGES=3) must
+    compile within the shared memory the API reserves (the source static_asserts it)."""
     import torch
 
     path = ARCHIVED_DECODE_VERSIONS[0].parent / "mla_decode_diag_pipeline_only.cu"
-    text = sass(KernelModule(str(path), ("mla_decode",), torch.bfloat16,
-                             decode_launch_defines() + ("-DDIAG_STAGES=3",)))
+    text = sass(KernelModule(str(path), ("mla_decode",), torch.bfloat16, decode_launch_defines() + knobs))
     assert "UTMALDG.4D" in text
+    if any("HOLD" in k for k in knobs):
+        assert "GLOBALTIMER" in text.upper()
 
 def test_fp16_variant_differs_from_bf16() -> None:
     import torch

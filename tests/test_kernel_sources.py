@@ -34,3 +34,21 @@ def test_defines_for_an_archived_version_are_passed_and_checked(monkeypatch: pyt
     monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_DEFINES", "--use_fast_math")
     with pytest.raises(ValueError, match="only -D options"):
         decode_module(torch.bfloat16)
+
+
+def test_tma_box_follows_the_decode_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The shipped decode loads whole 64-token pages; v7 declares half-page boxes, and the API
+    # must encode its KV tensor map with them.
+    from flashmla_backend.kernel_sources import decode_tma_box_tokens
+
+    monkeypatch.delenv("FLASHMLA_BACKEND_DECODE_FILE", raising=False)
+    assert decode_tma_box_tokens(decode_module(torch.bfloat16)) == 64
+    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(ARCHIVED / "mla_decode_v7_half_page_stages.cu"))
+    assert decode_tma_box_tokens(decode_module(torch.bfloat16)) == 32
+
+
+def test_tensor_map_rejects_other_box_heights() -> None:
+    from flashmla_backend.tensor_map import kv_cache_tensor_map
+
+    with pytest.raises(ValueError, match="box_tokens"):
+        kv_cache_tensor_map(torch.zeros(2, 64, 1, 576, dtype=torch.bfloat16), box_tokens=16)

@@ -1,7 +1,9 @@
 // DIAGNOSTIC (not a decode; outputs are zeros; NOTES.md "Memory-pipeline ceiling"): v1's
 // producer, KV ring, scheduler pieces and output stores with the math taken out, to measure
 // what the memory pipeline alone sustains. KV_STAGES comes from -DDIAG_STAGES (default 2, as
-// v1; 3 fits because this version keeps no Q or P tile in shared memory). Timed with
+// v1; 3 fits because this version keeps no Q or P tile in shared memory). -DDIAG_HOLD_NS=N
+// makes the consumers hold each stage N ns before releasing it, standing in for the math's
+// hold time (is a 2-stage ring latency-bound once the stages are held?). Timed with
 // benchmarks/ab_session.sh, e.g. mla_decode_diag_pipeline_only+DIAG_STAGES=3.
 // Split-KV MLA decode for Hopper (sm_90a): one CTA per (64-row query block, KV head,
 // scheduler part). The part's share of (request, page range) pieces comes from
@@ -20,7 +22,17 @@
 #ifndef DIAG_STAGES
 #define DIAG_STAGES 2
 #endif
+#ifndef DIAG_HOLD_NS
+#define DIAG_HOLD_NS 0
+#endif
 constexpr int KV_STAGES = DIAG_STAGES;
+constexpr unsigned long long HOLD_NS = DIAG_HOLD_NS;
+
+DEVICE unsigned long long global_timer_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+    return t;
+}
 constexpr int SOFTMAX_WG_REGS = 240;
 constexpr int PV_WG_REGS = 224;
 constexpr int PRODUCER_WG_REGS = 40;
@@ -81,6 +93,11 @@ DEVICE void run_drain_wg(const DecodeArgs& a, const SharedTiles& sm, int tid, in
         for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
             const int stage = it % KV_STAGES;
             mbarrier_wait(&sm.full_bar()[stage], (it / KV_STAGES) & 1);
+            if (HOLD_NS > 0) {
+                const unsigned long long t0 = global_timer_ns();
+                while (global_timer_ns() - t0 < HOLD_NS) {
+                }
+            }
             mbarrier_arrive(&sm.empty_bar()[stage]);
         }
         float o[128];
