@@ -9,7 +9,8 @@
 #   overhead: latency and varlen rows with the scheduler's per-split cost at 2, 5 (shipped),
 #             10 and 20 pages (fewer, longer splits for small batches)
 #   hold:     the pipeline diagnostic with each stage held 1.5 us (the math's hold time at
-#             h_q = 16), 2 and 3 stages: is a held 2-stage ring latency-bound? (~2 min)
+#             h_q = 16), 2 and 3 stages: is a held 2-stage ring latency-bound? And the same
+#             pipeline loading by cp.async from 128 threads instead of TMA (~3 min)
 #   v7:       half-page stages A/B, reference check, sanitizers, GPU unit tests (~3.5 min)
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
@@ -45,7 +46,9 @@ for experiment in ${@:-hold v7}; do
     run hold
     OUT=$ROOT_OUT/hold AB_TIMING_ONLY=1 timeout 400 bash benchmarks/ab_session.sh \
       mla_decode_diag_pipeline_only mla_decode_diag_pipeline_only+DIAG_HOLD_NS=1500 \
-      mla_decode_diag_pipeline_only+DIAG_STAGES=3+DIAG_HOLD_NS=1500 ;;
+      mla_decode_diag_pipeline_only+DIAG_STAGES=3+DIAG_HOLD_NS=1500 \
+      mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1 \
+      mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1+DIAG_HOLD_NS=1500 ;;
   v7)
     run v7
     OUT=$ROOT_OUT/v7 timeout 560 bash benchmarks/ab_session.sh mla_decode_v7_half_page_stages ;;

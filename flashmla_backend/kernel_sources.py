@@ -81,6 +81,17 @@ def decode_tma_box_tokens(module: KernelModule) -> int:
     return int(found.group(1)) if found else PAGE_SIZE
 
 
+_TAKES_KV_POINTER = re.compile(r"constexpr\s+bool\s+TAKES_KV_POINTER\s*=\s*true\s*;")
+
+
+@lru_cache(maxsize=None)
+def decode_takes_kv_pointer(module: KernelModule) -> bool:
+    """Whether the decode source takes the cache pointer and its page and token strides (in
+    elements) after the common arguments: it declares ``constexpr bool TAKES_KV_POINTER = true;``
+    (an experiment loading pages without TMA). The shipped decode does not."""
+    return _TAKES_KV_POINTER.search(assembled_source(module.source_file)) is not None
+
+
 def combine_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModule:
     """The split combine kernel writing ``dtype`` output; ``programmatic``: the variant that
     waits for the decode itself (``griddepcontrol.wait``), for a programmatic dependent launch."""

@@ -74,7 +74,8 @@ def test_archived_decode_versions_still_compile(path: Path) -> None:
 
 
 @pytest.mark.parametrize("knobs", [("-DDIAG_STAGES=3",), ("-DDIAG_HOLD_NS=1500",),
-                                   ("-DDIAG_STAGES=3", "-DDIAG_HOLD_NS=1500")])
+                                   ("-DDIAG_STAGES=3", "-DDIAG_HOLD_NS=1500"), ("-DDIAG_CP_ASYNC=1",),
+                                   ("-DDIAG_CP_ASYNC=1", "-DDIAG_STAGES=3")])
 def test_pipeline_diagnostic_knobs_compile_within_the_launch(knobs: tuple[str, ...]) -> None:
     """The knobs ab_session.sh passes (e.g. mla_decode_diag_pipeline_only+DIAG_STAGES=3) must
     compile within the shared memory the API reserves (the source static_asserts it)."""
@@ -82,7 +83,10 @@ def test_pipeline_diagnostic_knobs_compile_within_the_launch(knobs: tuple[str, .
 
     path = ARCHIVED_DECODE_VERSIONS[0].parent / "mla_decode_diag_pipeline_only.cu"
     text = sass(KernelModule(str(path), ("mla_decode",), torch.bfloat16, decode_launch_defines() + knobs))
-    assert "UTMALDG.4D" in text
+    if any("CP_ASYNC" in k for k in knobs):
+        assert "LDGSTS" in text and "UTMALDG" not in text  # cp.async instead of TMA
+    else:
+        assert "UTMALDG.4D" in text
     if any("HOLD" in k for k in knobs):
         assert "GLOBALTIMER" in text.upper()
 

@@ -52,3 +52,12 @@ def test_tensor_map_rejects_other_box_heights() -> None:
 
     with pytest.raises(ValueError, match="box_tokens"):
         kv_cache_tensor_map(torch.zeros(2, 64, 1, 576, dtype=torch.bfloat16), box_tokens=16)
+
+
+def test_only_sources_that_declare_it_take_the_cache_pointer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flashmla_backend.kernel_sources import decode_takes_kv_pointer
+
+    monkeypatch.delenv("FLASHMLA_BACKEND_DECODE_FILE", raising=False)
+    assert not decode_takes_kv_pointer(decode_module(torch.bfloat16))
+    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(ARCHIVED / "mla_decode_diag_pipeline_only.cu"))
+    assert decode_takes_kv_pointer(decode_module(torch.bfloat16))

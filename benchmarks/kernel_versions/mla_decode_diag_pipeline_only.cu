@@ -3,8 +3,11 @@
 // what the memory pipeline alone sustains. KV_STAGES comes from -DDIAG_STAGES (default 2, as
 // v1; 3 fits because this version keeps no Q or P tile in shared memory). -DDIAG_HOLD_NS=N
 // makes the consumers hold each stage N ns before releasing it, standing in for the math's
-// hold time (is a 2-stage ring latency-bound once the stages are held?). Timed with
-// benchmarks/ab_session.sh, e.g. mla_decode_diag_pipeline_only+DIAG_STAGES=3.
+// hold time (is a 2-stage ring latency-bound once the stages are held?). -DDIAG_CP_ASYNC=1
+// loads the pages with 16-byte cp.async from all 128 producer threads instead of one thread's
+// TMA boxes (FA3's MLA decode does so when a sequence has <= 64 query rows; its source says
+// TMA was slower there). Timed with benchmarks/ab_session.sh, e.g.
+// mla_decode_diag_pipeline_only+DIAG_STAGES=3.
 // Split-KV MLA decode for Hopper (sm_90a): one CTA per (64-row query block, KV head,
 // scheduler part). The part's share of (request, page range) pieces comes from
 // tile_scheduler_metadata.
@@ -25,8 +28,14 @@
 #ifndef DIAG_HOLD_NS
 #define DIAG_HOLD_NS 0
 #endif
+#ifndef DIAG_CP_ASYNC
+#define DIAG_CP_ASYNC 0
+#endif
+// The API passes the cache pointer and strides to sources that declare this (a literal).
+constexpr bool TAKES_KV_POINTER = true;
+constexpr bool LOAD_BY_CP_ASYNC = DIAG_CP_ASYNC != 0;
 constexpr int KV_STAGES = DIAG_STAGES;
-constexpr unsigned long long HOLD_NS = DIAG_HOLD_NS;
+constexpr long long HOLD_NS = DIAG_HOLD_NS;
 
 DEVICE unsigned long long global_timer_ns() {
     unsigned long long t;
@@ -83,6 +92,47 @@ DEVICE void run_producer(const DecodeArgs& a, const SharedTiles& sm) {
     }
 }
 
+// 16 bytes global -> shared, cached in L2 only (the page is read once per query block).
+DEVICE void cp_async_16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+}
+
+// The full barrier counts one arrival from this thread once all its earlier cp.async are done.
+DEVICE void cp_async_arrive(uint64_t* bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+// Producer warpgroup, cp.async flavour: all 128 threads copy each page into the same
+// 128B-swizzled chunks TMA would write; consecutive threads read consecutive 16-byte vectors.
+DEVICE void run_producer_cp_async(const DecodeArgs& a, const SharedTiles& sm, const uint16_t* k_cache,
+                                  long long page_stride, long long token_stride, int tid) {
+    constexpr int VECS_PER_TOKEN = HEAD_DIM_QK / 8;  // 72
+    static_assert(PAGE_SIZE * VECS_PER_TOKEN % WG_THREADS == 0, "whole vectors per thread");
+    int it = 0;
+    for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
+        const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
+        const int* pages = a.block_table + (size_t)req * a.bt_stride;
+        for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
+            const int stage = it % KV_STAGES;
+            mbarrier_wait(&sm.empty_bar()[stage], ((it / KV_STAGES) & 1) ^ 1);
+            const uint16_t* src = k_cache + (size_t)pages[page] * page_stride + a.kh * HEAD_DIM_QK;
+            uint8_t* dst = sm.kv(stage);
+            // Vector idx = tid + 128 j is (token r, vector v) = (idx / 72, idx % 72), stepped
+            // incrementally (128 = 72 + 56) to stay within the producer's 40 registers.
+            int r = tid / VECS_PER_TOKEN, v = tid % VECS_PER_TOKEN;
+#pragma unroll 4
+            for (int j = 0; j < PAGE_SIZE * VECS_PER_TOKEN / WG_THREADS; ++j) {
+                cp_async_16(dst + (v / 8) * CHUNK_BYTES + r * 128 + (((v % 8) ^ (r & 7)) << 4),
+                            src + r * token_stride + v * 8);
+                v += WG_THREADS - VECS_PER_TOKEN;
+                r += 1;
+                if (v >= VECS_PER_TOKEN) { v -= VECS_PER_TOKEN; r += 1; }
+            }
+            cp_async_arrive(&sm.full_bar()[stage]);
+        }
+    }
+}
+
 // Both math warpgroups: take each page as soon as it lands and hand the stage straight back
 // (no Q, no wgmma, no softmax); then write a zero output (final or partial) as v1 would.
 DEVICE void run_drain_wg(const DecodeArgs& a, const SharedTiles& sm, int tid, int col_base, bool write_lse) {
@@ -95,7 +145,7 @@ DEVICE void run_drain_wg(const DecodeArgs& a, const SharedTiles& sm, int tid, in
             mbarrier_wait(&sm.full_bar()[stage], (it / KV_STAGES) & 1);
             if (HOLD_NS > 0) {
                 const unsigned long long t0 = global_timer_ns();
-                while (global_timer_ns() - t0 < HOLD_NS) {
+                while ((long long)(global_timer_ns() - t0) < HOLD_NS) {
                 }
             }
             mbarrier_arrive(&sm.empty_bar()[stage]);
@@ -120,7 +170,8 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
            const int* __restrict__ seqlens, const int* __restrict__ metadata,
            const int* __restrict__ num_splits, uint16_t* __restrict__ out,
            float* __restrict__ lse, float* __restrict__ o_part, float* __restrict__ lse_part,
-           int s_q, int h_q, int h_k, int causal, float scale_log2, int kv_evict_first) {
+           int s_q, int h_q, int h_k, int causal, float scale_log2, int kv_evict_first,
+           const uint16_t* __restrict__ k_cache, long long kv_page_stride, long long kv_token_stride) {
     extern __shared__ uint8_t smem_raw[];
     const SharedTiles sm{reinterpret_cast<uint8_t*>(
         (reinterpret_cast<size_t>(smem_raw) + SMEM_ALIGN - 1) & ~size_t(SMEM_ALIGN - 1))};
@@ -137,7 +188,7 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     const int tid = threadIdx.x;
     if (tid == 0) {
         for (int s = 0; s < KV_STAGES; ++s) {
-            mbarrier_init(&sm.full_bar()[s], 1);
+            mbarrier_init(&sm.full_bar()[s], LOAD_BY_CP_ASYNC ? WG_THREADS : 1);
             mbarrier_init(&sm.empty_bar()[s], CONSUMER_THREADS);
         }
         fence_barrier_init();
@@ -147,7 +198,10 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     const int wg = tid / WG_THREADS;
     if (wg == 2) {
         setmaxnreg_dec_40();
-        if (tid == 2 * WG_THREADS) run_producer(a, sm);
+        if (LOAD_BY_CP_ASYNC)
+            run_producer_cp_async(a, sm, k_cache, kv_page_stride, kv_token_stride, tid - 2 * WG_THREADS);
+        else if (tid == 2 * WG_THREADS)
+            run_producer(a, sm);
     } else {
         run_drain_wg(a, sm, tid, wg == 0 ? 0 : V_COLS_PER_WG, wg == 0);
     }
