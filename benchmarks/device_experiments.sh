@@ -2,7 +2,7 @@
 # The open kernel questions of benchmarks/NOTES.md, on a one-GPU machine (pipeline, parts and
 # overhead ran on an H200 on 2026-11-28: results/h200_run8/experiments/). Logs under
 # $OUT/<experiment>/; each prints its table.
-#   OUT=... benchmarks/device_experiments.sh [pipeline] [parts] [overhead] [hold] [v7]
+#   OUT=... benchmarks/device_experiments.sh [pipeline] [parts] [overhead] [hold] [v7] [v8]
 #   pipeline: v1 without the math, 2 and 3 stages (is the KV ring the memory-row bound?)
 #   parts:    memory rows with the scheduler capped at 128 parts (no splits, no combine work),
 #             no-split rule off (FLASHMLA_BACKEND_NO_SPLIT_SLACK=0) so the cap alone differs
@@ -12,11 +12,12 @@
 #             h_q = 16), 2 and 3 stages: is a held 2-stage ring latency-bound? And the same
 #             pipeline loading by cp.async from 128 threads instead of TMA (~3 min)
 #   v7:       half-page stages A/B, reference check, sanitizers, GPU unit tests (~3.5 min)
+#   v8:       cp.async page loads A/B, reference check, sanitizers, GPU unit tests (~3.5 min)
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
 ROOT_OUT=${OUT:-/tmp/out}
 run() { mkdir -p "$ROOT_OUT/$1"; echo "=== $1"; }
-for experiment in ${@:-hold v7}; do
+for experiment in ${@:-hold v7 v8}; do
   case $experiment in
   pipeline)
     run pipeline
@@ -52,6 +53,9 @@ for experiment in ${@:-hold v7}; do
   v7)
     run v7
     OUT=$ROOT_OUT/v7 timeout 560 bash benchmarks/ab_session.sh mla_decode_v7_half_page_stages ;;
+  v8)
+    run v8
+    OUT=$ROOT_OUT/v8 timeout 560 bash benchmarks/ab_session.sh mla_decode_v8_cp_async_loads ;;
   *) echo "unknown experiment $experiment"; exit 2 ;;
   esac
 done
