@@ -97,6 +97,17 @@ DEVICE void tma_load_4d(void* dst, const void* tensor_map, uint64_t* bar,
         : "memory");
 }
 
+// cp.async: 16 bytes global -> shared, cached in L2 only (pages are read once per CTA).
+DEVICE void cp_async_16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+}
+
+// One arrival on bar once all of this thread's earlier cp.async have landed (the barrier's
+// expected count includes it: .noinc).
+DEVICE void cp_async_arrive(uint64_t* bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
 // ---------------------------------------------------------------------------------------
 // Fences and named barriers
 // Generic-proxy smem writes (st.shared) must be fenced before wgmma/TMA (async proxy) read them.

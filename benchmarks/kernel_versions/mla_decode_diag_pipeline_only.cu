@@ -92,16 +92,6 @@ DEVICE void run_producer(const DecodeArgs& a, const SharedTiles& sm) {
     }
 }
 
-// 16 bytes global -> shared, cached in L2 only (the page is read once per query block).
-DEVICE void cp_async_16(void* dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
-}
-
-// The full barrier counts one arrival from this thread once all its earlier cp.async are done.
-DEVICE void cp_async_arrive(uint64_t* bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
-
 // Producer warpgroup, cp.async flavour: all 128 threads copy each page into the same
 // 128B-swizzled chunks TMA would write; consecutive threads read consecutive 16-byte vectors.
 DEVICE void run_producer_cp_async(const DecodeArgs& a, const SharedTiles& sm, const uint16_t* k_cache,

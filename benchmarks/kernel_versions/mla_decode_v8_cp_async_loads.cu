@@ -81,16 +81,6 @@ DEVICE void setmaxnreg_inc_240() { asm volatile("setmaxnreg.inc.sync.aligned.u32
 DEVICE void setmaxnreg_inc_224() { asm volatile("setmaxnreg.inc.sync.aligned.u32 224;"); }
 DEVICE void setmaxnreg_dec_40() { asm volatile("setmaxnreg.dec.sync.aligned.u32 40;"); }
 
-// 16 bytes global -> shared, cached in L2 only (each query block reads a page once).
-DEVICE void cp_async_16(void* dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
-}
-
-// One arrival on bar once all of this thread's earlier cp.async have landed.
-DEVICE void cp_async_arrive(uint64_t* bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
-
 // Producer warpgroup: all 128 threads copy every page of every piece into the KV ring, in the
 // 128B-swizzled chunks the wgmma descriptors expect; consecutive threads read consecutive
 // 16-byte vectors of a token row (72 per token).
