@@ -73,6 +73,26 @@ DEVICE void load_q_block(uint8_t* q_smem, const uint16_t* q, long long q_stride_
     }
 }
 
+// One 64-token page of one KV head (576 columns, token rows token_stride elements apart) into
+// a 128B-swizzled page tile, by 16-byte cp.async from a warpgroup's 128 threads; consecutive
+// threads read consecutive 16-byte vectors of a token row (72 per token). The caller completes
+// it with cp_async_arrive on the stage's full barrier.
+DEVICE void copy_page_cp_async(uint8_t* tile, const uint16_t* page_src, long long token_stride, int tid) {
+    constexpr int VECS_PER_TOKEN = HEAD_DIM_QK / 8;
+    static_assert(PAGE_SIZE * VECS_PER_TOKEN % WG_THREADS == 0, "whole vectors per thread");
+    // Vector tid + 128 j is (token r, vector v) = (idx / 72, idx % 72), stepped incrementally
+    // (128 = 72 + 56) to fit a 40-register producer.
+    int r = tid / VECS_PER_TOKEN, v = tid % VECS_PER_TOKEN;
+#pragma unroll 4
+    for (int j = 0; j < PAGE_SIZE * VECS_PER_TOKEN / WG_THREADS; ++j) {
+        cp_async_16(tile + (v / 8) * CHUNK_BYTES + r * 128 + (((v % 8) ^ (r & 7)) << 4),
+                    page_src + r * token_stride + v * 8);
+        v += WG_THREADS - VECS_PER_TOKEN;
+        r += 1;
+        if (v >= VECS_PER_TOKEN) { v -= VECS_PER_TOKEN; r += 1; }
+    }
+}
+
 // Zeroes V rows [first_row, TILE_ROWS) of a KV tile whose 64-column chunks lie CHUNK_STRIDE
 // bytes apart: cache slots past the sequence end may hold NaN, and P = 0 times NaN would
 // still be NaN. Whole 128-byte rows are zeroed, so the swizzle does not matter.

@@ -86,8 +86,6 @@ DEVICE void setmaxnreg_dec_40() { asm volatile("setmaxnreg.dec.sync.aligned.u32 
 // 16-byte vectors of a token row (72 per token).
 DEVICE void run_producer(const DecodeArgs& a, const SharedTiles& sm, const uint16_t* k_cache,
                          long long page_stride, long long token_stride, int tid) {
-    constexpr int VECS_PER_TOKEN = HEAD_DIM_QK / 8;
-    static_assert(PAGE_SIZE * VECS_PER_TOKEN % WG_THREADS == 0, "whole vectors per thread");
     int it = 0;
     for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
         const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
@@ -95,19 +93,8 @@ DEVICE void run_producer(const DecodeArgs& a, const SharedTiles& sm, const uint1
         for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
             const int stage = it % KV_STAGES;
             mbarrier_wait(&sm.empty_bar()[stage], ((it / KV_STAGES) & 1) ^ 1);
-            const uint16_t* src = k_cache + (size_t)pages[page] * page_stride + a.kh * HEAD_DIM_QK;
-            uint8_t* dst = sm.kv(stage);
-            // Vector tid + 128 j is (token r, vector v) = (idx / 72, idx % 72), stepped
-            // incrementally (128 = 72 + 56) to stay within 40 registers.
-            int r = tid / VECS_PER_TOKEN, v = tid % VECS_PER_TOKEN;
-#pragma unroll 4
-            for (int j = 0; j < PAGE_SIZE * VECS_PER_TOKEN / WG_THREADS; ++j) {
-                cp_async_16(dst + (v / 8) * CHUNK_BYTES + r * 128 + (((v % 8) ^ (r & 7)) << 4),
-                            src + r * token_stride + v * 8);
-                v += WG_THREADS - VECS_PER_TOKEN;
-                r += 1;
-                if (v >= VECS_PER_TOKEN) { v -= VECS_PER_TOKEN; r += 1; }
-            }
+            copy_page_cp_async(sm.kv(stage), k_cache + (size_t)pages[page] * page_stride + a.kh * HEAD_DIM_QK,
+                               token_stride, tid);
             cp_async_arrive(&sm.full_bar()[stage]);
         }
     }
