@@ -17,8 +17,7 @@ from ._constants import (
     MAX_BATCH,
     SCHEDULE_THREADS,
 )
-from .kernel_sources import (SCHEDULE_MODULE, combine_module, decode_module, decode_takes_kv_pointer,
-                             decode_tma_box_tokens)
+from .kernel_sources import SCHEDULE_MODULE, combine_module, decode_launch_contract, decode_module
 from .reference import mla_decode_reference
 from .runtime import (
     check_device,
@@ -205,13 +204,14 @@ def flash_mla_with_kvcache(
     programmatic = programmatic_launch_enabled()
     module = decode_module(q.dtype, programmatic)
     decode = get_function(module, "mla_decode", index)
-    args = (kv_cache_tensor_map(k_cache, decode_tma_box_tokens(module)), q.data_ptr(), np.int64(q.stride(0)),
+    contract = decode_launch_contract(module)
+    args = (kv_cache_tensor_map(k_cache, contract.tma_box_tokens), q.data_ptr(), np.int64(q.stride(0)),
             np.int64(q.stride(1)), np.int64(q.stride(2)), block_table.data_ptr(), np.int64(block_table.stride(0)),
             cache_seqlens.data_ptr(), tile_scheduler_metadata.data_ptr(), num_splits.data_ptr(),
             out.data_ptr(), lse.data_ptr(), o_part.data_ptr(), lse_part.data_ptr(),
             np.int32(shape.s_q), np.int32(shape.h_q), np.int32(shape.h_k), np.int32(causal),
             np.float32(scale * _LOG2E), np.int32(m_blocks == 1))
-    if decode_takes_kv_pointer(module):
+    if contract.takes_kv_pointer:
         args += (k_cache.data_ptr(), np.int64(k_cache.stride(0)), np.int64(k_cache.stride(1)))
     launch(decode, (m_blocks, shape.h_k, parts), DECODE_THREADS, args, index, shared_mem=DECODE_SMEM_BYTES)
     combine = get_function(combine_module(q.dtype, programmatic), "mla_combine", index)

@@ -71,25 +71,29 @@ def decode_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModul
 
 
 _BOX_TOKENS = re.compile(r"constexpr\s+int\s+TMA_BOX_TOKENS\s*=\s*(\d+)\s*;")
-
-
-@lru_cache(maxsize=None)
-def decode_tma_box_tokens(module: KernelModule) -> int:
-    """Tokens per TMA box the decode source expects in its KV tensor map: its
-    ``constexpr int TMA_BOX_TOKENS = N;`` if it declares one, else a whole 64-token page."""
-    found = _BOX_TOKENS.search(assembled_source(module.source_file))
-    return int(found.group(1)) if found else PAGE_SIZE
-
-
 _TAKES_KV_POINTER = re.compile(r"constexpr\s+bool\s+TAKES_KV_POINTER\s*=\s*true\s*;")
 
 
+@dataclass(frozen=True)
+class DecodeLaunchContract:
+    """What a decode source declares about its launch, as literal ``constexpr`` lines.
+
+    ``tma_box_tokens``: tokens per TMA box of its KV tensor map (``TMA_BOX_TOKENS``; default a
+    whole 64-token page). ``takes_kv_pointer``: it takes the cache pointer and its page and
+    token strides (in elements) after the common arguments (``TAKES_KV_POINTER = true``; an
+    experiment loading pages without TMA). The shipped decode declares neither."""
+
+    tma_box_tokens: int
+    takes_kv_pointer: bool
+
+
 @lru_cache(maxsize=None)
-def decode_takes_kv_pointer(module: KernelModule) -> bool:
-    """Whether the decode source takes the cache pointer and its page and token strides (in
-    elements) after the common arguments: it declares ``constexpr bool TAKES_KV_POINTER = true;``
-    (an experiment loading pages without TMA). The shipped decode does not."""
-    return _TAKES_KV_POINTER.search(assembled_source(module.source_file)) is not None
+def decode_launch_contract(module: KernelModule) -> DecodeLaunchContract:
+    """The launch contract of ``module``'s decode source (read once per module)."""
+    source = assembled_source(module.source_file)
+    box = _BOX_TOKENS.search(source)
+    return DecodeLaunchContract(int(box.group(1)) if box else PAGE_SIZE,
+                                _TAKES_KV_POINTER.search(source) is not None)
 
 
 def combine_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModule:

@@ -57,12 +57,13 @@ def split_overhead_pages() -> int:
 def no_split_slack() -> int:
     """How far (in 16ths of a part) the scheduler may grow a part to keep the costliest request
     whole: a split costs more than its modelled overhead (the partial write and the combine).
-    ``FLASHMLA_BACKEND_NO_SPLIT_SLACK`` overrides it (a tuning knob; 0 turns the rule off)."""
+    ``FLASHMLA_BACKEND_NO_SPLIT_SLACK`` overrides it (a tuning knob, 0 to 16: 0 turns the rule
+    off, 16 lets a part double)."""
     raw = os.environ.get("FLASHMLA_BACKEND_NO_SPLIT_SLACK", "")
     if not raw:
         return NO_SPLIT_SLACK_16THS
-    if not raw.isdigit():
-        raise ValueError(f"FLASHMLA_BACKEND_NO_SPLIT_SLACK: expected an integer >= 0, got {raw!r}")
+    if not raw.isdigit() or int(raw) > 16:
+        raise ValueError(f"FLASHMLA_BACKEND_NO_SPLIT_SLACK: expected an integer from 0 to 16, got {raw!r}")
     return int(raw)
 
 

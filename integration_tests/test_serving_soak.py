@@ -2,9 +2,9 @@
 
 One server (64 sequences at most, prefix caching on, CUDA graphs). The client (``soak_client``):
 1. sends 8 greedy probe completions alone, one at a time;
-2. warms up with rounds of 256 requests of the mix from 64 streams until a round leaves the
-   GPU's used memory unchanged (at most :data:`MAX_WARMUP_ROUNDS`): the caching allocators
-   reach their high-water mark there, so growth later means a leak;
+2. warms up with rounds of 256 requests of the mix from 64 streams until a round after the
+   first leaves the GPU's used memory unchanged (at most :data:`MAX_WARMUP_ROUNDS`): the
+   caching allocators reach their high-water mark there, so growth later means a leak;
 3. soaks with 2000 more requests from 64 streams: completions and chats, streamed or not,
    1-3000 prompt tokens, 1-64 generated, about 10% cancelled (streams closed early, plain
    requests given up by a client timeout), with each probe sent 3 more times among them;

@@ -39,12 +39,12 @@ def test_defines_for_an_archived_version_are_passed_and_checked(monkeypatch: pyt
 def test_tma_box_follows_the_decode_source(monkeypatch: pytest.MonkeyPatch) -> None:
     # The shipped decode loads whole 64-token pages; v7 declares half-page boxes, and the API
     # must encode its KV tensor map with them.
-    from flashmla_backend.kernel_sources import decode_tma_box_tokens
+    from flashmla_backend.kernel_sources import decode_launch_contract
 
     monkeypatch.delenv("FLASHMLA_BACKEND_DECODE_FILE", raising=False)
-    assert decode_tma_box_tokens(decode_module(torch.bfloat16)) == 64
+    assert decode_launch_contract(decode_module(torch.bfloat16)).tma_box_tokens == 64
     monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(ARCHIVED / "mla_decode_v7_half_page_stages.cu"))
-    assert decode_tma_box_tokens(decode_module(torch.bfloat16)) == 32
+    assert decode_launch_contract(decode_module(torch.bfloat16)).tma_box_tokens == 32
 
 
 def test_tensor_map_rejects_other_box_heights() -> None:
@@ -55,9 +55,10 @@ def test_tensor_map_rejects_other_box_heights() -> None:
 
 
 def test_only_sources_that_declare_it_take_the_cache_pointer(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flashmla_backend.kernel_sources import decode_takes_kv_pointer
+    from flashmla_backend.kernel_sources import decode_launch_contract
 
     monkeypatch.delenv("FLASHMLA_BACKEND_DECODE_FILE", raising=False)
-    assert not decode_takes_kv_pointer(decode_module(torch.bfloat16))
-    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(ARCHIVED / "mla_decode_diag_pipeline_only.cu"))
-    assert decode_takes_kv_pointer(decode_module(torch.bfloat16))
+    assert not decode_launch_contract(decode_module(torch.bfloat16)).takes_kv_pointer
+    for version in ("mla_decode_diag_pipeline_only.cu", "mla_decode_v8_cp_async_loads.cu"):
+        monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(ARCHIVED / version))
+        assert decode_launch_contract(decode_module(torch.bfloat16)).takes_kv_pointer

@@ -93,7 +93,7 @@ def test_no_split_slack_knob(monkeypatch: pytest.MonkeyPatch) -> None:
     assert no_split_slack() == 1
     monkeypatch.setenv("FLASHMLA_BACKEND_NO_SPLIT_SLACK", "3")
     assert no_split_slack() == 3
-    for bad in ("-1", "x", "1.5"):
+    for bad in ("-1", "x", "1.5", "17", "99999999999"):
         monkeypatch.setenv("FLASHMLA_BACKEND_NO_SPLIT_SLACK", bad)
         with pytest.raises(ValueError, match="FLASHMLA_BACKEND_NO_SPLIT_SLACK"):
             no_split_slack()
