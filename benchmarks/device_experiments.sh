@@ -13,6 +13,9 @@
 #             pipeline loading by cp.async from 128 threads instead of TMA (~3 min)
 #   v7:       half-page stages A/B, reference check, sanitizers, GPU unit tests (~3.5 min)
 #   v8:       cp.async page loads A/B, reference check, sanitizers, GPU unit tests (~3.5 min)
+#   race:     reference checks of v7 and v8, then one timing-only A/B of shipped, v8, v7 and the
+#             hold/cp.async diagnostics in one process order (~5 min); sanitizers and unit tests
+#             follow for the winner only
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
 ROOT_OUT=${OUT:-/tmp/out}
@@ -56,6 +59,19 @@ for experiment in ${@:-hold v7 v8}; do
   v8)
     run v8
     OUT=$ROOT_OUT/v8 timeout 560 bash benchmarks/ab_session.sh mla_decode_v8_cp_async_loads ;;
+  race)
+    run race
+    for version in mla_decode_v8_cp_async_loads mla_decode_v7_half_page_stages; do
+      FLASHMLA_BACKEND_DECODE_FILE=$PWD/benchmarks/kernel_versions/$version.cu timeout 120 \
+        python benchmarks/check_decode_version.py --max-rows 512 > "$ROOT_OUT/race/$version.check" 2>&1
+      echo "== $version correctness (rc $?): $(tail -1 "$ROOT_OUT/race/$version.check")"
+      grep -E "FAIL|Error|error" "$ROOT_OUT/race/$version.check" | tail -8
+    done
+    OUT=$ROOT_OUT/race AB_TIMING_ONLY=1 timeout 420 bash benchmarks/ab_session.sh \
+      mla_decode_v8_cp_async_loads mla_decode_v7_half_page_stages \
+      mla_decode_diag_pipeline_only mla_decode_diag_pipeline_only+DIAG_HOLD_NS=1500 \
+      mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1 \
+      mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1+DIAG_HOLD_NS=1500 ;;
   *) echo "unknown experiment $experiment"; exit 2 ;;
   esac
 done

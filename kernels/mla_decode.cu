@@ -91,12 +91,13 @@ DEVICE void run_producer(const DecodeArgs& a, const SharedTiles& sm) {
     }
 }
 
-// Both math warpgroups store their share of the Q block and arrive at HB_Q_READY; warpgroup 0
+// Both math warpgroups copy their share of the Q block (cp.async) and arrive at HB_Q_READY; warpgroup 0
 // waits for phase q_phase (the number of earlier pieces with pages).
 DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int req, int tid, bool waits,
                           int q_phase) {
     load_q_block(sm.q(), a.q, a.q_stride_b, a.q_stride_s, a.q_stride_h, req, a.kh, a.row_base,
                  a.rows, tid);
+    cp_async_wait_all();
     fence_proxy_async_smem();
     mbarrier_arrive(sm.handoff_bar(HB_Q_READY));
     if (waits) mbarrier_wait(sm.handoff_bar(HB_Q_READY), q_phase & 1);

@@ -54,22 +54,23 @@ struct RowMap {
     DEVICE int head(int row, int kh) const { return kh * group + row % group; }
 };
 
-// Q block -> smem, 128B-swizzled K-major chunks; rows past the end are zero.
+// Q block -> smem, 128B-swizzled K-major chunks; rows past the end are zero. By cp.async, so that
+// every load of the block is in flight at once: a load-then-store loop waits one memory round
+// trip per 16-byte vector (18 per thread), which cost 1-25% per row on an H200 (NOTES.md, v9).
+// The caller waits with cp_async_wait_all and fences to the async proxy before wgmma reads it.
 DEVICE void load_q_block(uint8_t* q_smem, const uint16_t* q, long long q_stride_b,
                          long long q_stride_s, long long q_stride_h, int req, int kh,
                          int row_base, const RowMap& rows, int tid) {
-    constexpr int VECS_PER_ROW = HEAD_DIM_QK / 8;  // 16-byte vectors
+    constexpr int VECS_PER_ROW = HEAD_DIM_QK / 8;
     for (int idx = tid; idx < BLOCK_M * VECS_PER_ROW; idx += CONSUMER_THREADS) {
         const int r = idx / VECS_PER_ROW, v = idx % VECS_PER_ROW;
         const int grow = row_base + r;
-        uint4 val = make_uint4(0, 0, 0, 0);
-        if (grow < rows.rows) {
-            const uint16_t* src = q + req * q_stride_b + rows.s_idx(grow) * q_stride_s +
-                                  rows.head(grow, kh) * q_stride_h + v * 8;
-            val = *reinterpret_cast<const uint4*>(src);
-        }
+        const bool valid = grow < rows.rows;
+        const uint16_t* src = valid ? q + req * q_stride_b + rows.s_idx(grow) * q_stride_s +
+                                          rows.head(grow, kh) * q_stride_h + v * 8
+                                    : q;
         const int chunk = v / 8, unit = v % 8;
-        *reinterpret_cast<uint4*>(q_smem + chunk * CHUNK_BYTES + r * 128 + ((unit ^ (r & 7)) << 4)) = val;
+        cp_async_16_or_zero(q_smem + chunk * CHUNK_BYTES + r * 128 + ((unit ^ (r & 7)) << 4), src, valid);
     }
 }
 

@@ -102,6 +102,15 @@ DEVICE void cp_async_16(void* dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
 }
 
+// The same, or 16 zero bytes when !valid (a source size of 0 reads nothing).
+DEVICE void cp_async_16_or_zero(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 16 : 0) : "memory");
+}
+
+// Waits until every cp.async this thread issued has landed.
+DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
 // One arrival on bar once all of this thread's earlier cp.async have landed (the barrier's
 // expected count includes it: .noinc).
 DEVICE void cp_async_arrive(uint64_t* bar) {

@@ -140,6 +140,7 @@ DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int req, i
                           int q_phase) {
     load_q_block(sm.q(), a.q, a.q_stride_b, a.q_stride_s, a.q_stride_h, req, a.kh, a.row_base,
                  a.rows, tid);
+    cp_async_wait_all();
     fence_proxy_async_smem();
     mbarrier_arrive(sm.handoff_bar(HB_Q_READY));
     if (waits) mbarrier_wait(sm.handoff_bar(HB_Q_READY), q_phase & 1);
