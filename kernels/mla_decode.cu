@@ -3,8 +3,8 @@
 // tile_scheduler_metadata.
 //
 // Warpgroup roles (384 threads; setmaxnreg moves registers from the producer to the math):
-//   warpgroup 0 (softmax): S = Q K^T with wgmma, masking, online softmax, P to smem,
-//                          O[:, 0:256] += P V                                   240 regs
+//   warpgroup 0 (softmax): S = Q K^T with wgmma, masking, online softmax,
+//                          O[:, 0:256] += P V with P from registers, P to smem  240 regs
 //   warpgroup 1 (PV):      O[:, 256:512] += P V, overlapping warpgroup 0's next S  224 regs
 //   warpgroup 2 (producer): one thread streams 64-token pages by TMA into a two-stage
 //                          ring guarded by full/empty mbarriers                   40 regs
@@ -12,9 +12,10 @@
 // read MN-major by the P V wgmma straight from the same swizzled buffer.
 //
 // Hand-offs between the math warpgroups: Q ready, P ready and the final row stats go through
-// mbarriers, which compute-sanitizer's racecheck follows. P_FREE, on warpgroup 0's critical path,
-// stays a hardware named barrier (an mbarrier there costs ~5% on the compute rows); it guards
-// only the P tile, which the wgmma reads through the async proxy. The per-row rescale factors
+// mbarriers, which compute-sanitizer's racecheck follows. P_FREE stays a hardware named barrier
+// (as an mbarrier it cost ~5% on the compute rows, measured when its wait still preceded
+// warpgroup 0's P V; since v10 that wgmma reads P from registers and is in flight during the
+// wait); it guards only the P tile, which warpgroup 1's wgmma reads through the async proxy. The per-row rescale factors
 // that warpgroup 1 reads get one slot per KV stage, so warpgroup 0 rewrites a slot only after the
 // KV ring has recycled that stage: an mbarrier chain, not the named barrier, orders them.
 #include "mla_decode_shared.cuh"
@@ -33,7 +34,7 @@ constexpr int HB_STATS = 2;      // WG0 stored row max/sum  (128 arrivals, WG1 w
 constexpr int HANDOFF_BARRIERS = 3;
 // Named barriers (0 is __syncthreads).
 constexpr int BAR_P_FREE = 1;    // WG1's P V wgmma done with P (WG1 arrives, WG0 waits)
-constexpr int BAR_WG0 = 2;       // WG0's own P / V-tail stores, before its P V wgmma
+constexpr int BAR_WG0 = 2;       // WG0's V-tail zeroes, before its P V wgmma
 
 // Shared memory map (byte offsets from a 1024-aligned base).
 constexpr int SMEM_Q = 0;
@@ -107,7 +108,7 @@ DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int req, i
 DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
     const int warp = tid / 32, lane = tid % 32;
     const int row0 = warp * 16 + lane / 4;  // this thread's rows: row0 and row0 + 8
-    const uint32_t q_addr = smem_addr(sm.q()), p_addr = smem_addr(sm.p());
+    const uint32_t q_addr = smem_addr(sm.q());
     int it = 0, pieces = 0;
     for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
         const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
@@ -158,6 +159,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
             if (tok0 + PAGE_SIZE > seqlen) {
                 zero_v_tail(kv_tile, seqlen - tok0, tid);
                 fence_proxy_async_smem();
+                named_barrier_sync(BAR_WG0, WG_THREADS);  // every thread's zeroes, before the P V wgmma
             }
 
             // Online softmax in the log2 domain; row sums stay per-thread until the end.
@@ -184,6 +186,24 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
                 row_sum[half] = row_sum[half] * alpha[half] + sum;
             }
 
+            // P as packed 16-bit pairs: p[2n + half] holds row row0 + 8 half, columns 8n + 2(lane%4)
+            // and +1, which is also the A-fragment layout of the k16 slice n / 2.
+            uint32_t p[16];
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int half = 0; half < 2; ++half)
+                    p[2 * n + half] = pack_half2(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]);
+
+            rescale_rows(o, alpha[0], alpha[1]);
+            wgmma_fence();
+#pragma unroll
+            for (int k = 0; k < PAGE_SIZE / K_STEP; ++k)
+                wgmma_m64n256k16_rs_bt(o, p[4 * k], p[4 * k + 1], p[4 * k + 2], p[4 * k + 3],
+                                       desc_mn_major(kv_addr + k * K_STEP * 128, CHUNK_BYTES));
+            wgmma_commit();
+
+            // While that runs: P and the row scales to smem for warpgroup 1.
             if (it > 0) named_barrier_sync(BAR_P_FREE, CONSUMER_THREADS);
 #pragma unroll
             for (int n = 0; n < 8; ++n)
@@ -191,7 +211,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
                 for (int half = 0; half < 2; ++half) {
                     const int r = row0 + 8 * half;
                     *reinterpret_cast<uint32_t*>(sm.p() + r * 128 + ((n ^ (r & 7)) << 4) + (lane % 4) * 4) =
-                        pack_half2(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]);
+                        p[2 * n + half];
                 }
             if (lane % 4 == 0) {
                 sm.row_scale(stage)[row0] = alpha[0];
@@ -199,10 +219,8 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
             }
             fence_proxy_async_smem();
             mbarrier_arrive(sm.handoff_bar(HB_P_READY));
-            named_barrier_sync(BAR_WG0, WG_THREADS);
-
-            rescale_rows(o, alpha[0], alpha[1]);
-            pv_gemm(o, p_addr, kv_addr);
+            wgmma_wait<0>();
+            fence_accumulators(o);
             mbarrier_arrive(&sm.empty_bar()[stage]);
         }
 
