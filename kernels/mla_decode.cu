@@ -221,6 +221,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
             mbarrier_arrive(sm.handoff_bar(HB_P_READY));
             wgmma_wait<0>();
             fence_accumulators(o);
+            fence_fragments(p);  // the P V wgmma read p until the wait
             mbarrier_arrive(&sm.empty_bar()[stage]);
         }
 

@@ -186,6 +186,14 @@ DEVICE void fence_accumulators(float (&acc)[N]) {
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(acc[i])::"memory");
 }
 
+// The same for the packed A fragments of a register-sourced wgmma: keeps them live (unchanged)
+// until the wait that retires it.
+template <int N>
+DEVICE void fence_fragments(uint32_t (&frag)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(frag[i])::"memory");
+}
+
 // D[64x64] (+)= A[64x16] * B[16x64]; A and B K-major in smem. Scores S = Q K^T.
 DEVICE void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
     asm volatile(
