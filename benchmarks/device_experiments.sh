@@ -13,6 +13,8 @@
 #             pipeline loading by cp.async from 128 threads instead of TMA (~3 min)
 #   v7:       half-page stages A/B, reference check, sanitizers, GPU unit tests (~3.5 min)
 #   v8:       cp.async page loads A/B, reference check, sanitizers, GPU unit tests (~3.5 min)
+#   v13:      L2 prefetch of pages 1, 2 and 4 ahead of the ring (TMA tensor prefetch): reference
+#             check at 2, timing-only A/B of the three depths (~3 min)
 #   race:     reference checks of v7 and v8, then one timing-only A/B of shipped, v8, v7 and the
 #             hold/cp.async diagnostics in one process order (~5 min); sanitizers and unit tests
 #             follow for the winner only
@@ -20,7 +22,7 @@ set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
 ROOT_OUT=${OUT:-/tmp/out}
 run() { mkdir -p "$ROOT_OUT/$1"; echo "=== $1"; }
-for experiment in ${@:-hold v7 v8}; do
+for experiment in ${@:-v13}; do
   case $experiment in
   pipeline)
     run pipeline
@@ -59,6 +61,14 @@ for experiment in ${@:-hold v7 v8}; do
   v8)
     run v8
     OUT=$ROOT_OUT/v8 timeout 560 bash benchmarks/ab_session.sh mla_decode_v8_cp_async_loads ;;
+  v13)
+    run v13
+    FLASHMLA_BACKEND_DECODE_FILE=$PWD/benchmarks/kernel_versions/mla_decode_v13_l2_prefetch.cu timeout 120 \
+      python benchmarks/check_decode_version.py --max-rows 512 > "$ROOT_OUT/v13/check.log" 2>&1
+    echo "== v13 correctness (rc $?): $(tail -1 "$ROOT_OUT/v13/check.log")"
+    OUT=$ROOT_OUT/v13 AB_TIMING_ONLY=1 timeout 420 bash benchmarks/ab_session.sh \
+      mla_decode_v13_l2_prefetch+L2_PREFETCH_PAGES=2 mla_decode_v13_l2_prefetch+L2_PREFETCH_PAGES=1 \
+      mla_decode_v13_l2_prefetch+L2_PREFETCH_PAGES=4 ;;
   race)
     run race
     for version in mla_decode_v8_cp_async_loads mla_decode_v7_half_page_stages; do

@@ -51,6 +51,12 @@ def test_decode_sass_uses_hopper_instructions(dtype_name: str) -> None:
     text = sass(decode_module(getattr(torch, dtype_name)))
     assert "HGMMA.64x64x16.F32" in text, "S = Q K^T should be a 64x64 wgmma"
     assert "HGMMA.64x256x16.F32" in text, "O += P V should be a 64x256 wgmma"
+    # Warpgroup 0's half of P V takes P from registers (v10): A operand a register, not gdesc.
+    assert re.search(r"HGMMA\.64x256x16\.F32(\.\w+)? R\d+, R\d+, gdesc", text), "P V with A from registers expected"
+    # The Q block arrives by cp.async with every load in flight (v9), not load-then-store
+    # through registers (one memory round trip per vector).
+    assert "LDGSTS" in text, "Q block by cp.async expected"
+    assert not re.search(r"\bLDG\.E\.128", text), "16-byte global loads through registers (the pre-v9 Q loop)"
     assert "UTMALDG.4D" in text, "pages should arrive by TMA"
     assert "SYNCS" in text, "mbarrier waits/arrives expected"
     assert "USETMAXREG" in text, "setmaxnreg should rebalance registers across warpgroups"
