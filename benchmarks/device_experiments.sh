@@ -15,6 +15,8 @@
 #   v8:       cp.async page loads A/B, reference check, sanitizers, GPU unit tests (~3.5 min)
 #   v13:      L2 prefetch of pages 1, 2 and 4 ahead of the ring (TMA tensor prefetch): reference
 #             check at 2, timing-only A/B of the three depths (~3 min)
+#   profile:  Nsight Compute counters (tensor pipe, shared-memory wavefronts, DRAM, stalls) of
+#             the shipped decode, v8 and the pipeline diagnostic, memory and compute row (~3 min)
 #   race:     reference checks of v7 and v8, then one timing-only A/B of shipped, v8, v7 and the
 #             hold/cp.async diagnostics in one process order (~5 min); sanitizers and unit tests
 #             follow for the winner only
@@ -69,6 +71,9 @@ for experiment in ${@:-v13}; do
     OUT=$ROOT_OUT/v13 AB_TIMING_ONLY=1 timeout 420 bash benchmarks/ab_session.sh \
       mla_decode_v13_l2_prefetch+L2_PREFETCH_PAGES=2 mla_decode_v13_l2_prefetch+L2_PREFETCH_PAGES=1 \
       mla_decode_v13_l2_prefetch+L2_PREFETCH_PAGES=4 ;;
+  profile)
+    run profile
+    OUT=$ROOT_OUT/profile timeout 560 bash benchmarks/profile_ncu.sh ;;
   race)
     run race
     for version in mla_decode_v8_cp_async_loads mla_decode_v7_half_page_stages; do

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Nsight Compute counters of the decode kernel, shipped against archived versions, on a memory
+# row and a compute row (one GPU; ~2-3 min). Answers two open questions of NOTES.md: why v8's
+# cp.async producer, faster alone, lost with the math present (shared-memory and LSU pipes), and
+# how long the tensor pipe idles per page on the compute rows.
+#   OUT=... benchmarks/profile_ncu.sh [VERSION ...]   (default: v8 and the pipeline diagnostic)
+# A version is a kernel_versions/ stem with optional +KEY=VALUE knobs, as in ab_session.sh.
+set -uo pipefail
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
+OUT=${OUT:-/tmp/out}/ncu; mkdir -p "$OUT"
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+[ -x "$NCU" ] || { echo "ncu not found"; exit 1; }
+"$NCU" --query-metrics > "$OUT/metric_names.txt" 2>&1
+python -c "import flashmla_backend as f; f.precompile()"
+# Only the candidates this ncu knows (an unknown name fails the whole run).
+METRICS=""
+for m in sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active \
+         sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active \
+         l1tex__data_pipe_lsu_wavefronts_mem_shared.sum \
+         l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum \
+         dram__throughput.avg.pct_of_peak_sustained_elapsed lts__t_sector_hit_rate.pct \
+         gpu__time_duration.sum; do
+  grep -q "^${m%%.*} " "$OUT/metric_names.txt" && METRICS=${METRICS:+$METRICS,}$m
+done
+echo "metrics: $METRICS"
+for version in shipped ${@:-mla_decode_v8_cp_async_loads mla_decode_diag_pipeline_only}; do
+  stem=${version%%+*}; defines=""
+  [ "$stem" != "$version" ] && defines=$(echo "${version#*+}" | tr '+' '\n' | sed 's/^/-D/' | tr '\n' ' ')
+  file=$([ "$stem" = shipped ] || echo "$PWD/benchmarks/kernel_versions/$stem.cu")
+  for shape in "128 1 16 4096" "128 2 128 4096"; do
+    label=${version//[+=]/_}_${shape// /x}
+    FLASHMLA_BACKEND_DECODE_FILE=$file FLASHMLA_BACKEND_DECODE_DEFINES=$defines timeout 240 \
+      "$NCU" --clock-control none --kernel-name mla_decode --launch-skip 2 --launch-count 1 \
+      --metrics "$METRICS" --section WarpStateStats --csv --page raw \
+      python benchmarks/profile_one_call.py $shape > "$OUT/$label.csv" 2> "$OUT/$label.err"
+    echo "== $label (rc $?)"
+    python - "$OUT/$label.csv" <<'PY'
+import csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if r]
+head = next((i for i, r in enumerate(rows) if "Kernel Name" in r), None)
+if head is None or head + 2 >= len(rows):
+    print("  no ncu rows"); sys.exit()
+names, values = rows[head], rows[head + 2]
+keep = ("gmma", "pipe_lsu", "mem_shared", "dram__", "hit_rate", "duration", "stalled")
+for n, v in zip(names, values):
+    if any(k in n for k in keep) and v not in ("", "n/a"):
+        print(f"  {n} = {v}")
+PY
+  done
+done
