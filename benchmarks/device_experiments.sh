@@ -17,6 +17,8 @@
 #             check at 2, timing-only A/B of the three depths (~3 min)
 #   profile:  Nsight Compute counters (tensor pipe, shared-memory wavefronts, DRAM, stalls) of
 #             the shipped decode, v8 and the pipeline diagnostic, memory and compute row (~3 min)
+#   anatomy:  per-kernel GPU time and idle gaps of our call and the peers' on the latency rows
+#             (benchmarks/latency_anatomy.py; needs the vLLM bundle for the peers; ~1 min)
 #   race:     reference checks of v7 and v8, then one timing-only A/B of shipped, v8, v7 and the
 #             hold/cp.async diagnostics in one process order (~5 min); sanitizers and unit tests
 #             follow for the winner only
@@ -74,6 +76,9 @@ for experiment in ${@:-v13}; do
   profile)
     run profile
     OUT=$ROOT_OUT/profile timeout 560 bash benchmarks/profile_ncu.sh ;;
+  anatomy)
+    run anatomy
+    timeout 300 python benchmarks/latency_anatomy.py --out "$ROOT_OUT/anatomy" ;;
   race)
     run race
     for version in mla_decode_v8_cp_async_loads mla_decode_v7_half_page_stages; do
