@@ -12,7 +12,8 @@
 #   benchmarks/device_session.sh integration A # integration tests in two lanes, one per GPU
 #                                              # (groups A, B, C; see below)
 #   benchmarks/device_session.sh tp            # tensor parallel 2 (both GPUs)
-#   benchmarks/device_session.sh e2e           # end-to-end throughput, 2 backends at a time
+#   benchmarks/device_session.sh e2e [--swap-gpus --backends CUSTOM FLASHMLA]  # end-to-end
+#                                              # throughput, 2 backends at a time
 #   benchmarks/device_session.sh pytest G NAME ARGS...  # one pytest lane on GPU G (log NAME.log),
 #                                              # to run beside another stage on the other GPU
 set -uo pipefail

@@ -6,6 +6,7 @@
     python benchmarks/e2e_vllm.py --backends CUSTOM FLASHMLA ...   # a subset; rerun for the rest
     python benchmarks/e2e_vllm.py --report-only --out bench_out/e2e_vllm   # table of saved runs
     python benchmarks/e2e_vllm.py --parallel-gpus 2    # 2 backends at a time, one GPU each
+    python benchmarks/e2e_vllm.py --parallel-gpus 2 --swap-gpus --backends CUSTOM FLASHMLA
 
 Model: DeepSeek-V2-Lite's shapes (27 layers, hidden 2048, 16 heads, MLA kv_lora_rank 512 +
 RoPE 64, 64 routed experts) from a local folder holding only ``config.json``; vLLM draws random
@@ -24,7 +25,10 @@ table; writes ``<backend>.json``, ``<backend>.log`` and ``summary.json`` into ``
 With ``--parallel-gpus N`` (TP 1 only), N backends run at the same time, each alone on its own
 GPU of the machine (``CUDA_VISIBLE_DEVICES``), in the order given: pairs share the host's CPUs
 and the same wall-clock window, so each pair meets the same conditions. The GPU each backend
-ran on is recorded.
+ran on is recorded. With ``--swap-gpus`` each group runs a second time with the GPUs reversed
+(results of that pass under ``<out>/gpus_swapped/``); a backend's repeats from both GPUs are
+pooled, and each pairing's ratio to CUSTOM is printed, so a GPU-to-GPU difference shows as the
+spread between the two pairings instead of as a difference between backends.
 """
 
 from __future__ import annotations
@@ -284,6 +288,37 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def pool_placements(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """One backend's results from two GPUs as one: the repeats of both (each tagged with its
+    GPU), the best of them, and each placement's best rate."""
+    if "best" not in first or "best" not in second:  # a failed placement: keep the other
+        return second if "best" not in first else first
+    runs = [dict(r, cuda_visible_devices=res.get("cuda_visible_devices")) for res in (first, second)
+            for r in res["runs"]]
+    placements = [{"cuda_visible_devices": res.get("cuda_visible_devices"),
+                   "decode_tok_per_s": res["best"]["decode_tok_per_s"],
+                   "steady_tok_per_s": fastest_timings_rate(res)} for res in (first, second)]
+    return dict(first, runs=runs, best=max(runs, key=lambda r: r["decode_tok_per_s"]),
+                cuda_visible_devices="both", placements=placements)
+
+
+def pairing_ratios(results: list[dict[str, Any]]) -> list[str]:
+    """For pooled results: each other backend's steady rate relative to CUSTOM, per placement
+    (CUSTOM's GPU named), and their geometric mean."""
+    ours = next((r for r in results if r.get("backend") == "CUSTOM" and "placements" in r), None)
+    lines = []
+    for r in results:
+        if ours is None or r is ours or "placements" not in r:
+            continue
+        ratios = [o["steady_tok_per_s"] / t["steady_tok_per_s"]
+                  for o, t in zip(ours["placements"], r["placements"])]
+        where = ", ".join(f"{ratio:.3f}x with CUSTOM on GPU {o['cuda_visible_devices']}"
+                          for ratio, o in zip(ratios, ours["placements"]))
+        mean = (ratios[0] * ratios[1]) ** 0.5
+        lines.append(f"CUSTOM / {r['backend']} (steady rates): {where}; geometric mean {mean:.3f}x")
+    return lines
+
+
 def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     header = next((r for r in results if "best" in r), None)
     if header is not None:
@@ -293,6 +328,8 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
               f"{', eager' if header['enforce_eager'] else ', CUDA graphs'}"
               f"{'; ' + str(args.parallel_gpus) + ' backends at a time, one GPU each' if args.parallel_gpus > 1 else ''}\n")
     table = markdown_table(results)
+    ratios = pairing_ratios(results)
+    table += "".join("\n\n" + line for line in ratios[:1]) + "".join("\n" + line for line in ratios[1:])
     print(table)
     (args.out / "summary.json").write_text(json.dumps({"results": results, "table": table}, indent=2))
 
@@ -312,6 +349,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per backend subprocess")
     parser.add_argument("--parallel-gpus", type=int, default=1,
                         help="run this many backends at once, each on its own GPU (TP 1 only)")
+    parser.add_argument("--swap-gpus", action="store_true",
+                        help="with --parallel-gpus 2: run each pair again with the GPUs reversed and pool them")
     parser.add_argument("--report-only", action="store_true", help="print the table of results already in --out")
     parser.add_argument("--worker", metavar="BACKEND", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
@@ -320,6 +359,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("need --gen-len >= 2, --num-requests >= 1 and --prompt-len >= 1")
     if args.parallel_gpus < 1 or (args.parallel_gpus > 1 and args.tensor_parallel_size != 1):
         parser.error("--parallel-gpus needs a positive count, and --tensor-parallel-size 1 when above 1")
+    if args.swap_gpus and args.parallel_gpus != 2:
+        parser.error("--swap-gpus needs --parallel-gpus 2")
     return args
 
 
@@ -344,11 +385,20 @@ def main(argv: list[str] | None = None) -> None:
         results = [run_backend(args, backend, model_dir, env) for backend in args.backends]
     else:
         results = []
+        swapped_args = argparse.Namespace(**{**vars(args), "out": args.out / "gpus_swapped"})
         for first in range(0, len(args.backends), args.parallel_gpus):
             group = args.backends[first:first + args.parallel_gpus]
             with ThreadPoolExecutor(len(group)) as pool:
-                results += list(pool.map(lambda item: run_backend(args, item[1], model_dir, env, gpu=item[0]),
-                                         enumerate(group)))
+                placed = list(pool.map(lambda item: run_backend(args, item[1], model_dir, env, gpu=item[0]),
+                                       enumerate(group)))
+            if args.swap_gpus and len(group) == 2:
+                swapped_args.out.mkdir(parents=True, exist_ok=True)
+                with ThreadPoolExecutor(2) as pool:
+                    reversed_ = list(pool.map(
+                        lambda item: run_backend(swapped_args, item[1], model_dir, env, gpu=1 - item[0]),
+                        enumerate(group)))
+                placed = [pool_placements(a, b) for a, b in zip(placed, reversed_)]
+            results += placed
     report(args, results)
 
 

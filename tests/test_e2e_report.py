@@ -43,3 +43,22 @@ def test_table_gives_both_rates_relative_to_custom_and_marks_failures(e2e) -> No
     assert custom.startswith("| CUSTOM | 100 | 1.00x | 100 | 1.00x |")
     assert flashmla.startswith("| FLASHMLA | 50 | 0.50x | 50 | 0.50x |")
     assert "failed: 1" in triton
+
+
+def test_swapped_placements_pool_repeats_and_give_each_pairings_ratio(e2e) -> None:
+    # CUSTOM ran 100 tok/s on GPU 0 and 120 on GPU 1; FLASHMLA 90 on GPU 1 and 110 on GPU 0.
+    custom = e2e.pool_placements(dict(result("CUSTOM", [(6.0, 16.0)]), cuda_visible_devices="0"),
+                                 dict(result("CUSTOM", [(6.0, 6.0 + 1000 / 120)]), cuda_visible_devices="1"))
+    flashmla = e2e.pool_placements(dict(result("FLASHMLA", [(6.0, 6.0 + 1000 / 90)]), cuda_visible_devices="1"),
+                                   dict(result("FLASHMLA", [(6.0, 6.0 + 1000 / 110)]), cuda_visible_devices="0"))
+    assert len(custom["runs"]) == 2 and custom["best"]["decode_tok_per_s"] == pytest.approx(120)
+    assert [r["cuda_visible_devices"] for r in custom["runs"]] == ["0", "1"]
+    (line,) = e2e.pairing_ratios([custom, flashmla])
+    assert "1.111x with CUSTOM on GPU 0" in line and "1.091x with CUSTOM on GPU 1" in line
+    assert f"geometric mean {(100 / 90 * 120 / 110) ** 0.5:.3f}x" in line
+
+
+def test_a_failed_placement_keeps_the_other(e2e) -> None:
+    ok = dict(result("CUSTOM", [(6.0, 16.0)]), cuda_visible_devices="0")
+    assert e2e.pool_placements(ok, {"backend": "CUSTOM", "error": "1"}) is ok
+    assert e2e.pool_placements({"backend": "CUSTOM", "error": "1"}, ok) is ok
