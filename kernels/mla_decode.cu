@@ -15,9 +15,10 @@
 // mbarriers, which compute-sanitizer's racecheck follows. P_FREE stays a hardware named barrier
 // (as an mbarrier it cost ~5% on the compute rows, measured when its wait still preceded
 // warpgroup 0's P V; since v10 that wgmma reads P from registers and is in flight during the
-// wait); it guards only the P tile, which warpgroup 1's wgmma reads through the async proxy. The per-row rescale factors
-// that warpgroup 1 reads get one slot per KV stage, so warpgroup 0 rewrites a slot only after the
-// KV ring has recycled that stage: an mbarrier chain, not the named barrier, orders them.
+// wait); it guards only the P tile, which warpgroup 1's wgmma reads through the async proxy.
+// The per-row rescale factors that warpgroup 1 reads get one slot per KV stage, so warpgroup 0
+// rewrites a slot only after the KV ring has recycled that stage: an mbarrier chain, not the
+// named barrier, orders them.
 #include "mla_decode_shared.cuh"
 
 constexpr int KV_STAGES = 2;
@@ -28,7 +29,7 @@ static_assert(WG_THREADS * (SOFTMAX_WG_REGS + PV_WG_REGS + PRODUCER_WG_REGS) <= 
               "register split exceeds the register file");
 
 // Hand-off mbarriers between the math warpgroups (index into SharedTiles::handoff_bar()).
-constexpr int HB_Q_READY = 0;    // both WGs stored Q       (256 arrivals, WG0 waits)
+constexpr int HB_Q_READY = 0;    // both WGs copied Q       (256 arrivals, WG0 waits)
 constexpr int HB_P_READY = 1;    // WG0 stored P and scales (128 arrivals, WG1 waits)
 constexpr int HB_STATS = 2;      // WG0 stored row max/sum  (128 arrivals, WG1 waits)
 constexpr int HANDOFF_BARRIERS = 3;
@@ -92,8 +93,9 @@ DEVICE void run_producer(const DecodeArgs& a, const SharedTiles& sm) {
     }
 }
 
-// Both math warpgroups copy their share of the Q block (cp.async) and arrive at HB_Q_READY; warpgroup 0
-// waits for phase q_phase (the number of earlier pieces with pages).
+// Both math warpgroups copy their share of the Q block (cp.async, all in flight, then waited
+// for) and arrive at HB_Q_READY; warpgroup 0 waits for phase q_phase (the number of earlier
+// pieces with pages).
 DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int req, int tid, bool waits,
                           int q_phase) {
     load_q_block(sm.q(), a.q, a.q_stride_b, a.q_stride_s, a.q_stride_h, req, a.kh, a.row_base,
