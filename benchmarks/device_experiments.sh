@@ -15,6 +15,9 @@
 #   v8:       cp.async page loads A/B, reference check, sanitizers, GPU unit tests (~3.5 min)
 #   v13:      L2 prefetch of pages 1, 2 and 4 ahead of the ring (TMA tensor prefetch): reference
 #             check at 2, timing-only A/B of the three depths (~3 min)
+#   v14:      the first 4 / 8 k16 slices of Q from registers in the scores wgmma (a probe of the
+#             shared-memory-bandwidth reading), and 0 (v10 with v14's register split):
+#             reference check at 8, timing-only A/B (~3.5 min)
 #   profile:  Nsight Compute counters (tensor pipe, shared-memory wavefronts, DRAM, stalls) of
 #             the shipped decode, v8 and the pipeline diagnostic, memory and compute row (~3 min)
 #   anatomy:  per-kernel GPU time and idle gaps of our call and the peers' on the latency rows
@@ -26,7 +29,7 @@ set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
 ROOT_OUT=${OUT:-/tmp/out}
 run() { mkdir -p "$ROOT_OUT/$1"; echo "=== $1"; }
-for experiment in ${@:-v13}; do
+for experiment in ${@:-v13 v14}; do
   case $experiment in
   pipeline)
     run pipeline
@@ -73,6 +76,14 @@ for experiment in ${@:-v13}; do
     OUT=$ROOT_OUT/v13 AB_TIMING_ONLY=1 timeout 420 bash benchmarks/ab_session.sh \
       mla_decode_v13_l2_prefetch+L2_PREFETCH_PAGES=2 mla_decode_v13_l2_prefetch+L2_PREFETCH_PAGES=1 \
       mla_decode_v13_l2_prefetch+L2_PREFETCH_PAGES=4 ;;
+  v14)
+    run v14
+    FLASHMLA_BACKEND_DECODE_FILE=$PWD/benchmarks/kernel_versions/mla_decode_v14_q_fragments_in_registers.cu \
+      timeout 120 python benchmarks/check_decode_version.py --max-rows 512 > "$ROOT_OUT/v14/check.log" 2>&1
+    echo "== v14 correctness (rc $?): $(tail -1 "$ROOT_OUT/v14/check.log")"
+    OUT=$ROOT_OUT/v14 AB_TIMING_ONLY=1 timeout 480 bash benchmarks/ab_session.sh \
+      mla_decode_v14_q_fragments_in_registers+Q_REG_STEPS=8 mla_decode_v14_q_fragments_in_registers+Q_REG_STEPS=4 \
+      mla_decode_v14_q_fragments_in_registers+Q_REG_STEPS=0 ;;
   profile)
     run profile
     OUT=$ROOT_OUT/profile timeout 560 bash benchmarks/profile_ncu.sh ;;

@@ -217,6 +217,30 @@ DEVICE void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
         : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
+// The same with A from registers (a0..a3: this warp's 16 rows of the k16 slice in the mma
+// A-fragment layout, as ldmatrix_x4 returns it); B K-major in smem.
+DEVICE void wgmma_m64n64k16_rs(float (&d)[32], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                               uint64_t desc_b, int accumulate) {
+    asm volatile(
+        "{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"
+        " wgmma.mma_async.sync.aligned.m64n64k16.f32." MLA_WGMMA_TYPE "." MLA_WGMMA_TYPE "\n"
+        " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "  %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31},"
+        " {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+          "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
+          "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),
+          "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "r"(accumulate));
+}
+
+// Four 8x8 16-bit matrices from smem, one row address per lane (lanes 8j..8j+7: matrix j).
+DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(row_addr)));
+}
+
 // D[64x16] / D[64x32] (+)= A[64x16] * B[16xN] with the query rows on N, for few rows per KV
 // head (benchmarks/kernel_versions/mla_decode_v5_heads_on_n.cu). B is K-major; A is K-major
 // (TRANS_A = 0: scores S^T = K Q^T) or MN-major (TRANS_A = 1: O^T += V^T P^T, V read
