@@ -14,6 +14,10 @@ constexpr int WG_THREADS = 128;
 constexpr int CONSUMER_THREADS = 2 * WG_THREADS;        // the two math warpgroups
 constexpr int DECODE_THREADS = 3 * WG_THREADS;          // and the producer warpgroup
 constexpr int V_COLS_PER_WG = HEAD_DIM_V / 2;           // 256: each warpgroup owns half of O
+// Registers per thread at launch: __launch_bounds__(DECODE_THREADS, 1) caps ptxas at the
+// register file over the threads, in steps of 8 (168). setmaxnreg only moves registers within
+// that pool: a split that asks for more makes setmaxnreg.inc wait forever.
+constexpr int LAUNCH_REGS_PER_THREAD = (65536 / DECODE_THREADS) / 8 * 8;
 constexpr int K_STEP = 16;                              // wgmma K per instruction
 
 struct __align__(64) TensorMap { uint64_t opaque[16]; };

@@ -45,8 +45,9 @@ DEVICE unsigned long long global_timer_ns() {
 constexpr int SOFTMAX_WG_REGS = 240;
 constexpr int PV_WG_REGS = 224;
 constexpr int PRODUCER_WG_REGS = 40;
-static_assert(WG_THREADS * (SOFTMAX_WG_REGS + PV_WG_REGS + PRODUCER_WG_REGS) <= 65536,
-              "register split exceeds the register file");
+static_assert(WG_THREADS * (SOFTMAX_WG_REGS + PV_WG_REGS + PRODUCER_WG_REGS) <=
+                  DECODE_THREADS * LAUNCH_REGS_PER_THREAD,
+              "register split exceeds the registers the CTA is launched with");
 
 
 // Shared memory map (byte offsets from a 1024-aligned base).

@@ -32,12 +32,14 @@ constexpr int KV_STAGES = 2;
 #define Q_REG_STEPS 8
 #endif
 static_assert(Q_REG_STEPS >= 0 && Q_REG_STEPS <= QK_CHUNKS * (CHUNK_COLS / K_STEP), "k16 slices of Q");
-// The fragments need registers: warpgroup 0 takes the most setmaxnreg allows (v10: 240/224/40).
+// The fragments need registers: warpgroup 0 takes the most setmaxnreg allows, from the
+// producer (v10: 240/224/40).
 constexpr int SOFTMAX_WG_REGS = 256;
-constexpr int PV_WG_REGS = 232;
+constexpr int PV_WG_REGS = 224;
 constexpr int PRODUCER_WG_REGS = 24;
-static_assert(WG_THREADS * (SOFTMAX_WG_REGS + PV_WG_REGS + PRODUCER_WG_REGS) <= 65536,
-              "register split exceeds the register file");
+static_assert(WG_THREADS * (SOFTMAX_WG_REGS + PV_WG_REGS + PRODUCER_WG_REGS) <=
+                  DECODE_THREADS * LAUNCH_REGS_PER_THREAD,
+              "register split exceeds the registers the CTA is launched with");
 
 // Hand-off mbarriers between the math warpgroups (index into SharedTiles::handoff_bar()).
 constexpr int HB_Q_READY = 0;    // both WGs copied Q       (256 arrivals, WG0 waits)

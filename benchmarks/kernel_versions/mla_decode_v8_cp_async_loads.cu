@@ -34,8 +34,9 @@ constexpr bool TAKES_KV_POINTER = true;
 constexpr int SOFTMAX_WG_REGS = 240;
 constexpr int PV_WG_REGS = 224;
 constexpr int PRODUCER_WG_REGS = 40;
-static_assert(WG_THREADS * (SOFTMAX_WG_REGS + PV_WG_REGS + PRODUCER_WG_REGS) <= 65536,
-              "register split exceeds the register file");
+static_assert(WG_THREADS * (SOFTMAX_WG_REGS + PV_WG_REGS + PRODUCER_WG_REGS) <=
+                  DECODE_THREADS * LAUNCH_REGS_PER_THREAD,
+              "register split exceeds the registers the CTA is launched with");
 
 // Hand-off mbarriers between the math warpgroups (index into SharedTiles::handoff_bar()).
 constexpr int HB_Q_READY = 0;    // both WGs stored Q       (256 arrivals, WG0 waits)
