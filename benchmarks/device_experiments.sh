@@ -18,6 +18,10 @@
 #   v14:      the first 4 / 8 k16 slices of Q from registers in the scores wgmma (a probe of the
 #             shared-memory-bandwidth reading), and 0 (v10 with v14's register split):
 #             reference check at 8, timing-only A/B (~3.5 min)
+#   v16:      P in the page's rope chunk, one P_READY per stage, no P_FREE named barrier: A/B,
+#             reference check, sanitizers, GPU unit tests (~3.5 min)
+#   next:     the first call of the fifth session: reference checks of v13, v14 and v16, then
+#             one timing-only A/B of v13 (2 and 4 pages), v14 (8, 4, 0 slices) and v16 (~5 min)
 #   profile:  Nsight Compute counters (tensor pipe, shared-memory wavefronts, DRAM, stalls) of
 #             the shipped decode, v8 and the pipeline diagnostic, memory and compute row (~3 min)
 #   anatomy:  per-kernel GPU time and idle gaps of our call and the peers' on the latency rows
@@ -29,7 +33,7 @@ set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
 ROOT_OUT=${OUT:-/tmp/out}
 run() { mkdir -p "$ROOT_OUT/$1"; echo "=== $1"; }
-for experiment in ${@:-v13 v14}; do
+for experiment in ${@:-next}; do
   case $experiment in
   pipeline)
     run pipeline
@@ -84,6 +88,20 @@ for experiment in ${@:-v13 v14}; do
     OUT=$ROOT_OUT/v14 AB_TIMING_ONLY=1 timeout 480 bash benchmarks/ab_session.sh \
       mla_decode_v14_q_fragments_in_registers+Q_REG_STEPS=8 mla_decode_v14_q_fragments_in_registers+Q_REG_STEPS=4 \
       mla_decode_v14_q_fragments_in_registers+Q_REG_STEPS=0 ;;
+  v16)
+    run v16
+    OUT=$ROOT_OUT/v16 timeout 560 bash benchmarks/ab_session.sh mla_decode_v16_p_in_rope_chunk ;;
+  next)
+    run next
+    for version in mla_decode_v13_l2_prefetch mla_decode_v14_q_fragments_in_registers mla_decode_v16_p_in_rope_chunk; do
+      FLASHMLA_BACKEND_DECODE_FILE=$PWD/benchmarks/kernel_versions/$version.cu timeout 120 \
+        python benchmarks/check_decode_version.py --max-rows 512 > "$ROOT_OUT/next/$version.check" 2>&1
+      echo "== $version correctness (rc $?): $(tail -1 "$ROOT_OUT/next/$version.check")"
+    done
+    OUT=$ROOT_OUT/next AB_TIMING_ONLY=1 timeout 480 bash benchmarks/ab_session.sh \
+      mla_decode_v13_l2_prefetch+L2_PREFETCH_PAGES=2 mla_decode_v13_l2_prefetch+L2_PREFETCH_PAGES=4 \
+      mla_decode_v14_q_fragments_in_registers+Q_REG_STEPS=8 mla_decode_v14_q_fragments_in_registers+Q_REG_STEPS=4 \
+      mla_decode_v14_q_fragments_in_registers+Q_REG_STEPS=0 mla_decode_v16_p_in_rope_chunk ;;
   profile)
     run profile
     OUT=$ROOT_OUT/profile timeout 560 bash benchmarks/profile_ncu.sh ;;
