@@ -20,8 +20,9 @@
 #             reference check at 8, timing-only A/B (~3.5 min)
 #   v16:      P in the page's rope chunk, one P_READY per stage, no P_FREE named barrier: A/B,
 #             reference check, sanitizers, GPU unit tests (~3.5 min)
-#   next:     the first call of the fifth session: reference checks of v13, v14 and v16, then
-#             one timing-only A/B of v13 (2 and 4 pages), v14 (8, 4, 0 slices) and v16 (~5 min)
+#   next:     the first call of the fifth session: reference checks of v13, v14, v16 and v17,
+#             then one timing-only A/B of v13 (2 and 4 pages), v14 (8, 4, 0 slices), v16 and v17
+#             (producer fence, and v8's consumer fence) (~6 min)
 #   profile:  Nsight Compute counters (tensor pipe, shared-memory wavefronts, DRAM, stalls) of
 #             the shipped decode, v8 and the pipeline diagnostic, memory and compute row (~3 min)
 #   anatomy:  per-kernel GPU time and idle gaps of our call and the peers' on the latency rows
@@ -93,7 +94,8 @@ for experiment in ${@:-next}; do
     OUT=$ROOT_OUT/v16 timeout 560 bash benchmarks/ab_session.sh mla_decode_v16_p_in_rope_chunk ;;
   next)
     run next
-    for version in mla_decode_v13_l2_prefetch mla_decode_v14_q_fragments_in_registers mla_decode_v16_p_in_rope_chunk; do
+    for version in mla_decode_v13_l2_prefetch mla_decode_v14_q_fragments_in_registers mla_decode_v16_p_in_rope_chunk \
+                   mla_decode_v17_cp_async_producer_fence; do
       FLASHMLA_BACKEND_DECODE_FILE=$PWD/benchmarks/kernel_versions/$version.cu timeout 120 \
         python benchmarks/check_decode_version.py --max-rows 512 > "$ROOT_OUT/next/$version.check" 2>&1
       echo "== $version correctness (rc $?): $(tail -1 "$ROOT_OUT/next/$version.check")"
@@ -101,7 +103,8 @@ for experiment in ${@:-next}; do
     OUT=$ROOT_OUT/next AB_TIMING_ONLY=1 timeout 480 bash benchmarks/ab_session.sh \
       mla_decode_v13_l2_prefetch+L2_PREFETCH_PAGES=2 mla_decode_v13_l2_prefetch+L2_PREFETCH_PAGES=4 \
       mla_decode_v14_q_fragments_in_registers+Q_REG_STEPS=8 mla_decode_v14_q_fragments_in_registers+Q_REG_STEPS=4 \
-      mla_decode_v14_q_fragments_in_registers+Q_REG_STEPS=0 mla_decode_v16_p_in_rope_chunk ;;
+      mla_decode_v14_q_fragments_in_registers+Q_REG_STEPS=0 mla_decode_v16_p_in_rope_chunk \
+      mla_decode_v17_cp_async_producer_fence mla_decode_v17_cp_async_producer_fence+PRODUCER_FENCE=0 ;;
   profile)
     run profile
     OUT=$ROOT_OUT/profile timeout 560 bash benchmarks/profile_ncu.sh ;;
