@@ -2,7 +2,7 @@
 # The open kernel questions of benchmarks/NOTES.md, on a one-GPU machine (pipeline, parts and
 # overhead ran on an H200 on 2026-11-28: results/h200_run8/experiments/). Logs under
 # $OUT/<experiment>/; each prints its table.
-#   OUT=... benchmarks/device_experiments.sh [pipeline] [parts] [overhead] [hold] [v7] [v8]
+#   OUT=... benchmarks/device_experiments.sh [EXPERIMENT ...]   (default: next)
 #   pipeline: v1 without the math, 2 and 3 stages (is the KV ring the memory-row bound?)
 #   parts:    memory rows with the scheduler capped at 128 parts (no splits, no combine work),
 #             no-split rule off (FLASHMLA_BACKEND_NO_SPLIT_SLACK=0) so the cap alone differs
@@ -11,8 +11,6 @@
 #   hold:     the pipeline diagnostic with each stage held 1.5 us (the math's hold time at
 #             h_q = 16), 2 and 3 stages: is a held 2-stage ring latency-bound? And the same
 #             pipeline loading by cp.async from 128 threads instead of TMA (~3 min)
-#   v7:       half-page stages A/B, reference check, sanitizers, GPU unit tests (~3.5 min)
-#   v8:       cp.async page loads A/B, reference check, sanitizers, GPU unit tests (~3.5 min)
 #   v13:      L2 prefetch of pages 1, 2 and 4 ahead of the ring (TMA tensor prefetch): reference
 #             check at 2, timing-only A/B of the three depths (~3 min)
 #   v14:      the first 4 / 8 k16 slices of Q from registers in the scores wgmma (a probe of the
@@ -24,12 +22,10 @@
 #             then one timing-only A/B of v13 (2 and 4 pages), v14 (8, 4, 0 slices), v16 and v17
 #             (producer fence, and v8's consumer fence) (~6 min)
 #   profile:  Nsight Compute counters (tensor pipe, shared-memory wavefronts, DRAM, stalls) of
-#             the shipped decode, v8 and the pipeline diagnostic, memory and compute row (~3 min)
+#             the shipped decode, v17 both ways and the pipeline diagnostic (TMA, cp.async),
+#             memory and compute row (~4 min)
 #   anatomy:  per-kernel GPU time and idle gaps of our call and the peers' on the latency rows
 #             (benchmarks/latency_anatomy.py; needs the vLLM bundle for the peers; ~1 min)
-#   race:     reference checks of v7 and v8, then one timing-only A/B of shipped, v8, v7 and the
-#             hold/cp.async diagnostics in one process order (~5 min); sanitizers and unit tests
-#             follow for the winner only
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
 ROOT_OUT=${OUT:-/tmp/out}
@@ -67,12 +63,6 @@ for experiment in ${@:-next}; do
       mla_decode_diag_pipeline_only+DIAG_STAGES=3+DIAG_HOLD_NS=1500 \
       mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1 \
       mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1+DIAG_HOLD_NS=1500 ;;
-  v7)
-    run v7
-    OUT=$ROOT_OUT/v7 timeout 560 bash benchmarks/ab_session.sh mla_decode_v7_half_page_stages ;;
-  v8)
-    run v8
-    OUT=$ROOT_OUT/v8 timeout 560 bash benchmarks/ab_session.sh mla_decode_v8_cp_async_loads ;;
   v13)
     run v13
     FLASHMLA_BACKEND_DECODE_FILE=$PWD/benchmarks/kernel_versions/mla_decode_v13_l2_prefetch.cu timeout 120 \
@@ -111,19 +101,6 @@ for experiment in ${@:-next}; do
   anatomy)
     run anatomy
     timeout 300 python benchmarks/latency_anatomy.py --out "$ROOT_OUT/anatomy" ;;
-  race)
-    run race
-    for version in mla_decode_v8_cp_async_loads mla_decode_v7_half_page_stages; do
-      FLASHMLA_BACKEND_DECODE_FILE=$PWD/benchmarks/kernel_versions/$version.cu timeout 120 \
-        python benchmarks/check_decode_version.py --max-rows 512 > "$ROOT_OUT/race/$version.check" 2>&1
-      echo "== $version correctness (rc $?): $(tail -1 "$ROOT_OUT/race/$version.check")"
-      grep -E "FAIL|Error|error" "$ROOT_OUT/race/$version.check" | tail -8
-    done
-    OUT=$ROOT_OUT/race AB_TIMING_ONLY=1 timeout 420 bash benchmarks/ab_session.sh \
-      mla_decode_v8_cp_async_loads mla_decode_v7_half_page_stages \
-      mla_decode_diag_pipeline_only mla_decode_diag_pipeline_only+DIAG_HOLD_NS=1500 \
-      mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1 \
-      mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1+DIAG_HOLD_NS=1500 ;;
   *) echo "unknown experiment $experiment"; exit 2 ;;
   esac
 done

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Nsight Compute counters of the decode kernel, shipped against archived versions, on a memory
-# row and a compute row (one GPU; ~2-3 min). Answers two open questions of NOTES.md: why v8's
-# cp.async producer, faster alone, lost with the math present (shared-memory and LSU pipes), and
-# how long the tensor pipe idles per page on the compute rows.
-#   OUT=... benchmarks/profile_ncu.sh [VERSION ...]   (default: v8, the pipeline diagnostic by TMA
-#   and by cp.async)
+# row and a compute row (one GPU; ~3-4 min). Answers two open questions of NOTES.md: why a
+# cp.async producer (v8; v17 with both completion schemes), faster alone, lost with the math
+# present (shared-memory and LSU pipes), and how busy the tensor pipe is on the compute rows.
+#   OUT=... benchmarks/profile_ncu.sh [VERSION ...]   (default: v17 both ways, the pipeline
+#   diagnostic by TMA and by cp.async)
 # A version is a kernel_versions/ stem with optional +KEY=VALUE knobs, as in ab_session.sh.
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
@@ -24,7 +24,7 @@ for m in sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active 
   grep -q "^${m%%.*} " "$OUT/metric_names.txt" && METRICS=${METRICS:+$METRICS,}$m
 done
 echo "metrics: $METRICS"
-for version in shipped ${@:-mla_decode_v8_cp_async_loads mla_decode_diag_pipeline_only mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1}; do
+for version in shipped ${@:-mla_decode_v17_cp_async_producer_fence mla_decode_v17_cp_async_producer_fence+PRODUCER_FENCE=0 mla_decode_diag_pipeline_only mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1}; do
   stem=${version%%+*}; defines=""
   [ "$stem" != "$version" ] && defines=$(echo "${version#*+}" | tr '+' '\n' | sed 's/^/-D/' | tr '\n' ' ')
   file=$([ "$stem" = shipped ] || echo "$PWD/benchmarks/kernel_versions/$stem.cu")
