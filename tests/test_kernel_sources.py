@@ -36,14 +36,16 @@ def test_defines_for_an_archived_version_are_passed_and_checked(monkeypatch: pyt
         decode_module(torch.bfloat16)
 
 
-def test_tma_box_follows_the_decode_source(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The shipped decode loads whole 64-token pages; v7 declares half-page boxes, and the API
-    # must encode its KV tensor map with them.
+def test_tma_box_follows_the_decode_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # The shipped decode loads whole 64-token pages; a version that declares half-page boxes
+    # (as v7 did) must get its KV tensor map encoded with them.
     from flashmla_backend.kernel_sources import decode_launch_contract
 
     monkeypatch.delenv("FLASHMLA_BACKEND_DECODE_FILE", raising=False)
     assert decode_launch_contract(decode_module(torch.bfloat16)).tma_box_tokens == 64
-    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(ARCHIVED / "mla_decode_v7_half_page_stages.cu"))
+    half_pages = tmp_path / "half_pages.cu"
+    half_pages.write_text("constexpr int TMA_BOX_TOKENS = 32;\n")
+    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(half_pages))
     assert decode_launch_contract(decode_module(torch.bfloat16)).tma_box_tokens == 32
 
 
@@ -59,6 +61,6 @@ def test_only_sources_that_declare_it_take_the_cache_pointer(monkeypatch: pytest
 
     monkeypatch.delenv("FLASHMLA_BACKEND_DECODE_FILE", raising=False)
     assert not decode_launch_contract(decode_module(torch.bfloat16)).takes_kv_pointer
-    for version in ("mla_decode_diag_pipeline_only.cu", "mla_decode_v8_cp_async_loads.cu"):
+    for version in ("mla_decode_diag_pipeline_only.cu", "mla_decode_v17_cp_async_producer_fence.cu"):
         monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(ARCHIVED / version))
         assert decode_launch_contract(decode_module(torch.bfloat16)).takes_kv_pointer
