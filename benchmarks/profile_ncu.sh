@@ -23,7 +23,8 @@ for m in sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active 
          gpu__time_duration.sum; do
   grep -q "^${m%%.*} " "$OUT/metric_names.txt" && METRICS=${METRICS:+$METRICS,}$m
 done
-echo "metrics: $METRICS"
+echo "metrics: ${METRICS:-none known; the WarpStateStats section only}"
+METRIC_ARGS=(); [ -n "$METRICS" ] && METRIC_ARGS=(--metrics "$METRICS")
 for version in shipped ${@:-mla_decode_v17_cp_async_producer_fence mla_decode_v17_cp_async_producer_fence+PRODUCER_FENCE=0 mla_decode_diag_pipeline_only mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1}; do
   stem=${version%%+*}; defines=""
   [ "$stem" != "$version" ] && defines=$(echo "${version#*+}" | tr '+' '\n' | sed 's/^/-D/' | tr '\n' ' ')
@@ -32,20 +33,34 @@ for version in shipped ${@:-mla_decode_v17_cp_async_producer_fence mla_decode_v1
     label=${version//[+=]/_}_${shape// /x}
     FLASHMLA_BACKEND_DECODE_FILE=$file FLASHMLA_BACKEND_DECODE_DEFINES=$defines timeout 240 \
       "$NCU" --clock-control none --kernel-name mla_decode --launch-skip 2 --launch-count 1 \
-      --metrics "$METRICS" --section WarpStateStats --csv --page raw \
+      "${METRIC_ARGS[@]}" --section WarpStateStats --csv --page raw \
       python benchmarks/profile_one_call.py $shape > "$OUT/$label.csv" 2> "$OUT/$label.err"
     echo "== $label (rc $?)"
     python - "$OUT/$label.csv" <<'PY'
 import csv, sys
 rows = [r for r in csv.reader(open(sys.argv[1])) if r]
 head = next((i for i, r in enumerate(rows) if "Kernel Name" in r), None)
-if head is None or head + 2 >= len(rows):
+if head is None:
     print("  no ncu rows"); sys.exit()
-names, values = rows[head], rows[head + 2]
-keep = ("gmma", "pipe_lsu", "mem_shared", "dram__", "hit_rate", "duration", "stalled")
+names = rows[head]
+col = names.index("Kernel Name")
+values = next((r for r in rows[head + 1:] if len(r) > col and r[col].startswith("mla_decode")), None)
+if values is None:
+    print("  no mla_decode row"); sys.exit()
+keep = ("gmma", "pipe_lsu", "mem_shared", "dram__", "hit_rate", "duration")
+stalls = []
 for n, v in zip(names, values):
-    if any(k in n for k in keep) and v not in ("", "n/a"):
+    if v in ("", "n/a"):
+        continue
+    if any(k in n for k in keep):
         print(f"  {n} = {v}")
+    elif "issue_stalled" in n and n.endswith(".ratio"):
+        try:
+            stalls.append((float(v.replace(",", "")), n))
+        except ValueError:
+            pass
+for value, n in sorted(stalls, reverse=True)[:6]:  # the largest stall reasons
+    print(f"  {n} = {value:g}")
 PY
   done
 done
