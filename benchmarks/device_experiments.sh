@@ -21,6 +21,8 @@
 #   next:     the first call of the fifth session: reference checks of v13, v14, v16 and v17,
 #             then one timing-only A/B of v13 (2 and 4 pages), v14 (8, 4, 0 slices), v16 and v17
 #             (producer fence, and v8's consumer fence) (~6 min)
+#   v18:      the producer chosen per launch (cp.async for one query block, TMA for several):
+#             reference check, A/B beside v17 and v16, sanitizers, GPU unit tests (~5 min)
 #   profile:  Nsight Compute counters (tensor pipe, shared-memory wavefronts, DRAM, stalls) of
 #             the shipped decode, v17 both ways and the pipeline diagnostic (TMA, cp.async),
 #             memory and compute row (~4 min)
@@ -95,6 +97,10 @@ for experiment in ${@:-next}; do
       mla_decode_v14_q_fragments_in_registers+Q_REG_STEPS=8 mla_decode_v14_q_fragments_in_registers+Q_REG_STEPS=4 \
       mla_decode_v14_q_fragments_in_registers+Q_REG_STEPS=0 mla_decode_v16_p_in_rope_chunk \
       mla_decode_v17_cp_async_producer_fence mla_decode_v17_cp_async_producer_fence+PRODUCER_FENCE=0 ;;
+  v18)
+    run v18
+    OUT=$ROOT_OUT/v18 timeout 580 bash benchmarks/ab_session.sh mla_decode_v18_producer_by_regime \
+      mla_decode_v17_cp_async_producer_fence mla_decode_v16_p_in_rope_chunk ;;
   profile)
     run profile
     OUT=$ROOT_OUT/profile timeout 560 bash benchmarks/profile_ncu.sh ;;
