@@ -20,6 +20,8 @@ for m in sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active 
          l1tex__data_pipe_lsu_wavefronts_mem_shared.sum \
          l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum \
          dram__throughput.avg.pct_of_peak_sustained_elapsed lts__t_sector_hit_rate.pct \
+         l1tex__throughput.avg.pct_of_peak_sustained_active \
+         lts__t_sectors_srcunit_tex_op_read.sum dram__bytes_read.sum \
          gpu__time_duration.sum; do
   grep -q "^${m%%.*} " "$OUT/metric_names.txt" && METRICS=${METRICS:+$METRICS,}$m
 done
@@ -47,7 +49,7 @@ col = names.index("Kernel Name")
 values = next((r for r in rows[head + 1:] if len(r) > col and r[col].startswith("mla_decode")), None)
 if values is None:
     print("  no mla_decode row"); sys.exit()
-keep = ("gmma", "pipe_lsu", "mem_shared", "dram__", "hit_rate", "duration")
+keep = ("gmma", "pipe_lsu", "mem_shared", "dram__", "hit_rate", "duration", "l1tex__throughput", "lts__t_sectors")
 stalls = []
 for n, v in zip(names, values):
     if v in ("", "n/a"):
