@@ -4,7 +4,8 @@
 # then the four sanitizers and the GPU unit tests on the candidate.
 #   OUT=... benchmarks/ab_session.sh CANDIDATE [OTHER ...]
 # A version is a file stem in benchmarks/kernel_versions/, optionally with knobs:
-# NAME+KEY=VALUE[+KEY=VALUE] compiles it with -DKEY=VALUE. AB_TIMING_ONLY=1 runs only the
+# NAME+KEY=VALUE[+KEY=VALUE] compiles it with -DKEY=VALUE; a FLASHMLA_BACKEND_* key is set in
+# the environment instead (e.g. shipped+FLASHMLA_BACKEND_TMA_L2_PROMOTION=0). AB_TIMING_ONLY=1 runs only the
 # benchmarks (for diagnostics whose outputs are not a decode).
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
@@ -13,11 +14,15 @@ candidate=${1:?candidate version}; shift
 
 # with_version VERSION COMMAND...: runs COMMAND with that version's source file and knobs.
 with_version() {
-  local version=$1 stem file defines=""; shift
+  local version=$1 stem file defines="" knob; local -a envs=(); shift
   stem=${version%%+*}
   file=$([ "$stem" = shipped ] || echo "$PWD/benchmarks/kernel_versions/$stem.cu")
-  [ "$stem" != "$version" ] && defines=$(echo "${version#*+}" | tr '+' '\n' | sed 's/^/-D/' | tr '\n' ' ')
-  FLASHMLA_BACKEND_DECODE_FILE=$file FLASHMLA_BACKEND_DECODE_DEFINES=$defines "$@"
+  if [ "$stem" != "$version" ]; then
+    for knob in $(echo "${version#*+}" | tr '+' ' '); do
+      case $knob in FLASHMLA_BACKEND_*) envs+=("$knob") ;; *) defines="$defines -D$knob" ;; esac
+    done
+  fi
+  env "${envs[@]}" FLASHMLA_BACKEND_DECODE_FILE="$file" FLASHMLA_BACKEND_DECODE_DEFINES="$defines" "$@"
 }
 
 nvidia-smi --query-gpu=name --format=csv,noheader

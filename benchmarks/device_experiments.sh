@@ -23,6 +23,8 @@
 #             (producer fence, and v8's consumer fence) (~6 min)
 #   v18:      the producer chosen per launch (cp.async for one query block, TMA for several):
 #             reference check, A/B beside v17 and v16, sanitizers, GPU unit tests (~5 min)
+#   v19:      pages as 72 boxes of one 8-token swizzle atom each, and the KV map's L2 promotion
+#             (none, 128B; shipped 256B): reference check, timing-only A/B (~4 min)
 #   profile:  Nsight Compute counters (tensor pipe, shared-memory wavefronts, DRAM, stalls) of
 #             the shipped decode, v17 both ways and the pipeline diagnostic (TMA, cp.async),
 #             memory and compute row (~4 min)
@@ -101,6 +103,15 @@ for experiment in ${@:-next}; do
     run v18
     OUT=$ROOT_OUT/v18 timeout 580 bash benchmarks/ab_session.sh mla_decode_v18_producer_by_regime \
       mla_decode_v17_cp_async_producer_fence mla_decode_v16_p_in_rope_chunk ;;
+  v19)
+    run v19
+    FLASHMLA_BACKEND_DECODE_FILE=$PWD/benchmarks/kernel_versions/mla_decode_v19_atom_boxes.cu timeout 120 \
+      python benchmarks/check_decode_version.py --max-rows 512 > "$ROOT_OUT/v19/check.log" 2>&1
+    echo "== v19 correctness (rc $?): $(tail -1 "$ROOT_OUT/v19/check.log")"
+    OUT=$ROOT_OUT/v19 AB_TIMING_ONLY=1 timeout 480 bash benchmarks/ab_session.sh mla_decode_v19_atom_boxes \
+      shipped+FLASHMLA_BACKEND_TMA_L2_PROMOTION=0 shipped+FLASHMLA_BACKEND_TMA_L2_PROMOTION=2 \
+      mla_decode_v19_atom_boxes+FLASHMLA_BACKEND_TMA_L2_PROMOTION=0 \
+      mla_decode_diag_pipeline_only mla_decode_diag_pipeline_only+FLASHMLA_BACKEND_TMA_L2_PROMOTION=0 ;;
   profile)
     run profile
     OUT=$ROOT_OUT/profile timeout 560 bash benchmarks/profile_ncu.sh ;;

@@ -8,6 +8,7 @@ and maps are cached per cache tensor, so steady-state calls cost a dict lookup.
 from __future__ import annotations
 
 import ctypes
+import os
 from functools import lru_cache
 
 import numpy as np
@@ -19,11 +20,24 @@ from ._constants import PAGE_SIZE
 _DTYPE_CODE = {torch.float16: 6, torch.bfloat16: 9}
 _INTERLEAVE_NONE = 0
 _SWIZZLE_128B = 3
-_L2_PROMOTION_256B = 3
+_L2_PROMOTION_256B = 3  # NONE, 64B, 128B, 256B = 0..3
 _OOB_FILL_NONE = 0  # out-of-range page ids read zeros
 
 #: Columns per TMA box: 64 bf16/fp16 = 128 bytes, the 128B-swizzle span.
 BOX_COLS = 64
+#: Token heights a decode source may declare for its boxes (8 = one 1 KB swizzle atom per box).
+BOX_TOKEN_HEIGHTS = (8, 16, 32, PAGE_SIZE)
+
+
+def l2_promotion() -> int:
+    """The L2 promotion of the KV map: 256B, unless ``FLASHMLA_BACKEND_TMA_L2_PROMOTION``
+    (0-3: none, 64B, 128B, 256B) overrides it for an A/B experiment."""
+    value = os.environ.get("FLASHMLA_BACKEND_TMA_L2_PROMOTION", "")
+    if value == "":
+        return _L2_PROMOTION_256B
+    if value not in ("0", "1", "2", "3"):
+        raise ValueError(f"FLASHMLA_BACKEND_TMA_L2_PROMOTION: expected 0-3, got {value!r}")
+    return int(value)
 
 TENSOR_MAP_DTYPE = np.dtype([("opaque", np.uint64, (16,))])
 
@@ -52,7 +66,7 @@ def _encode(ptr: int, dtype: torch.dtype, dims: tuple[int, ...], strides_bytes: 
     c_elem = (ctypes.c_uint32 * rank)(*([1] * rank))
     err = _libcuda().cuTensorMapEncodeTiled(
         ctypes.addressof(raw), _DTYPE_CODE[dtype], rank, ctypes.c_void_p(ptr), c_dims, c_strides,
-        c_box, c_elem, _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_256B, _OOB_FILL_NONE)
+        c_box, c_elem, _INTERLEAVE_NONE, _SWIZZLE_128B, l2_promotion(), _OOB_FILL_NONE)
     if err != 0:
         raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {err} "
                            f"(dims={dims}, strides={strides_bytes}, box={box})")
@@ -65,12 +79,13 @@ _cache: dict[tuple, np.void] = {}
 def kv_cache_tensor_map(k_cache: torch.Tensor, box_tokens: int = PAGE_SIZE) -> np.void:
     """Map over ``k_cache [num_pages, 64, h_k, 576]`` as the 4-D tensor
     (576 cols, h_k, 64 tokens, num_pages); one box is 64 cols x 1 head x ``box_tokens`` tokens
-    x 1 page (a whole page, unless the decode version loads half pages)."""
-    if box_tokens not in (PAGE_SIZE, PAGE_SIZE // 2):
-        raise ValueError(f"box_tokens: expected {PAGE_SIZE} or {PAGE_SIZE // 2}, got {box_tokens}")
+    x 1 page (a whole page, unless the decode version declares smaller boxes)."""
+    if box_tokens not in BOX_TOKEN_HEIGHTS:
+        raise ValueError(f"box_tokens: expected one of {BOX_TOKEN_HEIGHTS}, got {box_tokens}")
     num_pages, page, h_k, d = k_cache.shape
     elem = k_cache.element_size()
-    key = (k_cache.data_ptr(), k_cache.dtype, tuple(k_cache.shape), k_cache.stride(), box_tokens)
+    key = (k_cache.data_ptr(), k_cache.dtype, tuple(k_cache.shape), k_cache.stride(), box_tokens,
+           l2_promotion())
     tmap = _cache.get(key)
     if tmap is None:
         tmap = _encode(

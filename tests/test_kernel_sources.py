@@ -53,7 +53,18 @@ def test_tensor_map_rejects_other_box_heights() -> None:
     from flashmla_backend.tensor_map import kv_cache_tensor_map
 
     with pytest.raises(ValueError, match="box_tokens"):
-        kv_cache_tensor_map(torch.zeros(2, 64, 1, 576, dtype=torch.bfloat16), box_tokens=16)
+        kv_cache_tensor_map(torch.zeros(2, 64, 1, 576, dtype=torch.bfloat16), box_tokens=12)
+
+
+def test_l2_promotion_override_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flashmla_backend.tensor_map import l2_promotion
+
+    assert l2_promotion() == 3
+    monkeypatch.setenv("FLASHMLA_BACKEND_TMA_L2_PROMOTION", "0")
+    assert l2_promotion() == 0
+    monkeypatch.setenv("FLASHMLA_BACKEND_TMA_L2_PROMOTION", "256B")
+    with pytest.raises(ValueError, match="TMA_L2_PROMOTION"):
+        l2_promotion()
 
 
 def test_only_sources_that_declare_it_take_the_cache_pointer(monkeypatch: pytest.MonkeyPatch) -> None:
