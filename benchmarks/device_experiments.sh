@@ -25,6 +25,10 @@
 #             reference check, A/B beside v17 and v16, sanitizers, GPU unit tests (~5 min)
 #   v19:      pages as 72 boxes of one 8-token swizzle atom each, and the KV map's L2 promotion
 #             (none, 128B; shipped 256B): reference check, timing-only A/B (~4 min)
+#   verify:   the shipped decode: reference check with each KV producer forced, the four
+#             sanitizers with the cp.async producer forced, GPU unit tests (~4 min)
+#   combine:  the combine with 1, 4 (shipped) and 8 partial rows in flight per warp, ours only,
+#             timing-only A/B (~1.5 min)
 #   profile:  Nsight Compute counters (tensor pipe, shared-memory wavefronts, DRAM, stalls) of
 #             the shipped decode, v17 both ways and the pipeline diagnostic (TMA, cp.async),
 #             memory and compute row (~4 min)
@@ -112,6 +116,21 @@ for experiment in ${@:-next}; do
       shipped+FLASHMLA_BACKEND_TMA_L2_PROMOTION=0 shipped+FLASHMLA_BACKEND_TMA_L2_PROMOTION=2 \
       mla_decode_v19_atom_boxes+FLASHMLA_BACKEND_TMA_L2_PROMOTION=0 \
       mla_decode_diag_pipeline_only mla_decode_diag_pipeline_only+FLASHMLA_BACKEND_TMA_L2_PROMOTION=0 ;;
+  verify)
+    run verify
+    for producer in tma cp_async; do
+      FLASHMLA_BACKEND_KV_PRODUCER=$producer timeout 120 python benchmarks/check_decode_version.py --max-rows 512 \
+        > "$ROOT_OUT/verify/check_$producer.log" 2>&1
+      echo "== shipped, $producer producer, correctness (rc $?): $(tail -1 "$ROOT_OUT/verify/check_$producer.log")"
+    done
+    FLASHMLA_BACKEND_KV_PRODUCER=cp_async OUT=$ROOT_OUT/verify bash benchmarks/run_sanitizers.sh
+    timeout 240 python -m pytest -q -p no:cacheprovider tests > "$ROOT_OUT/verify/unit_tests.log" 2>&1
+    echo "GPU unit tests: $(tail -1 "$ROOT_OUT/verify/unit_tests.log")" ;;
+  combine)
+    run combine
+    OUT=$ROOT_OUT/combine AB_TIMING_ONLY=1 timeout 300 bash benchmarks/ab_session.sh \
+      shipped+FLASHMLA_BACKEND_COMBINE_DEFINES=-DCOMBINE_SPLITS_IN_FLIGHT=1 \
+      shipped+FLASHMLA_BACKEND_COMBINE_DEFINES=-DCOMBINE_SPLITS_IN_FLIGHT=8 ;;
   profile)
     run profile
     OUT=$ROOT_OUT/profile timeout 560 bash benchmarks/profile_ncu.sh ;;

@@ -18,6 +18,7 @@ from ._constants import (
     SCHEDULE_THREADS,
 )
 from .kernel_sources import SCHEDULE_MODULE, combine_module, decode_launch_contract, decode_module
+from .kv_producer import load_by_cp_async
 from .reference import mla_decode_reference
 from .runtime import (
     check_device,
@@ -213,6 +214,8 @@ def flash_mla_with_kvcache(
             np.float32(scale * _LOG2E), np.int32(m_blocks == 1))
     if contract.takes_kv_pointer:
         args += (k_cache.data_ptr(), np.int64(k_cache.stride(0)), np.int64(k_cache.stride(1)))
+    if contract.selects_kv_producer:
+        args += (np.int32(load_by_cp_async(index, m_blocks)),)
     launch(decode, (m_blocks, shape.h_k, parts), DECODE_THREADS, args, index, shared_mem=DECODE_SMEM_BYTES)
     combine = get_function(combine_module(q.dtype, programmatic), "mla_combine", index)
     warps_per_row = _combine_warps_per_row(shape.batch, parts)

@@ -47,6 +47,14 @@ SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
 SCHEDULE_MODULE = KernelModule("mla_schedule.cu", ("mla_schedule",), torch.bfloat16)
 
 
+def _knob_defines(variable: str) -> tuple[str, ...]:
+    """The ``-D`` options an A/B experiment puts in environment ``variable`` (space-separated)."""
+    knobs = tuple(os.environ.get(variable, "").split())
+    if any(not k.startswith("-D") for k in knobs):
+        raise ValueError(f"{variable} must hold only -D options, got {knobs}")
+    return knobs
+
+
 def decode_launch_defines() -> tuple[str, ...]:
     """What every decode source is told about its launch: the dynamic shared memory the API
     reserves, which the source's own smem map must fit (a static_assert)."""
@@ -62,16 +70,14 @@ def decode_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModul
     empty means the shipped source. ``FLASHMLA_BACKEND_DECODE_DEFINES`` adds ``-D`` options
     (space-separated, e.g. ``-DDIAG_STAGES=3``) for such a version's knobs.
     """
-    knobs = tuple(os.environ.get("FLASHMLA_BACKEND_DECODE_DEFINES", "").split())
-    if any(not k.startswith("-D") for k in knobs):
-        raise ValueError(f"FLASHMLA_BACKEND_DECODE_DEFINES must hold only -D options, got {knobs}")
-    extra = decode_launch_defines() + knobs + (("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ())
+    extra = decode_launch_defines() + _knob_defines("FLASHMLA_BACKEND_DECODE_DEFINES") + (("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ())
     source = os.environ.get("FLASHMLA_BACKEND_DECODE_FILE") or "mla_decode.cu"
     return KernelModule(source, ("mla_decode",), dtype, extra)
 
 
 _BOX_TOKENS = re.compile(r"constexpr\s+int\s+TMA_BOX_TOKENS\s*=\s*(\d+)\s*;")
 _TAKES_KV_POINTER = re.compile(r"constexpr\s+bool\s+TAKES_KV_POINTER\s*=\s*true\s*;")
+_SELECTS_KV_PRODUCER = re.compile(r"constexpr\s+bool\s+SELECTS_KV_PRODUCER\s*=\s*true\s*;")
 
 
 @dataclass(frozen=True)
@@ -80,11 +86,13 @@ class DecodeLaunchContract:
 
     ``tma_box_tokens``: tokens per TMA box of its KV tensor map (``TMA_BOX_TOKENS``; default a
     whole 64-token page). ``takes_kv_pointer``: it takes the cache pointer and its page and
-    token strides (in elements) after the common arguments (``TAKES_KV_POINTER = true``; an
-    experiment loading pages without TMA). The shipped decode declares neither."""
+    token strides (in elements) after the common arguments (``TAKES_KV_POINTER = true``).
+    ``selects_kv_producer``: it then takes an int choosing its cp.async producer over TMA
+    (``SELECTS_KV_PRODUCER = true``; see ``kv_producer.py``). The shipped decode declares both."""
 
     tma_box_tokens: int
     takes_kv_pointer: bool
+    selects_kv_producer: bool = False
 
 
 @lru_cache(maxsize=None)
@@ -92,14 +100,19 @@ def decode_launch_contract(module: KernelModule) -> DecodeLaunchContract:
     """The launch contract of ``module``'s decode source (read once per module)."""
     source = assembled_source(module.source_file)
     box = _BOX_TOKENS.search(source)
-    return DecodeLaunchContract(int(box.group(1)) if box else PAGE_SIZE,
-                                _TAKES_KV_POINTER.search(source) is not None)
+    takes_pointer = _TAKES_KV_POINTER.search(source) is not None
+    selects = _SELECTS_KV_PRODUCER.search(source) is not None
+    if selects and not takes_pointer:
+        raise ValueError(f"{module.source_file}: SELECTS_KV_PRODUCER needs TAKES_KV_POINTER")
+    return DecodeLaunchContract(int(box.group(1)) if box else PAGE_SIZE, takes_pointer, selects)
 
 
 def combine_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModule:
     """The split combine kernel writing ``dtype`` output; ``programmatic``: the variant that
-    waits for the decode itself (``griddepcontrol.wait``), for a programmatic dependent launch."""
-    extra = ("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ()
+    waits for the decode itself (``griddepcontrol.wait``), for a programmatic dependent launch.
+    ``FLASHMLA_BACKEND_COMBINE_DEFINES`` adds ``-D`` options for the combine's A/B knobs."""
+    extra = _knob_defines("FLASHMLA_BACKEND_COMBINE_DEFINES") + (
+        ("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ())
     return KernelModule("mla_combine.cu", ("mla_combine",), dtype, extra)
 
 

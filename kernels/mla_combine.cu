@@ -9,6 +9,10 @@
 constexpr int COMBINE_WARPS = 8;
 constexpr int COLS_PER_LANE = HEAD_DIM_V / 32;        // 16 columns = 4 float4 per lane
 constexpr int VEC_PER_LANE = COLS_PER_LANE / 4;
+#ifndef COMBINE_SPLITS_IN_FLIGHT  // an A/B knob (FLASHMLA_BACKEND_COMBINE_DEFINES)
+#define COMBINE_SPLITS_IN_FLIGHT 4
+#endif
+constexpr int SPLITS_IN_FLIGHT = COMBINE_SPLITS_IN_FLIGHT;
 
 // o_part: [splits, h_k, rows, 512] f32; lse_part: [splits, h_k, rows] f32 with rows = s_q*G.
 // out: contiguous [b, s_q, h_q, 512]; lse: contiguous [b, h_q, s_q].
@@ -48,16 +52,32 @@ mla_combine(const float* __restrict__ o_part, const float* __restrict__ lse_part
             float sum = 0.f;
             for (int i = lane; i < count; i += 32) sum += __expf(lse_part[base + i * split_stride] - lse_max);
             lse_total = lse_max + __logf(warp_reduce_sum(sum));
-#pragma unroll 2
-            for (int i = sub; i < count; i += warps_per_row) {
-                const size_t prow = base + i * split_stride;
-                const float w = __expf(lse_part[prow] - lse_total);
-                const float4* src = reinterpret_cast<const float4*>(o_part + prow * HEAD_DIM_V);
+            // SPLITS_IN_FLIGHT partial rows per warp are loaded before any is summed: a small
+            // batch split 64 ways is a few dependent L2 round trips, not one per split pair.
+            for (int i0 = sub; i0 < count; i0 += warps_per_row * SPLITS_IN_FLIGHT) {
+                float w[SPLITS_IN_FLIGHT];
+                float4 v[SPLITS_IN_FLIGHT][VEC_PER_LANE];
 #pragma unroll
-                for (int j = 0; j < VEC_PER_LANE; ++j) {
-                    const float4 v = src[j * 32 + lane];
-                    acc[j].x += w * v.x; acc[j].y += w * v.y; acc[j].z += w * v.z; acc[j].w += w * v.w;
+                for (int u = 0; u < SPLITS_IN_FLIGHT; ++u) {
+                    const int i = i0 + u * warps_per_row;
+                    w[u] = 0.f;
+#pragma unroll
+                    for (int j = 0; j < VEC_PER_LANE; ++j) v[u][j] = make_float4(0.f, 0.f, 0.f, 0.f);
+                    if (i < count) {
+                        const size_t prow = base + i * split_stride;
+                        w[u] = __expf(lse_part[prow] - lse_total);
+                        const float4* src = reinterpret_cast<const float4*>(o_part + prow * HEAD_DIM_V);
+#pragma unroll
+                        for (int j = 0; j < VEC_PER_LANE; ++j) v[u][j] = src[j * 32 + lane];
+                    }
                 }
+#pragma unroll
+                for (int u = 0; u < SPLITS_IN_FLIGHT; ++u)
+#pragma unroll
+                    for (int j = 0; j < VEC_PER_LANE; ++j) {
+                        acc[j].x += w[u] * v[u][j].x; acc[j].y += w[u] * v[u][j].y;
+                        acc[j].z += w[u] * v[u][j].z; acc[j].w += w[u] * v[u][j].w;
+                    }
             }
         }
     }

@@ -68,6 +68,20 @@ def test_heads_and_dtypes(h_q: int, h_k: int, s_q: int, causal: bool, dtype: tor
     run_and_check(p, dtype)
 
 
+# Both KV producers on every card (the automatic rule runs only one of them per card and shape):
+# one and several query blocks, odd heads, two KV heads, variable lengths with empty sequences.
+@pytest.mark.parametrize("producer", ["tma", "cp_async"])
+@pytest.mark.parametrize("h_q,h_k,s_q", [(16, 1, 1), (16, 1, 2), (3, 1, 4), (64, 1, 1), (128, 1, 2), (32, 2, 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_both_kv_producers(producer: str, h_q: int, h_k: int, s_q: int, dtype: torch.dtype,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLASHMLA_BACKEND_KV_PRODUCER", producer)
+    gen = torch.Generator().manual_seed(h_q * 3 + s_q)
+    lengths = draw_lengths(40, 3000, True, gen, with_zeros=True) + [1, 64, 65, 8192]
+    p = make_problem(lengths, s_q, h_q, h_k, dtype, causal=True, seed=h_q + 11 * s_q)
+    run_and_check(p, dtype)
+
+
 def test_long_context_mixed_batch() -> None:
     p = make_problem([1, 65536, 0, 70000, 63], 2, 16, causal=True, seed=3)
     run_and_check(p, torch.bfloat16)

@@ -36,6 +36,16 @@ def test_defines_for_an_archived_version_are_passed_and_checked(monkeypatch: pyt
         decode_module(torch.bfloat16)
 
 
+def test_combine_knobs_are_passed_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flashmla_backend.kernel_sources import combine_module
+
+    monkeypatch.setenv("FLASHMLA_BACKEND_COMBINE_DEFINES", "-DCOMBINE_SPLITS_IN_FLIGHT=1")
+    assert "-DCOMBINE_SPLITS_IN_FLIGHT=1" in combine_module(torch.bfloat16, True).options
+    monkeypatch.setenv("FLASHMLA_BACKEND_COMBINE_DEFINES", "-O3")
+    with pytest.raises(ValueError, match="COMBINE_DEFINES"):
+        combine_module(torch.bfloat16)
+
+
 def test_tma_box_follows_the_decode_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # The shipped decode loads whole 64-token pages; a version that declares half-page boxes
     # (as v7 did) must get its KV tensor map encoded with them.
@@ -67,11 +77,23 @@ def test_l2_promotion_override_is_checked(monkeypatch: pytest.MonkeyPatch) -> No
         l2_promotion()
 
 
-def test_only_sources_that_declare_it_take_the_cache_pointer(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_launch_contract_of_pointer_and_producer_choice(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    # The shipped decode takes the cache pointer and the producer choice; a version that
+    # declares neither (v16) gets neither; one that declares a choice without the pointer is
+    # refused before any launch could pass it misplaced arguments.
     from flashmla_backend.kernel_sources import decode_launch_contract
 
     monkeypatch.delenv("FLASHMLA_BACKEND_DECODE_FILE", raising=False)
-    assert not decode_launch_contract(decode_module(torch.bfloat16)).takes_kv_pointer
-    for version in ("mla_decode_diag_pipeline_only.cu", "mla_decode_v17_cp_async_producer_fence.cu"):
-        monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(ARCHIVED / version))
-        assert decode_launch_contract(decode_module(torch.bfloat16)).takes_kv_pointer
+    shipped = decode_launch_contract(decode_module(torch.bfloat16))
+    assert shipped.takes_kv_pointer and shipped.selects_kv_producer
+    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(ARCHIVED / "mla_decode_v16_p_in_rope_chunk.cu"))
+    v16 = decode_launch_contract(decode_module(torch.bfloat16))
+    assert not v16.takes_kv_pointer and not v16.selects_kv_producer
+    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(ARCHIVED / "mla_decode_diag_pipeline_only.cu"))
+    diag = decode_launch_contract(decode_module(torch.bfloat16))
+    assert diag.takes_kv_pointer and not diag.selects_kv_producer
+    bad = tmp_path / "choice_without_pointer.cu"
+    bad.write_text("constexpr bool SELECTS_KV_PRODUCER = true;\n")
+    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(bad))
+    with pytest.raises(ValueError, match="TAKES_KV_POINTER"):
+        decode_launch_contract(decode_module(torch.bfloat16))
