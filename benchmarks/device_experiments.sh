@@ -29,6 +29,8 @@
 #             sanitizers with the cp.async producer forced, GPU unit tests (~4 min)
 #   combine:  the combine with 1, 4 (shipped) and 8 partial rows in flight per warp, ours only,
 #             timing-only A/B (~1.5 min)
+#   producer: the shipped per-card producer rule against TMA and cp.async forced, and the
+#             combine at 1 row in flight, ours only, timing-only A/B (~2 min)
 #   profile:  Nsight Compute counters (tensor pipe, shared-memory wavefronts, DRAM, stalls) of
 #             the shipped decode, v17 both ways and the pipeline diagnostic (TMA, cp.async),
 #             memory and compute row (~4 min)
@@ -131,6 +133,11 @@ for experiment in ${@:-next}; do
     OUT=$ROOT_OUT/combine AB_TIMING_ONLY=1 timeout 300 bash benchmarks/ab_session.sh \
       shipped+FLASHMLA_BACKEND_COMBINE_DEFINES=-DCOMBINE_SPLITS_IN_FLIGHT=1 \
       shipped+FLASHMLA_BACKEND_COMBINE_DEFINES=-DCOMBINE_SPLITS_IN_FLIGHT=8 ;;
+  producer)  # the per-card KV producer rule against each producer forced, ours only (~1.5 min)
+    run producer
+    OUT=$ROOT_OUT/producer AB_TIMING_ONLY=1 timeout 300 bash benchmarks/ab_session.sh \
+      shipped+FLASHMLA_BACKEND_KV_PRODUCER=tma shipped+FLASHMLA_BACKEND_KV_PRODUCER=cp_async \
+      shipped+FLASHMLA_BACKEND_COMBINE_DEFINES=-DCOMBINE_SPLITS_IN_FLIGHT=1 ;;
   profile)
     run profile
     OUT=$ROOT_OUT/profile timeout 560 bash benchmarks/profile_ncu.sh ;;
