@@ -31,8 +31,6 @@
 #             timing-only A/B (~1.5 min)
 #   producer: the shipped per-card producer rule against TMA and cp.async forced, and the
 #             combine at 1 row in flight, ours only, timing-only A/B (~2 min)
-#   v20:      one TMA box per page (a chunk dimension in the KV map): reference check,
-#             timing-only A/B (~2 min)
 #   profile:  Nsight Compute counters (tensor pipe, shared-memory wavefronts, DRAM, stalls) of
 #             the shipped decode, v17 both ways and the pipeline diagnostic (TMA, cp.async),
 #             memory and compute row (~4 min)
@@ -140,13 +138,6 @@ for experiment in ${@:-next}; do
     OUT=$ROOT_OUT/producer AB_TIMING_ONLY=1 timeout 300 bash benchmarks/ab_session.sh \
       shipped+FLASHMLA_BACKEND_KV_PRODUCER=tma shipped+FLASHMLA_BACKEND_KV_PRODUCER=cp_async \
       shipped+FLASHMLA_BACKEND_COMBINE_DEFINES=-DCOMBINE_SPLITS_IN_FLIGHT=1 ;;
-  v20)
-    run v20
-    FLASHMLA_BACKEND_DECODE_FILE=$PWD/benchmarks/kernel_versions/mla_decode_v20_one_box_per_page.cu timeout 120 \
-      python benchmarks/check_decode_version.py --max-rows 512 > "$ROOT_OUT/v20/check.log" 2>&1
-    echo "== v20 correctness (rc $?): $(tail -1 "$ROOT_OUT/v20/check.log")"
-    grep -m3 -E "Error|CUresult" "$ROOT_OUT/v20/check.log"
-    OUT=$ROOT_OUT/v20 AB_TIMING_ONLY=1 timeout 240 bash benchmarks/ab_session.sh mla_decode_v20_one_box_per_page ;;
   profile)
     run profile
     OUT=$ROOT_OUT/profile timeout 560 bash benchmarks/profile_ncu.sh ;;

@@ -191,7 +191,7 @@ def flash_mla_with_kvcache(
         out.copy_(ref_out)
         return out, lse
 
-    from .tensor_map import kv_cache_chunked_tensor_map, kv_cache_tensor_map
+    from .tensor_map import kv_cache_tensor_map
 
     index = check_device(q.device)
     rows = shape.rows
@@ -206,9 +206,7 @@ def flash_mla_with_kvcache(
     module = decode_module(q.dtype, programmatic)
     decode = get_function(module, "mla_decode", index)
     contract = decode_launch_contract(module)
-    kv_map = (kv_cache_chunked_tensor_map(k_cache) if contract.kv_map_chunk_dim
-              else kv_cache_tensor_map(k_cache, contract.tma_box_tokens))
-    args = (kv_map, q.data_ptr(), np.int64(q.stride(0)),
+    args = (kv_cache_tensor_map(k_cache, contract.tma_box_tokens), q.data_ptr(), np.int64(q.stride(0)),
             np.int64(q.stride(1)), np.int64(q.stride(2)), block_table.data_ptr(), np.int64(block_table.stride(0)),
             cache_seqlens.data_ptr(), tile_scheduler_metadata.data_ptr(), num_splits.data_ptr(),
             out.data_ptr(), lse.data_ptr(), o_part.data_ptr(), lse_part.data_ptr(),

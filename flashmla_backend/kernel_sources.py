@@ -77,7 +77,6 @@ def decode_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModul
 
 _BOX_TOKENS = re.compile(r"constexpr\s+int\s+TMA_BOX_TOKENS\s*=\s*(\d+)\s*;")
 _TAKES_KV_POINTER = re.compile(r"constexpr\s+bool\s+TAKES_KV_POINTER\s*=\s*true\s*;")
-_KV_MAP_CHUNK_DIM = re.compile(r"constexpr\s+bool\s+KV_MAP_CHUNK_DIM\s*=\s*true\s*;")
 _SELECTS_KV_PRODUCER = re.compile(r"constexpr\s+bool\s+SELECTS_KV_PRODUCER\s*=\s*true\s*;")
 
 
@@ -89,14 +88,11 @@ class DecodeLaunchContract:
     whole 64-token page). ``takes_kv_pointer``: it takes the cache pointer and its page and
     token strides (in elements) after the common arguments (``TAKES_KV_POINTER = true``).
     ``selects_kv_producer``: it then takes an int choosing its cp.async producer over TMA
-    (``SELECTS_KV_PRODUCER = true``; see ``kv_producer.py``). The shipped decode declares both.
-    ``kv_map_chunk_dim``: its KV map has a 64-column chunk dimension, so one box is a whole
-    page (``KV_MAP_CHUNK_DIM = true``; an experiment)."""
+    (``SELECTS_KV_PRODUCER = true``; see ``kv_producer.py``). The shipped decode declares both."""
 
     tma_box_tokens: int
     takes_kv_pointer: bool
     selects_kv_producer: bool = False
-    kv_map_chunk_dim: bool = False
 
 
 @lru_cache(maxsize=None)
@@ -108,8 +104,7 @@ def decode_launch_contract(module: KernelModule) -> DecodeLaunchContract:
     selects = _SELECTS_KV_PRODUCER.search(source) is not None
     if selects and not takes_pointer:
         raise ValueError(f"{module.source_file}: SELECTS_KV_PRODUCER needs TAKES_KV_POINTER")
-    return DecodeLaunchContract(int(box.group(1)) if box else PAGE_SIZE, takes_pointer, selects,
-                                _KV_MAP_CHUNK_DIM.search(source) is not None)
+    return DecodeLaunchContract(int(box.group(1)) if box else PAGE_SIZE, takes_pointer, selects)
 
 
 def combine_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModule:

@@ -96,24 +96,3 @@ def kv_cache_tensor_map(k_cache: torch.Tensor, box_tokens: int = PAGE_SIZE) -> n
             _cache.clear()
         _cache[key] = tmap
     return tmap
-
-
-def kv_cache_chunked_tensor_map(k_cache: torch.Tensor) -> np.void:
-    """Map over ``k_cache [num_pages, 64, h_k, 576]`` as the 5-D tensor (64 cols, 64 tokens,
-    9 chunks of 64 columns, h_k, num_pages): chunks step 128 bytes, tokens the token stride.
-    One box (64 x 64 x 9 x 1 x 1) is a whole page, landing chunk-major in shared memory."""
-    num_pages, page, h_k, d = k_cache.shape
-    elem = k_cache.element_size()
-    key = (k_cache.data_ptr(), k_cache.dtype, tuple(k_cache.shape), k_cache.stride(), "chunked",
-           l2_promotion())
-    tmap = _cache.get(key)
-    if tmap is None:
-        chunks = d // BOX_COLS
-        tmap = _encode(
-            k_cache.data_ptr(), k_cache.dtype, (BOX_COLS, page, chunks, h_k, num_pages),
-            (k_cache.stride(1) * elem, BOX_COLS * elem, k_cache.stride(2) * elem, k_cache.stride(0) * elem),
-            (BOX_COLS, page, chunks, 1, 1))
-        if len(_cache) > 256:
-            _cache.clear()
-        _cache[key] = tmap
-    return tmap

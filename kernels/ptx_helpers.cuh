@@ -97,16 +97,6 @@ DEVICE void tma_load_4d(void* dst, const void* tensor_map, uint64_t* bar,
         : "memory");
 }
 
-DEVICE void tma_load_5d(void* dst, const void* tensor_map, uint64_t* bar,
-                        int c0, int c1, int c2, int c3, int c4, uint64_t l2_policy) {
-    asm volatile(
-        "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
-        " [%0], [%1, {%2, %3, %4, %5, %6}], [%7], %8;"
-        ::"r"(smem_addr(dst)), "l"(tensor_map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4),
-          "r"(smem_addr(bar)), "l"(l2_policy)
-        : "memory");
-}
-
 // TMA prefetch of the same 4-D tile into L2 only (no smem, no barrier): a page can be on its
 // way from DRAM before a ring stage is free for it.
 DEVICE void tma_prefetch_l2_4d(const void* tensor_map, int c0, int c1, int c2, int c3) {

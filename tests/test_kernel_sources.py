@@ -92,9 +92,6 @@ def test_launch_contract_of_pointer_and_producer_choice(monkeypatch: pytest.Monk
     monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(ARCHIVED / "mla_decode_diag_pipeline_only.cu"))
     diag = decode_launch_contract(decode_module(torch.bfloat16))
     assert diag.takes_kv_pointer and not diag.selects_kv_producer
-    assert not shipped.kv_map_chunk_dim and not diag.kv_map_chunk_dim
-    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(ARCHIVED / "mla_decode_v20_one_box_per_page.cu"))
-    assert decode_launch_contract(decode_module(torch.bfloat16)).kv_map_chunk_dim
     bad = tmp_path / "choice_without_pointer.cu"
     bad.write_text("constexpr bool SELECTS_KV_PRODUCER = true;\n")
     monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(bad))
