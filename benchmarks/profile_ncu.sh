@@ -3,9 +3,10 @@
 # row and a compute row (one GPU; ~3-4 min). Answers two open questions of NOTES.md: why a
 # cp.async producer (v8; v17 with both completion schemes), faster alone, lost with the math
 # present (shared-memory and LSU pipes), and how busy the tensor pipe is on the compute rows.
-#   OUT=... benchmarks/profile_ncu.sh [VERSION ...]   (default: v17 both ways, the pipeline
-#   diagnostic by TMA and by cp.async)
-# A version is a kernel_versions/ stem with optional +KEY=VALUE knobs, as in ab_session.sh.
+#   OUT=... benchmarks/profile_ncu.sh [VERSION ...]   (default: the shipped decode with the
+#   cp.async producer forced, the pipeline diagnostic by TMA and by cp.async)
+# A version is a kernel_versions/ stem (or shipped) with optional +KEY=VALUE knobs, as in
+# ab_session.sh; a FLASHMLA_BACKEND_* key is set in the environment.
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
 OUT=${OUT:-/tmp/out}/ncu; mkdir -p "$OUT"
@@ -27,13 +28,17 @@ for m in sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active 
 done
 echo "metrics: ${METRICS:-none known; the WarpStateStats section only}"
 METRIC_ARGS=(); [ -n "$METRICS" ] && METRIC_ARGS=(--metrics "$METRICS")
-for version in shipped ${@:-mla_decode_v17_cp_async_producer_fence mla_decode_v17_cp_async_producer_fence+PRODUCER_FENCE=0 mla_decode_diag_pipeline_only mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1}; do
-  stem=${version%%+*}; defines=""
-  [ "$stem" != "$version" ] && defines=$(echo "${version#*+}" | tr '+' '\n' | sed 's/^/-D/' | tr '\n' ' ')
+for version in shipped ${@:-shipped+FLASHMLA_BACKEND_KV_PRODUCER=cp_async mla_decode_diag_pipeline_only mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1}; do
+  stem=${version%%+*}; defines=""; envs=()
+  if [ "$stem" != "$version" ]; then
+    for knob in $(echo "${version#*+}" | tr '+' ' '); do
+      case $knob in FLASHMLA_BACKEND_*) envs+=("$knob") ;; *) defines="$defines -D$knob" ;; esac
+    done
+  fi
   file=$([ "$stem" = shipped ] || echo "$PWD/benchmarks/kernel_versions/$stem.cu")
   for shape in "128 1 16 4096" "128 2 128 4096"; do
     label=${version//[+=]/_}_${shape// /x}
-    FLASHMLA_BACKEND_DECODE_FILE=$file FLASHMLA_BACKEND_DECODE_DEFINES=$defines timeout 240 \
+    env "${envs[@]}" FLASHMLA_BACKEND_DECODE_FILE="$file" FLASHMLA_BACKEND_DECODE_DEFINES="$defines" timeout 240 \
       "$NCU" --clock-control none --kernel-name mla_decode --launch-skip 2 --launch-count 1 \
       "${METRIC_ARGS[@]}" --section WarpStateStats --csv --page raw \
       python benchmarks/profile_one_call.py $shape > "$OUT/$label.csv" 2> "$OUT/$label.err"
