@@ -82,10 +82,10 @@ DEVICE void setmaxnreg_inc_240() { asm volatile("setmaxnreg.inc.sync.aligned.u32
 DEVICE void setmaxnreg_inc_224() { asm volatile("setmaxnreg.inc.sync.aligned.u32 224;"); }
 DEVICE void setmaxnreg_dec_40() { asm volatile("setmaxnreg.dec.sync.aligned.u32 40;"); }
 
-// TMA producer: one thread streams every page of every piece through the KV ring.
-DEVICE void run_tma_producer(const DecodeArgs& a, const SharedTiles& sm) {
-    // One query block streams each page once; several blocks re-read it from L2.
-    const uint64_t policy = a.kv_evict_first ? l2_policy_evict_first() : l2_policy_evict_last();
+// Walks every page of every piece in ring order: waits until the page's stage is free, then
+// hands (stage, page id) to fill_stage, which must make the full barrier complete.
+template <typename FillStage>
+DEVICE void for_each_ring_page(const DecodeArgs& a, const SharedTiles& sm, FillStage fill_stage) {
     int it = 0;
     for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
         const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
@@ -93,14 +93,22 @@ DEVICE void run_tma_producer(const DecodeArgs& a, const SharedTiles& sm) {
         for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
             const int stage = it % KV_STAGES;
             mbarrier_wait(&sm.empty_bar()[stage], ((it / KV_STAGES) & 1) ^ 1);
-            mbarrier_arrive_expect_tx(&sm.full_bar()[stage], TILE_BYTES);
-            const int page_id = pages[page];
-#pragma unroll
-            for (int c = 0; c < QK_CHUNKS; ++c)
-                tma_load_4d(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, &sm.full_bar()[stage],
-                            c * CHUNK_COLS, a.kh, 0, page_id, policy);
+            fill_stage(stage, pages[page]);
         }
     }
+}
+
+// TMA producer: one thread streams every page of every piece through the KV ring.
+DEVICE void run_tma_producer(const DecodeArgs& a, const SharedTiles& sm) {
+    // One query block streams each page once; several blocks re-read it from L2.
+    const uint64_t policy = a.kv_evict_first ? l2_policy_evict_first() : l2_policy_evict_last();
+    for_each_ring_page(a, sm, [&](int stage, int page_id) {
+        mbarrier_arrive_expect_tx(&sm.full_bar()[stage], TILE_BYTES);
+#pragma unroll
+        for (int c = 0; c < QK_CHUNKS; ++c)
+            tma_load_4d(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, &sm.full_bar()[stage],
+                        c * CHUNK_COLS, a.kh, 0, page_id, policy);
+    });
 }
 
 // cp.async producer: all 128 threads copy every page by cp.async, in the 128B-swizzled
@@ -108,20 +116,13 @@ DEVICE void run_tma_producer(const DecodeArgs& a, const SharedTiles& sm) {
 // the async proxy before it arrives, so the consumers' wgmma read the stage with no fence.
 DEVICE void run_cp_async_producer(const DecodeArgs& a, const SharedTiles& sm, const uint16_t* k_cache,
                                   long long page_stride, long long token_stride, int tid) {
-    int it = 0;
-    for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
-        const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
-        const int* pages = a.block_table + (size_t)req * a.bt_stride;
-        for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
-            const int stage = it % KV_STAGES;
-            mbarrier_wait(&sm.empty_bar()[stage], ((it / KV_STAGES) & 1) ^ 1);
-            copy_page_cp_async(sm.kv(stage), k_cache + (size_t)pages[page] * page_stride + a.kh * HEAD_DIM_QK,
-                               token_stride, tid);
-            cp_async_wait_all();
-            fence_proxy_async_smem();
-            mbarrier_arrive(&sm.full_bar()[stage]);
-        }
-    }
+    for_each_ring_page(a, sm, [&](int stage, int page_id) {
+        copy_page_cp_async(sm.kv(stage), k_cache + (size_t)page_id * page_stride + a.kh * HEAD_DIM_QK,
+                           token_stride, tid);
+        cp_async_wait_all();
+        fence_proxy_async_smem();
+        mbarrier_arrive(&sm.full_bar()[stage]);
+    });
 }
 
 // Both math warpgroups copy their share of the Q block (cp.async, all in flight, then waited
