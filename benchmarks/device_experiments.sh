@@ -11,8 +11,8 @@
 #   hold:     the pipeline diagnostic with each stage held 1.5 us (the math's hold time at
 #             h_q = 16), 2 and 3 stages: is a held 2-stage ring latency-bound? And the same
 #             pipeline loading by cp.async from 128 threads instead of TMA (~3 min)
-#   v16:      P in the page's rope chunk, one P_READY per stage, no P_FREE named barrier: A/B,
-#             reference check, sanitizers, GPU unit tests (~3.5 min)
+#   v21:      v16 on the shipped decode: P in the page's rope chunk, one P_READY per stage, no
+#             P_FREE named barrier: A/B, reference check, sanitizers, GPU unit tests (~4 min)
 #   verify:   the shipped decode: reference check with each KV producer forced, the four
 #             sanitizers with the cp.async producer forced, GPU unit tests (~4 min)
 #   combine:  the combine with 1, 4 (shipped) and 8 partial rows in flight per warp, ours only,
@@ -61,9 +61,9 @@ for experiment in ${@:-verify}; do
       mla_decode_diag_pipeline_only+DIAG_STAGES=3+DIAG_HOLD_NS=1500 \
       mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1 \
       mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1+DIAG_HOLD_NS=1500 ;;
-  v16)
-    run v16
-    OUT=$ROOT_OUT/v16 timeout 560 bash benchmarks/ab_session.sh mla_decode_v16_p_in_rope_chunk ;;
+  v21)
+    run v21
+    OUT=$ROOT_OUT/v21 timeout 560 bash benchmarks/ab_session.sh mla_decode_v21_p_in_rope_chunk ;;
   verify)
     run verify
     for producer in tma cp_async; do

@@ -79,16 +79,18 @@ def test_l2_promotion_override_is_checked(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_launch_contract_of_pointer_and_producer_choice(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     # The shipped decode takes the cache pointer and the producer choice; a version that
-    # declares neither (v16) gets neither; one that declares a choice without the pointer is
+    # declares neither gets neither; one that declares a choice without the pointer is
     # refused before any launch could pass it misplaced arguments.
     from flashmla_backend.kernel_sources import decode_launch_contract
 
     monkeypatch.delenv("FLASHMLA_BACKEND_DECODE_FILE", raising=False)
     shipped = decode_launch_contract(decode_module(torch.bfloat16))
     assert shipped.takes_kv_pointer and shipped.selects_kv_producer
-    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(ARCHIVED / "mla_decode_v16_p_in_rope_chunk.cu"))
-    v16 = decode_launch_contract(decode_module(torch.bfloat16))
-    assert not v16.takes_kv_pointer and not v16.selects_kv_producer
+    plain = tmp_path / "plain.cu"
+    plain.write_text("constexpr int TMA_BOX_TOKENS = 64;\n")
+    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(plain))
+    neither = decode_launch_contract(decode_module(torch.bfloat16))
+    assert not neither.takes_kv_pointer and not neither.selects_kv_producer
     monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(ARCHIVED / "mla_decode_diag_pipeline_only.cu"))
     diag = decode_launch_contract(decode_module(torch.bfloat16))
     assert diag.takes_kv_pointer and not diag.selects_kv_producer

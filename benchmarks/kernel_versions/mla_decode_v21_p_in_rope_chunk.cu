@@ -1,6 +1,6 @@
-// EXPERIMENT v16 (NOTES.md "v16"): v10 (shipped) with P written into the page's own rope
-// chunk (free once that page's scores are done) instead of a separate P tile. P then lives as
-// long as its KV stage, so warpgroup 0 never waits for warpgroup 1 to free P (no P_FREE named
+// EXPERIMENT v21 (NOTES.md "v21"): v16 on the shipped decode (per-card KV producer): P is
+// written into the page's own rope chunk (free once that page's scores are done) instead of a
+// separate P tile, so warpgroup 0 never waits for warpgroup 1 to free P (no P_FREE named
 // barrier: every hand-off is an mbarrier), and P_READY becomes one mbarrier per stage.
 // Split-KV MLA decode for Hopper (sm_90a): one CTA per (64-row query block, KV head,
 // scheduler part). The part's share of (request, page range) pieces comes from
@@ -11,8 +11,9 @@
 //                          O[:, 0:256] += P V with P from registers, P into the
 //                          page's rope chunk                                   240 regs
 //   warpgroup 1 (PV):      O[:, 256:512] += P V, overlapping warpgroup 0's next S  224 regs
-//   warpgroup 2 (producer): one thread streams 64-token pages by TMA into a two-stage
-//                          ring guarded by full/empty mbarriers                   40 regs
+//   warpgroup 2 (producer): streams 64-token pages into a two-stage ring guarded by
+//                          full/empty mbarriers, by TMA from one thread or by cp.async
+//                          from all 128 (load_by_cp_async; see below)            40 regs
 // Q (64 x 576) stays in smem for a whole piece. V is the first 512 columns of the K tile,
 // read MN-major by the P V wgmma straight from the same swizzled buffer.
 //
@@ -28,6 +29,14 @@ constexpr int PRODUCER_WG_REGS = 40;
 static_assert(WG_THREADS * (SOFTMAX_WG_REGS + PV_WG_REGS + PRODUCER_WG_REGS) <=
                   DECODE_THREADS * LAUNCH_REGS_PER_THREAD,
               "register split exceeds the registers the CTA is launched with");
+
+// Two producers, chosen per launch by the API (flashmla_backend/kv_producer.py). TMA is the
+// default. cp.async is used only where every page is read once (one query block) on cards
+// where it measured faster: +2-3% on the memory rows of an H100, -9-11% on an H200, and
+// -20% wherever several query blocks re-read pages from L2 (NOTES.md "v17", "v18").
+// The API passes the cache pointer, its page and token strides and the choice (literals it reads).
+constexpr bool TAKES_KV_POINTER = true;
+constexpr bool SELECTS_KV_PRODUCER = true;
 
 // Hand-off mbarriers between the math warpgroups (index into SharedTiles::handoff_bar()).
 constexpr int HB_Q_READY = 0;    // both WGs copied Q       (256 arrivals, WG0 waits)
@@ -72,10 +81,10 @@ DEVICE void setmaxnreg_inc_240() { asm volatile("setmaxnreg.inc.sync.aligned.u32
 DEVICE void setmaxnreg_inc_224() { asm volatile("setmaxnreg.inc.sync.aligned.u32 224;"); }
 DEVICE void setmaxnreg_dec_40() { asm volatile("setmaxnreg.dec.sync.aligned.u32 40;"); }
 
-// Producer: streams every page of every piece through the KV ring.
-DEVICE void run_producer(const DecodeArgs& a, const SharedTiles& sm) {
-    // One query block streams each page once; several blocks re-read it from L2.
-    const uint64_t policy = a.kv_evict_first ? l2_policy_evict_first() : l2_policy_evict_last();
+// Walks every page of every piece in ring order: waits until the page's stage is free, then
+// hands (stage, page id) to fill_stage, which must make the full barrier complete.
+template <typename FillStage>
+DEVICE void for_each_ring_page(const DecodeArgs& a, const SharedTiles& sm, FillStage fill_stage) {
     int it = 0;
     for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
         const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
@@ -83,14 +92,36 @@ DEVICE void run_producer(const DecodeArgs& a, const SharedTiles& sm) {
         for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
             const int stage = it % KV_STAGES;
             mbarrier_wait(&sm.empty_bar()[stage], ((it / KV_STAGES) & 1) ^ 1);
-            mbarrier_arrive_expect_tx(&sm.full_bar()[stage], TILE_BYTES);
-            const int page_id = pages[page];
-#pragma unroll
-            for (int c = 0; c < QK_CHUNKS; ++c)
-                tma_load_4d(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, &sm.full_bar()[stage],
-                            c * CHUNK_COLS, a.kh, 0, page_id, policy);
+            fill_stage(stage, pages[page]);
         }
     }
+}
+
+// TMA producer: one thread streams every page of every piece through the KV ring.
+DEVICE void run_tma_producer(const DecodeArgs& a, const SharedTiles& sm) {
+    // One query block streams each page once; several blocks re-read it from L2.
+    const uint64_t policy = a.kv_evict_first ? l2_policy_evict_first() : l2_policy_evict_last();
+    for_each_ring_page(a, sm, [&](int stage, int page_id) {
+        mbarrier_arrive_expect_tx(&sm.full_bar()[stage], TILE_BYTES);
+#pragma unroll
+        for (int c = 0; c < QK_CHUNKS; ++c)
+            tma_load_4d(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, &sm.full_bar()[stage],
+                        c * CHUNK_COLS, a.kh, 0, page_id, policy);
+    });
+}
+
+// cp.async producer: all 128 threads copy every page by cp.async, in the 128B-swizzled
+// chunks the wgmma descriptors expect. Each thread waits for its own copies and fences them to
+// the async proxy before it arrives, so the consumers' wgmma read the stage with no fence.
+DEVICE void run_cp_async_producer(const DecodeArgs& a, const SharedTiles& sm, const uint16_t* k_cache,
+                                  long long page_stride, long long token_stride, int tid) {
+    for_each_ring_page(a, sm, [&](int stage, int page_id) {
+        copy_page_cp_async(sm.kv(stage), k_cache + (size_t)page_id * page_stride + a.kh * HEAD_DIM_QK,
+                           token_stride, tid);
+        cp_async_wait_all();
+        fence_proxy_async_smem();
+        mbarrier_arrive(&sm.full_bar()[stage]);
+    });
 }
 
 // Both math warpgroups copy their share of the Q block (cp.async, all in flight, then waited
@@ -297,7 +328,9 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
            const int* __restrict__ seqlens, const int* __restrict__ metadata,
            const int* __restrict__ num_splits, uint16_t* __restrict__ out,
            float* __restrict__ lse, float* __restrict__ o_part, float* __restrict__ lse_part,
-           int s_q, int h_q, int h_k, int causal, float scale_log2, int kv_evict_first) {
+           int s_q, int h_q, int h_k, int causal, float scale_log2, int kv_evict_first,
+           const uint16_t* __restrict__ k_cache, long long kv_page_stride, long long kv_token_stride,
+           int load_by_cp_async) {
     extern __shared__ uint8_t smem_raw[];
     const SharedTiles sm{reinterpret_cast<uint8_t*>(
         (reinterpret_cast<size_t>(smem_raw) + SMEM_ALIGN - 1) & ~size_t(SMEM_ALIGN - 1))};
@@ -314,7 +347,8 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     const int tid = threadIdx.x;
     if (tid == 0) {
         for (int s = 0; s < KV_STAGES; ++s) {
-            mbarrier_init(&sm.full_bar()[s], 1);
+            // cp.async: one arrival per producer thread; TMA: the issuing thread's expect_tx.
+            mbarrier_init(&sm.full_bar()[s], load_by_cp_async ? WG_THREADS : 1);
             mbarrier_init(&sm.empty_bar()[s], CONSUMER_THREADS);
         }
         mbarrier_init(sm.handoff_bar(HB_Q_READY), CONSUMER_THREADS);
@@ -327,7 +361,10 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     const int wg = tid / WG_THREADS;
     if (wg == 2) {
         setmaxnreg_dec_40();
-        if (tid == 2 * WG_THREADS) run_producer(a, sm);
+        if (load_by_cp_async)
+            run_cp_async_producer(a, sm, k_cache, kv_page_stride, kv_token_stride, tid - 2 * WG_THREADS);
+        else if (tid == 2 * WG_THREADS)
+            run_tma_producer(a, sm);
     } else if (wg == 0) {
         setmaxnreg_inc_240();
         run_softmax_wg(a, sm, tid);
