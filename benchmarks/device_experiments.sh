@@ -13,6 +13,9 @@
 #             pipeline loading by cp.async from 128 threads instead of TMA (~3 min)
 #   v21:      v16 on the shipped decode: P in the page's rope chunk, one P_READY per stage, no
 #             P_FREE named barrier: A/B, reference check, sanitizers, GPU unit tests (~4 min)
+#   v22:      the cp.async producer with FA3's row-segment thread mapping and/or asynchronous
+#             arrival, cp.async forced, beside the shipped rule and cp.async as shipped: reference
+#             checks, timing-only A/B (~3 min; on an H200, where cp.async loses today)
 #   verify:   the shipped decode: reference check with each KV producer forced, the four
 #             sanitizers with the cp.async producer forced, GPU unit tests (~4 min)
 #   combine:  the combine with 1, 4 (shipped) and 8 partial rows in flight per warp, ours only,
@@ -64,6 +67,20 @@ for experiment in ${@:-verify}; do
   v21)
     run v21
     OUT=$ROOT_OUT/v21 timeout 560 bash benchmarks/ab_session.sh mla_decode_v21_p_in_rope_chunk ;;
+  v22)
+    run v22
+    v22=$PWD/benchmarks/kernel_versions/mla_decode_v22_cp_async_variants.cu
+    for knobs in "" "-DCP_ASYNC_ASYNC_ARRIVAL=1" "-DCP_ASYNC_ROW_MAP=0 -DCP_ASYNC_ASYNC_ARRIVAL=1"; do
+      label=$(echo "v22 $knobs" | tr ' =' '__')
+      FLASHMLA_BACKEND_KV_PRODUCER=cp_async FLASHMLA_BACKEND_DECODE_FILE=$v22 FLASHMLA_BACKEND_DECODE_DEFINES="$knobs" \
+        timeout 120 python benchmarks/check_decode_version.py --max-rows 512 > "$ROOT_OUT/v22/$label.check" 2>&1
+      echo "== $label correctness (rc $?): $(tail -1 "$ROOT_OUT/v22/$label.check")"
+    done
+    OUT=$ROOT_OUT/v22 AB_TIMING_ONLY=1 timeout 400 bash benchmarks/ab_session.sh \
+      shipped+FLASHMLA_BACKEND_KV_PRODUCER=cp_async \
+      mla_decode_v22_cp_async_variants+FLASHMLA_BACKEND_KV_PRODUCER=cp_async \
+      mla_decode_v22_cp_async_variants+FLASHMLA_BACKEND_KV_PRODUCER=cp_async+CP_ASYNC_ASYNC_ARRIVAL=1 \
+      mla_decode_v22_cp_async_variants+FLASHMLA_BACKEND_KV_PRODUCER=cp_async+CP_ASYNC_ROW_MAP=0+CP_ASYNC_ASYNC_ARRIVAL=1 ;;
   verify)
     run verify
     for producer in tma cp_async; do
