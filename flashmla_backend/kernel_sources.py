@@ -70,7 +70,8 @@ def decode_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModul
     empty means the shipped source. ``FLASHMLA_BACKEND_DECODE_DEFINES`` adds ``-D`` options
     (space-separated, e.g. ``-DDIAG_STAGES=3``) for such a version's knobs.
     """
-    extra = decode_launch_defines() + _knob_defines("FLASHMLA_BACKEND_DECODE_DEFINES") + (("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ())
+    extra = decode_launch_defines() + _knob_defines("FLASHMLA_BACKEND_DECODE_DEFINES") + (
+        ("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ())
     source = os.environ.get("FLASHMLA_BACKEND_DECODE_FILE") or "mla_decode.cu"
     return KernelModule(source, ("mla_decode",), dtype, extra)
 

@@ -5,7 +5,8 @@ threads, 16-byte copies) measured faster only where every page is read once, i.e
 block per KV head, and only on some cards; TMA (one thread) everywhere else. Measured in one
 process per card (``benchmarks/NOTES.md``, "v17" and "v18"):
 
-* H100 SXM (3.35 TB/s): cp.async +2-3% on the memory and mixed rows, +3% at b = 1;
+* H100 SXM (3.35 TB/s): cp.async +1.4-2.6% on the memory and mixed rows (varlen -0.4%),
+  +5% at b = 1;
 * H200 (4.8 TB/s): cp.async 9-11% slower on the same rows;
 * both: cp.async ~20% slower where several query blocks re-read each page from L2.
 

@@ -25,8 +25,8 @@ _OOB_FILL_NONE = 0  # out-of-range page ids read zeros
 
 #: Columns per TMA box: 64 bf16/fp16 = 128 bytes, the 128B-swizzle span.
 BOX_COLS = 64
-#: Token heights a decode source may declare for its boxes (8 = one 1 KB swizzle atom per box).
-BOX_TOKEN_HEIGHTS = (8, 16, 32, PAGE_SIZE)
+#: Token heights a decode source may declare for its boxes: a whole page or half of one.
+BOX_TOKEN_HEIGHTS = (PAGE_SIZE // 2, PAGE_SIZE)
 
 
 def l2_promotion() -> int:

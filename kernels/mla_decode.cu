@@ -32,8 +32,9 @@ static_assert(WG_THREADS * (SOFTMAX_WG_REGS + PV_WG_REGS + PRODUCER_WG_REGS) <=
 
 // Two producers, chosen per launch by the API (flashmla_backend/kv_producer.py). TMA is the
 // default. cp.async is used only where every page is read once (one query block) on cards
-// where it measured faster: +2-3% on the memory rows of an H100, -9-11% on an H200, and
-// -20% wherever several query blocks re-read pages from L2 (NOTES.md "v17", "v18").
+// where it measured faster: up to +2.6% on the memory rows of an H100 and +5% at b = 1, but
+// -9-11% on an H200, and -20% wherever several query blocks re-read pages from L2 (NOTES.md
+// "v17", "v18").
 // The API passes the cache pointer, its page and token strides and the choice (literals it reads).
 constexpr bool TAKES_KV_POINTER = true;
 constexpr bool SELECTS_KV_PRODUCER = true;
