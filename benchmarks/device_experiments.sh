@@ -25,6 +25,8 @@
 #   profile:  Nsight Compute counters (shared-memory wavefronts, L1, L2 sectors, DRAM, stalls)
 #             of the shipped decode with each KV producer forced and the pipeline diagnostic
 #             (TMA, cp.async), memory and compute row (~2 min)
+#   peers_profile: the same counters for the shipped decode, FA3-MLA's and FlashMLA's on the
+#             memory, 32k and 128-row compute problems (needs the vLLM bundle; ~3 min)
 #   anatomy:  per-kernel GPU time and idle gaps of our call and the peers' on the latency rows
 #             (benchmarks/latency_anatomy.py; needs the vLLM bundle for the peers; ~1 min)
 set -uo pipefail
@@ -104,6 +106,10 @@ for experiment in ${@:-verify}; do
   profile)
     run profile
     OUT=$ROOT_OUT/profile timeout 560 bash benchmarks/profile_ncu.sh ;;
+  peers_profile)  # needs the vLLM bundle
+    run peers_profile
+    NCU_SHAPES="128 1 16 4096,32 1 16 32768,128 1 128 4096" OUT=$ROOT_OUT/peers_profile timeout 560 \
+      bash benchmarks/profile_ncu.sh peer:FA3-MLA peer:FlashMLA ;;
   anatomy)
     run anatomy
     timeout 300 python benchmarks/latency_anatomy.py --out "$ROOT_OUT/anatomy" ;;

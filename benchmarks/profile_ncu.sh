@@ -3,10 +3,12 @@
 # row and a compute row (one GPU; ~3-4 min). Answers two open questions of NOTES.md: why a
 # cp.async producer (v8; v17 with both completion schemes), faster alone, lost with the math
 # present (shared-memory and LSU pipes), and how busy the tensor pipe is on the compute rows.
-#   OUT=... benchmarks/profile_ncu.sh [VERSION ...]   (default: the shipped decode with the
-#   cp.async producer forced, the pipeline diagnostic by TMA and by cp.async)
+#   OUT=... [NCU_SHAPES="B S_Q H_Q S_K,..."] benchmarks/profile_ncu.sh [VERSION ...]
+#   (default versions: the shipped decode with the cp.async producer forced, the pipeline
+#   diagnostic by TMA and by cp.async)
 # A version is a kernel_versions/ stem (or shipped) with optional +KEY=VALUE knobs, as in
-# ab_session.sh; a FLASHMLA_BACKEND_* key is set in the environment.
+# ab_session.sh; a FLASHMLA_BACKEND_* key is set in the environment. peer:FA3-MLA and
+# peer:FlashMLA profile that peer's decode kernel on the same problems (needs the vLLM bundle).
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
 OUT=${OUT:-/tmp/out}/ncu; mkdir -p "$OUT"
@@ -28,20 +30,27 @@ for m in sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active 
 done
 echo "metrics: ${METRICS:-none known; the WarpStateStats section only}"
 METRIC_ARGS=(); [ -n "$METRICS" ] && METRIC_ARGS=(--metrics "$METRICS")
+# Problems as "B S_Q H_Q S_K", comma-separated in NCU_SHAPES (default: a memory and a compute row).
+IFS=, read -r -a SHAPES <<< "${NCU_SHAPES:-128 1 16 4096,128 2 128 4096}"
 for version in shipped ${@:-shipped+FLASHMLA_BACKEND_KV_PRODUCER=cp_async mla_decode_diag_pipeline_only mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1}; do
+  impl=ours; kernel=regex:^mla_decode
+  case $version in
+  peer:FA3-MLA) impl=FA3-MLA; kernel=regex:FlashAttnFwdSm90 ;;
+  peer:FlashMLA) impl=FlashMLA; kernel=regex:splitkv_mla ;;
+  esac
   stem=${version%%+*}; defines=""; envs=()
   if [ "$stem" != "$version" ]; then
     for knob in $(echo "${version#*+}" | tr '+' ' '); do
       case $knob in FLASHMLA_BACKEND_*) envs+=("$knob") ;; *) defines="$defines -D$knob" ;; esac
     done
   fi
-  file=$([ "$stem" = shipped ] || echo "$PWD/benchmarks/kernel_versions/$stem.cu")
-  for shape in "128 1 16 4096" "128 2 128 4096"; do
-    label=${version//[+=]/_}_${shape// /x}
+  file=$([ "$stem" = shipped ] || [ "$impl" != ours ] || echo "$PWD/benchmarks/kernel_versions/$stem.cu")
+  for shape in "${SHAPES[@]}"; do
+    label=${version//[+=:]/_}_${shape// /x}
     env "${envs[@]}" FLASHMLA_BACKEND_DECODE_FILE="$file" FLASHMLA_BACKEND_DECODE_DEFINES="$defines" timeout 240 \
-      "$NCU" --clock-control none --kernel-name mla_decode --launch-skip 2 --launch-count 1 \
-      "${METRIC_ARGS[@]}" --section WarpStateStats --csv --page raw \
-      python benchmarks/profile_one_call.py $shape > "$OUT/$label.csv" 2> "$OUT/$label.err"
+      "$NCU" --clock-control none --kernel-name-base demangled --kernel-name "$kernel" --launch-skip 2 \
+      --launch-count 1 "${METRIC_ARGS[@]}" --section WarpStateStats --csv --page raw \
+      python benchmarks/profile_one_call.py $shape --impl "$impl" > "$OUT/$label.csv" 2> "$OUT/$label.err"
     echo "== $label (rc $?)"
     python - "$OUT/$label.csv" <<'PY'
 import csv, sys
@@ -51,9 +60,10 @@ if head is None:
     print("  no ncu rows"); sys.exit()
 names = rows[head]
 col = names.index("Kernel Name")
-values = next((r for r in rows[head + 1:] if len(r) > col and r[col].startswith("mla_decode")), None)
+values = next((r for r in rows[head + 1:] if len(r) > col and r[col] and r[col] != "Kernel Name"), None)
 if values is None:
-    print("  no mla_decode row"); sys.exit()
+    print("  no kernel row"); sys.exit()
+print(f"  kernel: {values[col][:100]}")
 keep = ("gmma", "pipe_lsu", "mem_shared", "dram__", "hit_rate", "duration", "l1tex__throughput", "lts__t_sectors")
 stalls = []
 for n, v in zip(names, values):
