@@ -16,9 +16,6 @@
 #   v22:      the cp.async producer with FA3's row-segment thread mapping and/or asynchronous
 #             arrival, cp.async forced, beside the shipped rule and cp.async as shipped: reference
 #             checks, timing-only A/B (~3 min; on an H200, where cp.async loses today)
-#   v23:      the split merge inside the decode (no combine launch): reference check, sanitizers
-#             and GPU unit tests with the merge forced into the decode for every launch; timing
-#             A/B forced and by the auto rule (large batches only) (~4 min)
 #   verify:   the shipped decode: reference check with each KV producer forced, the four
 #             sanitizers with the cp.async producer forced, GPU unit tests (~4 min)
 #   combine:  the combine with 1, 4 (shipped) and 8 partial rows in flight per warp, ours only,
@@ -86,10 +83,6 @@ for experiment in ${@:-verify}; do
       mla_decode_v22_cp_async_variants+FLASHMLA_BACKEND_KV_PRODUCER=cp_async \
       mla_decode_v22_cp_async_variants+FLASHMLA_BACKEND_KV_PRODUCER=cp_async+CP_ASYNC_ASYNC_ARRIVAL=1 \
       mla_decode_v22_cp_async_variants+FLASHMLA_BACKEND_KV_PRODUCER=cp_async+CP_ASYNC_ROW_MAP=0+CP_ASYNC_ASYNC_ARRIVAL=1 ;;
-  v23)
-    run v23
-    OUT=$ROOT_OUT/v23 timeout 560 bash benchmarks/ab_session.sh \
-      mla_decode_v23_fused_merge+FLASHMLA_BACKEND_SPLIT_MERGE=decode mla_decode_v23_fused_merge ;;
   verify)
     run verify
     for producer in tma cp_async; do
