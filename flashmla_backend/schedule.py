@@ -110,3 +110,19 @@ def schedule_reference(cache_seqlens: torch.Tensor, num_parts: int, overhead: in
         metadata[part, MD_END_PAGE] = 0 if pages[e] == 0 else min(hi_p, int(last[e]) + 1) - int(first[e])
         metadata[part, MD_BEGIN_SPLIT] = int(num_splits[b]) + part - int(first[b]) // payload
     return metadata.to(torch.int32), num_splits.to(torch.int32)
+
+
+def pages_per_part(metadata: torch.Tensor, cache_seqlens: torch.Tensor) -> list[int]:
+    """Pages each part of ``metadata [parts, 8]`` streams (0 for an idle part): what the decode
+    counts to choose a part's KV producer (``kv_producer.py``)."""
+    lengths = cache_seqlens.to("cpu", torch.int64).tolist()
+    pages = []
+    for row in metadata.to("cpu", torch.int64).tolist():
+        begin, end = row[MD_BEGIN_REQ], row[MD_END_REQ]
+        total = 0
+        for req in range(begin, end + 1):
+            first = row[MD_BEGIN_PAGE] if req == begin else 0
+            last = row[MD_END_PAGE] if req == end else -(-lengths[req] // PAGE_SIZE)
+            total += last - first
+        pages.append(total)
+    return pages

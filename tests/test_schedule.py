@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flashmla_backend._constants import PAGE_SIZE
-from flashmla_backend.schedule import num_m_blocks, num_sm_parts, schedule_reference
+from flashmla_backend.schedule import num_m_blocks, num_sm_parts, pages_per_part, schedule_reference
 
 
 def pieces(metadata: torch.Tensor, num_splits: torch.Tensor, lengths: list[int]) -> list[tuple[int, int, int, int]]:
@@ -43,6 +43,19 @@ def test_every_page_is_covered_once(lengths: list[int], parts: int, slack: int) 
         if len(mine) > 1:
             assert all(end > first for first, end, _ in mine), "an empty piece in a split request"
     assert int(ns[-1]) <= len(lengths) + parts, "more splits than the workspace holds"
+
+
+@pytest.mark.parametrize("lengths,parts", [([8192], 132), ([4096] * 128, 132), (list(range(0, 5000, 41)), 33),
+                                           ([150] * 60 + [0, 1, 64, 20000, 9000], 132)])
+def test_pages_per_part_counts_each_parts_pieces(lengths: list[int], parts: int) -> None:
+    # What the decode counts to pick a part's KV producer: the pages of that part's pieces.
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    md, ns = schedule_reference(seqlens, parts)
+    counted = pages_per_part(md, seqlens)
+    assert len(counted) == parts
+    for part in range(parts):
+        assert counted[part] == sum(end - first for _, first, end, _ in pieces(md[part:part + 1], ns, lengths))
+    assert sum(counted) == sum(-(-n // PAGE_SIZE) for n in lengths)
 
 
 def test_part_count_fills_the_sms() -> None:
