@@ -16,9 +16,9 @@
 #   v22:      the cp.async producer with FA3's row-segment thread mapping and/or asynchronous
 #             arrival, cp.async forced, beside the shipped rule and cp.async as shipped: reference
 #             checks, timing-only A/B (~3 min; on an H200, where cp.async loses today)
-#   short_parts: the per-part KV producer rule (cp.async in parts of few pages): GPU unit tests,
-#             reference check, benchmarks/producer_map.py (TMA, cp.async and the rule against
-#             pages per part), sanitizers, all with the automatic rule (~5 min)
+#   producer_map: benchmarks/producer_map.py: our decode with each KV producer forced and by the
+#             rule, h_q = 16 batches of 1-128 requests, s_k 512-32768, beside the scheduler
+#             parts' page counts (~1.5 min)
 #   verify:   the shipped decode: reference check with each KV producer forced, the four
 #             sanitizers with the cp.async producer forced, GPU unit tests (~4 min)
 #   combine:  the combine with 1, 4 (shipped) and 8 partial rows in flight per warp, ours only,
@@ -86,15 +86,10 @@ for experiment in ${@:-verify}; do
       mla_decode_v22_cp_async_variants+FLASHMLA_BACKEND_KV_PRODUCER=cp_async \
       mla_decode_v22_cp_async_variants+FLASHMLA_BACKEND_KV_PRODUCER=cp_async+CP_ASYNC_ASYNC_ARRIVAL=1 \
       mla_decode_v22_cp_async_variants+FLASHMLA_BACKEND_KV_PRODUCER=cp_async+CP_ASYNC_ROW_MAP=0+CP_ASYNC_ASYNC_ARRIVAL=1 ;;
-  short_parts)  # the per-part producer rule: its correctness, then where cp.async pays (~5 min)
-    run short_parts
-    timeout 90 python -m pytest -q -p no:cacheprovider tests > "$ROOT_OUT/short_parts/unit_tests.log" 2>&1
-    echo "GPU unit tests: $(tail -1 "$ROOT_OUT/short_parts/unit_tests.log")"
-    timeout 60 python benchmarks/check_decode_version.py --max-rows 512 > "$ROOT_OUT/short_parts/check_auto.log" 2>&1
-    echo "== shipped, auto producer rule, correctness (rc $?): $(tail -1 "$ROOT_OUT/short_parts/check_auto.log")"
-    timeout 120 python benchmarks/producer_map.py --out "$ROOT_OUT/short_parts/producer_map.md" > /dev/null 2>&1
-    cat "$ROOT_OUT/short_parts/producer_map.md"
-    OUT=$ROOT_OUT/short_parts bash benchmarks/run_sanitizers.sh ;;
+  producer_map)  # TMA, cp.async and the rule against pages per scheduler part (~1.5 min)
+    run producer_map
+    timeout 200 python benchmarks/producer_map.py --out "$ROOT_OUT/producer_map/producer_map.md" > /dev/null 2>&1
+    cat "$ROOT_OUT/producer_map/producer_map.md" ;;
   verify)
     run verify
     for producer in tma cp_async; do

@@ -3,9 +3,9 @@
     python benchmarks/producer_map.py [--out producer_map.md]
 
 For batches of equal lengths at h_q = 16, s_q = 1 (one query block, where either producer may
-run), times our decode + combine with every part loading by TMA, every part by cp.async, and
-by the automatic rule (``flashmla_backend/kv_producer.py``), and prints the parts' page counts
-beside the times: the data behind the rule's short-part limit.
+run), times our decode + combine loading by TMA, by cp.async, and by the automatic rule
+(``flashmla_backend/kv_producer.py``), and prints the scheduler parts' page counts beside the
+times: does cp.async pay where parts are short (NOTES.md, "Producer map")?
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from flashmla_backend import flash_mla_with_kvcache, get_mla_metadata
 from flashmla_backend.bench import HEAD_QK, HEAD_V, Case, Timer, build_problem
-from flashmla_backend.kv_producer import KV_PRODUCER_ENV, SHORT_PART_PAGES_ENV
+from flashmla_backend.kv_producer import KV_PRODUCER_ENV
 from flashmla_backend.schedule import pages_per_part
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -36,7 +36,6 @@ def main() -> int:
     lines = [f"card: {torch.cuda.get_device_name()}; µs, median of {args.iters} calls, L2 flushed",
              "| b, s_k | active parts | pages per part (min/median/max) | TMA | cp.async | auto | TMA ÷ cp.async |",
              "|---|---|---|---|---|---|---|"]
-    os.environ.pop(SHORT_PART_PAGES_ENV, None)
     for batch in BATCHES:
         for s_k in CONTEXTS:
             if batch * s_k > MAX_CACHE_TOKENS:

@@ -18,7 +18,7 @@ from ._constants import (
     SCHEDULE_THREADS,
 )
 from .kernel_sources import SCHEDULE_MODULE, combine_module, decode_launch_contract, decode_module
-from .kv_producer import CP_ASYNC_ALWAYS, cp_async_part_pages
+from .kv_producer import load_by_cp_async
 from .reference import mla_decode_reference
 from .runtime import (
     check_device,
@@ -215,9 +215,7 @@ def flash_mla_with_kvcache(
     if contract.takes_kv_pointer:
         args += (k_cache.data_ptr(), np.int64(k_cache.stride(0)), np.int64(k_cache.stride(1)))
     if contract.selects_kv_producer:
-        part_pages = cp_async_part_pages(index, m_blocks)
-        # Versions that take 0/1 get cp.async only where every part would use it.
-        args += (np.int32(part_pages if contract.producer_per_part else part_pages >= CP_ASYNC_ALWAYS),)
+        args += (np.int32(load_by_cp_async(index, m_blocks)),)
     launch(decode, (m_blocks, shape.h_k, parts), DECODE_THREADS, args, index, shared_mem=DECODE_SMEM_BYTES)
     combine = get_function(combine_module(q.dtype, programmatic), "mla_combine", index)
     warps_per_row = _combine_warps_per_row(shape.batch, parts)

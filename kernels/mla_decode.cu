@@ -9,7 +9,7 @@
 //   warpgroup 1 (PV):      O[:, 256:512] += P V, overlapping warpgroup 0's next S  224 regs
 //   warpgroup 2 (producer): streams 64-token pages into a two-stage ring guarded by
 //                          full/empty mbarriers, by TMA from one thread or by cp.async
-//                          from all 128 (chosen per CTA; see below)              40 regs
+//                          from all 128 (load_by_cp_async; see below)            40 regs
 // Q (64 x 576) stays in smem for a whole piece. V is the first 512 columns of the K tile,
 // read MN-major by the P V wgmma straight from the same swizzled buffer.
 //
@@ -28,17 +28,14 @@ static_assert(WG_THREADS * (SOFTMAX_WG_REGS + PV_WG_REGS + PRODUCER_WG_REGS) <=
                   DECODE_THREADS * LAUNCH_REGS_PER_THREAD,
               "register split exceeds the registers the CTA is launched with");
 
-// Two producers. The API (flashmla_backend/kv_producer.py) passes cp_async_part_pages: a CTA
-// whose part streams at most that many pages loads them by cp.async, any other by TMA (0: TMA
-// everywhere). cp.async pays only where every page is read once (one query block): on the
-// memory rows of an H100 (up to +2.6%) and in short parts (b = 1: +5% on an H100, +4-7% on an
-// H200), but -9-11% on an H200's memory rows and -20% wherever several query blocks re-read
-// pages from L2 (NOTES.md "v17", "v18", "v22").
+// Two producers, chosen per launch by the API (flashmla_backend/kv_producer.py). TMA is the
+// default. cp.async is used only where every page is read once (one query block) on cards
+// where it measured faster: up to +2.6% on the memory rows of an H100 and +5% at b = 1, but
+// -9-11% on an H200, and -20% wherever several query blocks re-read pages from L2 (NOTES.md
+// "v17", "v18").
 // The API passes the cache pointer, its page and token strides and the choice (literals it reads).
 constexpr bool TAKES_KV_POINTER = true;
 constexpr bool SELECTS_KV_PRODUCER = true;
-constexpr bool CHOOSES_PRODUCER_PER_PART = true;  // the choice is cp_async_part_pages, not 0/1
-constexpr int CP_ASYNC_ALWAYS = 1 << 30;  // cp_async_part_pages for "every part" (kv_producer.py)
 
 // Hand-off mbarriers between the math warpgroups (index into SharedTiles::handoff_bar()).
 constexpr int HB_Q_READY = 0;    // both WGs copied Q       (256 arrivals, WG0 waits)
@@ -124,16 +121,6 @@ DEVICE void run_cp_async_producer(const DecodeArgs& a, const SharedTiles& sm, co
         fence_proxy_async_smem();
         mbarrier_arrive(&sm.full_bar()[stage]);
     });
-}
-
-// Whether this CTA's part streams at most max_pages pages (counting stops once past it).
-DEVICE bool part_fits_pages(const DecodeArgs& a, int max_pages) {
-    int pages = 0;
-    for (int req = a.work.begin_req; req <= a.work.end_req && pages <= max_pages; ++req) {
-        const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
-        pages += piece.page_end - piece.page_begin;
-    }
-    return pages <= max_pages;
 }
 
 // Both math warpgroups copy their share of the Q block (cp.async, all in flight, then waited
@@ -342,7 +329,7 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
            float* __restrict__ lse, float* __restrict__ o_part, float* __restrict__ lse_part,
            int s_q, int h_q, int h_k, int causal, float scale_log2, int kv_evict_first,
            const uint16_t* __restrict__ k_cache, long long kv_page_stride, long long kv_token_stride,
-           int cp_async_part_pages) {
+           int load_by_cp_async) {
     extern __shared__ uint8_t smem_raw[];
     const SharedTiles sm{reinterpret_cast<uint8_t*>(
         (reinterpret_cast<size_t>(smem_raw) + SMEM_ALIGN - 1) & ~size_t(SMEM_ALIGN - 1))};
@@ -355,8 +342,6 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
 #endif
     a.work = load_part(metadata, blockIdx.z);
     if (a.work.end_req < a.work.begin_req) return;  // idle part
-    const bool load_by_cp_async = cp_async_part_pages >= CP_ASYNC_ALWAYS ||
-                                  (cp_async_part_pages > 0 && part_fits_pages(a, cp_async_part_pages));
 
     const int tid = threadIdx.x;
     if (tid == 0) {

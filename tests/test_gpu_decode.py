@@ -13,7 +13,7 @@ import torch
 
 from conftest import assert_lse_close, relative_error, requires_hopper
 from flashmla_backend import flash_mla_with_kvcache, get_mla_metadata, mla_decode_reference
-from flashmla_backend.schedule import pages_per_part, schedule_reference
+from flashmla_backend.schedule import schedule_reference
 from flashmla_backend.testing import DecodeProblem, draw_lengths, make_problem
 
 pytestmark = requires_hopper
@@ -80,22 +80,6 @@ def test_both_kv_producers(producer: str, h_q: int, h_k: int, s_q: int, dtype: t
     lengths = draw_lengths(40, 3000, True, gen, with_zeros=True) + [1, 64, 65, 8192]
     p = make_problem(lengths, s_q, h_q, h_k, dtype, causal=True, seed=h_q + 11 * s_q)
     run_and_check(p, dtype)
-
-
-# One launch with both producers: parts of at most the median part's pages load by cp.async,
-# the rest by TMA (the automatic rule's short parts, forced here on every card).
-@pytest.mark.parametrize("h_q,s_q", [(16, 1), (128, 2)])
-def test_producer_chosen_per_part(h_q: int, s_q: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    import flashmla_backend.api as api
-
-    lengths = [150] * 60 + [0, 1, 64, 20000, 9000]
-    p = make_problem(lengths, s_q, h_q, 1, torch.bfloat16, causal=True, seed=h_q + s_q)
-    md, _ = get_mla_metadata(p.cache_seqlens, s_q * h_q, 1)
-    pages = sorted(n for n in pages_per_part(md, p.cache_seqlens) if n > 0)
-    limit = pages[len(pages) // 2]
-    assert pages[0] <= limit < pages[-1], "the batch must give short and long parts"
-    monkeypatch.setattr(api, "cp_async_part_pages", lambda index, m_blocks: limit)
-    run_and_check(p, torch.bfloat16)
 
 
 def test_long_context_mixed_batch() -> None:

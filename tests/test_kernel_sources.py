@@ -85,7 +85,7 @@ def test_launch_contract_of_pointer_and_producer_choice(monkeypatch: pytest.Monk
 
     monkeypatch.delenv("FLASHMLA_BACKEND_DECODE_FILE", raising=False)
     shipped = decode_launch_contract(decode_module(torch.bfloat16))
-    assert shipped.takes_kv_pointer and shipped.selects_kv_producer and shipped.producer_per_part
+    assert shipped.takes_kv_pointer and shipped.selects_kv_producer
     plain = tmp_path / "plain.cu"
     plain.write_text("constexpr int TMA_BOX_TOKENS = 64;\n")
     monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(plain))
@@ -94,17 +94,8 @@ def test_launch_contract_of_pointer_and_producer_choice(monkeypatch: pytest.Monk
     monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(ARCHIVED / "mla_decode_diag_pipeline_only.cu"))
     diag = decode_launch_contract(decode_module(torch.bfloat16))
     assert diag.takes_kv_pointer and not diag.selects_kv_producer
-    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(ARCHIVED / "mla_decode_v22_cp_async_variants.cu"))
-    zero_one = decode_launch_contract(decode_module(torch.bfloat16))  # takes 0/1, not a page limit
-    assert zero_one.selects_kv_producer and not zero_one.producer_per_part
     bad = tmp_path / "choice_without_pointer.cu"
     bad.write_text("constexpr bool SELECTS_KV_PRODUCER = true;\n")
     monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(bad))
     with pytest.raises(ValueError, match="TAKES_KV_POINTER"):
-        decode_launch_contract(decode_module(torch.bfloat16))
-    limit_without_choice = tmp_path / "limit_without_choice.cu"
-    limit_without_choice.write_text("constexpr bool TAKES_KV_POINTER = true;\n"
-                                    "constexpr bool CHOOSES_PRODUCER_PER_PART = true;\n")
-    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(limit_without_choice))
-    with pytest.raises(ValueError, match="SELECTS_KV_PRODUCER"):
         decode_launch_contract(decode_module(torch.bfloat16))
