@@ -11,14 +11,15 @@
 #   hold:     the pipeline diagnostic with each stage held 1.5 us (the math's hold time at
 #             h_q = 16), 2 and 3 stages: is a held 2-stage ring latency-bound? And the same
 #             pipeline loading by cp.async from 128 threads instead of TMA (~3 min)
-#   v21:      v16 on the shipped decode: P in the page's rope chunk, one P_READY per stage, no
-#             P_FREE named barrier: A/B, reference check, sanitizers, GPU unit tests (~4 min)
 #   v22:      the cp.async producer with FA3's row-segment thread mapping and/or asynchronous
 #             arrival, cp.async forced, beside the shipped rule and cp.async as shipped: reference
 #             checks, timing-only A/B (~3 min; on an H200, where cp.async loses today)
 #   producer_map: benchmarks/producer_map.py: our decode with each KV producer forced and by the
 #             rule, h_q = 16 batches of 1-128 requests, s_k 512-32768, beside the scheduler
 #             parts' page counts (~1.5 min)
+#   v24:      the split merge at the end of each CTA's part (no combine launch): reference check,
+#             sanitizers and GPU unit tests with the merge forced into the decode for every
+#             launch; timing A/B forced and by the auto rule (large batches only) (~4 min)
 #   verify:   the shipped decode: reference check with each KV producer forced, the four
 #             sanitizers with the cp.async producer forced, GPU unit tests (~4 min)
 #   combine:  the combine with 1, 4 (shipped) and 8 partial rows in flight per warp, ours only,
@@ -69,9 +70,6 @@ for experiment in ${@:-verify}; do
       mla_decode_diag_pipeline_only+DIAG_STAGES=3+DIAG_HOLD_NS=1500 \
       mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1 \
       mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1+DIAG_HOLD_NS=1500 ;;
-  v21)
-    run v21
-    OUT=$ROOT_OUT/v21 timeout 560 bash benchmarks/ab_session.sh mla_decode_v21_p_in_rope_chunk ;;
   v22)
     run v22
     v22=$PWD/benchmarks/kernel_versions/mla_decode_v22_cp_async_variants.cu
@@ -90,6 +88,10 @@ for experiment in ${@:-verify}; do
     run producer_map
     timeout 200 python benchmarks/producer_map.py --out "$ROOT_OUT/producer_map/producer_map.md" > /dev/null 2>&1
     cat "$ROOT_OUT/producer_map/producer_map.md" ;;
+  v24)
+    run v24
+    OUT=$ROOT_OUT/v24 timeout 560 bash benchmarks/ab_session.sh \
+      mla_decode_v24_merge_at_part_end+FLASHMLA_BACKEND_SPLIT_MERGE=decode mla_decode_v24_merge_at_part_end ;;
   verify)
     run verify
     for producer in tma cp_async; do

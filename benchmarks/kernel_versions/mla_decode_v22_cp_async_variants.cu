@@ -1,4 +1,6 @@
-// EXPERIMENT v22 (NOTES.md "v22"): the shipped decode with two knobs on its cp.async producer,
+// EXPERIMENT v22 (NOTES.md "v22"; rebased on the v21 decode on 2026-12-02, after its H200 run:
+// row map + asynchronous arrival was the best, still 2-4% behind TMA there; next on an H100):
+// the shipped decode with two knobs on its cp.async producer,
 // to find why that producer loses 10% on an H200 where FA3's cp.async path wins (run with
 // FLASHMLA_BACKEND_KV_PRODUCER=cp_async; the TMA path is the shipped one).
 //   CP_ASYNC_ROW_MAP=1: groups of 8 threads copy one 128-byte row segment of one chunk, so a
@@ -14,7 +16,8 @@
 //
 // Warpgroup roles (384 threads; setmaxnreg moves registers from the producer to the math):
 //   warpgroup 0 (softmax): S = Q K^T with wgmma, masking, online softmax,
-//                          O[:, 0:256] += P V with P from registers, P to smem  240 regs
+//                          O[:, 0:256] += P V with P from registers, P into the
+//                          page's rope chunk                                   240 regs
 //   warpgroup 1 (PV):      O[:, 256:512] += P V, overlapping warpgroup 0's next S  224 regs
 //   warpgroup 2 (producer): streams 64-token pages into a two-stage ring guarded by
 //                          full/empty mbarriers, by TMA from one thread or by cp.async
@@ -22,14 +25,11 @@
 // Q (64 x 576) stays in smem for a whole piece. V is the first 512 columns of the K tile,
 // read MN-major by the P V wgmma straight from the same swizzled buffer.
 //
-// Hand-offs between the math warpgroups: Q ready, P ready and the final row stats go through
-// mbarriers, which compute-sanitizer's racecheck follows. P_FREE stays a hardware named barrier
-// (as an mbarrier it cost ~5% on the compute rows, measured when its wait still preceded
-// warpgroup 0's P V; since v10 that wgmma reads P from registers and is in flight during the
-// wait); it guards only the P tile, which warpgroup 1's wgmma reads through the async proxy.
-// The per-row rescale factors that warpgroup 1 reads get one slot per KV stage, so warpgroup 0
-// rewrites a slot only after the KV ring has recycled that stage: an mbarrier chain, not the
-// named barrier, orders them.
+// Hand-offs between the math warpgroups: Q ready, P ready (one per stage) and the final row
+// stats are mbarriers. P and the per-row rescale factors have one slot per KV stage, so the KV
+// ring's own mbarriers order their reuse. P goes into its page's rope chunk (read only by that
+// page's scores, which are done): warpgroup 0 never waits for warpgroup 1 to free a P tile
+// (+1-3% on the compute rows of both cards, NOTES.md "v16", "v21").
 #include "mla_decode_shared.cuh"
 
 #ifndef CP_ASYNC_ROW_MAP
@@ -49,26 +49,26 @@ static_assert(WG_THREADS * (SOFTMAX_WG_REGS + PV_WG_REGS + PRODUCER_WG_REGS) <=
 
 // Two producers, chosen per launch by the API (flashmla_backend/kv_producer.py). TMA is the
 // default. cp.async is used only where every page is read once (one query block) on cards
-// where it measured faster: +2-3% on the memory rows of an H100, -9-11% on an H200, and
-// -20% wherever several query blocks re-read pages from L2 (NOTES.md "v17", "v18").
+// where it measured faster: up to +2.6% on the memory rows of an H100 and +5% at b = 1, but
+// -9-11% on an H200, and -20% wherever several query blocks re-read pages from L2 (NOTES.md
+// "v17", "v18").
 // The API passes the cache pointer, its page and token strides and the choice (literals it reads).
 constexpr bool TAKES_KV_POINTER = true;
 constexpr bool SELECTS_KV_PRODUCER = true;
 
 // Hand-off mbarriers between the math warpgroups (index into SharedTiles::handoff_bar()).
 constexpr int HB_Q_READY = 0;    // both WGs copied Q       (256 arrivals, WG0 waits)
-constexpr int HB_P_READY = 1;    // WG0 stored P and scales (128 arrivals, WG1 waits)
-constexpr int HB_STATS = 2;      // WG0 stored row max/sum  (128 arrivals, WG1 waits)
-constexpr int HANDOFF_BARRIERS = 3;
+constexpr int HB_STATS = 1;      // WG0 stored row max/sum  (128 arrivals, WG1 waits)
+constexpr int HB_P_READY = 2;    // + stage: WG0 stored P and scales of that stage (128 arrivals)
+constexpr int HANDOFF_BARRIERS = 2 + KV_STAGES;
+constexpr int ROPE_CHUNK = QK_CHUNKS - 1;  // a page's chunk that holds its P after its scores
 // Named barriers (0 is __syncthreads).
-constexpr int BAR_P_FREE = 1;    // WG1's P V wgmma done with P (WG1 arrives, WG0 waits)
 constexpr int BAR_WG0 = 2;       // WG0's V-tail zeroes, before its P V wgmma
 
 // Shared memory map (byte offsets from a 1024-aligned base).
 constexpr int SMEM_Q = 0;
 constexpr int SMEM_KV = TILE_BYTES;
-constexpr int SMEM_P = SMEM_KV + KV_STAGES * TILE_BYTES;
-constexpr int SMEM_ROW_SCALE = SMEM_P + CHUNK_BYTES;
+constexpr int SMEM_ROW_SCALE = SMEM_KV + KV_STAGES * TILE_BYTES;
 constexpr int SMEM_ROW_MAX = SMEM_ROW_SCALE + KV_STAGES * BLOCK_M * 4;  // row_scale: one per stage
 constexpr int SMEM_ROW_SUM = SMEM_ROW_MAX + BLOCK_M * 4;
 constexpr int SMEM_BARRIERS = SMEM_ROW_SUM + BLOCK_M * 4;
@@ -84,7 +84,7 @@ struct SharedTiles {
     uint8_t* base;
     DEVICE uint8_t* q() const { return base + SMEM_Q; }
     DEVICE uint8_t* kv(int stage) const { return base + SMEM_KV + stage * TILE_BYTES; }
-    DEVICE uint8_t* p() const { return base + SMEM_P; }
+    DEVICE uint8_t* p(int stage) const { return kv(stage) + ROPE_CHUNK * CHUNK_BYTES; }
     DEVICE float* row_scale(int stage) const {
         return reinterpret_cast<float*>(base + SMEM_ROW_SCALE) + stage * BLOCK_M;
     }
@@ -274,14 +274,13 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
                                        desc_mn_major(kv_addr + k * K_STEP * 128, CHUNK_BYTES));
             wgmma_commit();
 
-            // While that runs: P and the row scales to smem for warpgroup 1.
-            if (it > 0) named_barrier_sync(BAR_P_FREE, CONSUMER_THREADS);
+            // While that runs: P (into this page's rope chunk) and the row scales for warpgroup 1.
 #pragma unroll
             for (int n = 0; n < 8; ++n)
 #pragma unroll
                 for (int half = 0; half < 2; ++half) {
                     const int r = row0 + 8 * half;
-                    *reinterpret_cast<uint32_t*>(sm.p() + r * 128 + ((n ^ (r & 7)) << 4) + (lane % 4) * 4) =
+                    *reinterpret_cast<uint32_t*>(sm.p(stage) + r * 128 + ((n ^ (r & 7)) << 4) + (lane % 4) * 4) =
                         p[2 * n + half];
                 }
             if (lane % 4 == 0) {
@@ -289,7 +288,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
                 sm.row_scale(stage)[row0 + 8] = alpha[1];
             }
             fence_proxy_async_smem();
-            mbarrier_arrive(sm.handoff_bar(HB_P_READY));
+            mbarrier_arrive(sm.handoff_bar(HB_P_READY + stage));
             wgmma_wait<0>();
             fence_accumulators(o);
             fence_fragments(p);  // the P V wgmma read p until the wait
@@ -322,10 +321,9 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
 }
 
 // Warpgroup 1: the right half of O, one page behind warpgroup 0's scores.
-DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid, int total_pages) {
+DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
     const int warp = tid / 32, lane = tid % 32;
     const int row0 = warp * 16 + lane / 4;
-    const uint32_t p_addr = smem_addr(sm.p());
     constexpr int RIGHT_HALF_BYTES = (V_COLS_PER_WG / CHUNK_COLS) * CHUNK_BYTES;
     int it = 0, pieces = 0;
     for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
@@ -337,10 +335,9 @@ DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid, int t
         for (int i = 0; i < 128; ++i) o[i] = 0.f;
         for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
             const int stage = it % KV_STAGES;
-            mbarrier_wait(sm.handoff_bar(HB_P_READY), it & 1);
+            mbarrier_wait(sm.handoff_bar(HB_P_READY + stage), (it / KV_STAGES) & 1);
             rescale_rows(o, sm.row_scale(stage)[row0], sm.row_scale(stage)[row0 + 8]);
-            pv_gemm(o, p_addr, smem_addr(sm.kv(stage)) + RIGHT_HALF_BYTES);
-            if (it + 1 < total_pages) named_barrier_arrive(BAR_P_FREE, CONSUMER_THREADS);
+            pv_gemm(o, smem_addr(sm.p(stage)), smem_addr(sm.kv(stage)) + RIGHT_HALF_BYTES);
             mbarrier_arrive(&sm.empty_bar()[stage]);
         }
         float row_sum[2] = {0.f, 0.f}, row_lse[2] = {0.f, 0.f};
@@ -393,7 +390,7 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
             mbarrier_init(&sm.empty_bar()[s], CONSUMER_THREADS);
         }
         mbarrier_init(sm.handoff_bar(HB_Q_READY), CONSUMER_THREADS);
-        mbarrier_init(sm.handoff_bar(HB_P_READY), WG_THREADS);
+        for (int s = 0; s < KV_STAGES; ++s) mbarrier_init(sm.handoff_bar(HB_P_READY + s), WG_THREADS);
         mbarrier_init(sm.handoff_bar(HB_STATS), WG_THREADS);
         fence_barrier_init();
     }
@@ -411,11 +408,6 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
         run_softmax_wg(a, sm, tid);
     } else {
         setmaxnreg_inc_224();
-        int total_pages = 0;
-        for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
-            const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
-            total_pages += piece.page_end - piece.page_begin;
-        }
-        run_pv_wg(a, sm, tid - WG_THREADS, total_pages);
+        run_pv_wg(a, sm, tid - WG_THREADS);
     }
 }

@@ -1,7 +1,9 @@
-// EXPERIMENT v21 (NOTES.md "v21"): v16 on the shipped decode (per-card KV producer): P is
-// written into the page's own rope chunk (free once that page's scores are done) instead of a
-// separate P tile, so warpgroup 0 never waits for warpgroup 1 to free P (no P_FREE named
-// barrier: every hand-off is an mbarrier), and P_READY becomes one mbarrier per stage.
+// EXPERIMENT v24 (NOTES.md "v24"): v23's split merge inside the decode, moved to the end of
+// the CTA's part. Given merge_counters, both math warpgroups, after their last piece, count
+// the part's split pieces, and the CTA that completes a request's count merges its partials,
+// so the API launches no combine.
+// Nothing changes inside the piece loop (v23's per-piece barrier made warpgroup 0 wait for
+// warpgroup 1 at every split piece), and no CTA ever waits for another.
 // Split-KV MLA decode for Hopper (sm_90a): one CTA per (64-row query block, KV head,
 // scheduler part). The part's share of (request, page range) pieces comes from
 // tile_scheduler_metadata.
@@ -19,7 +21,9 @@
 //
 // Hand-offs between the math warpgroups: Q ready, P ready (one per stage) and the final row
 // stats are mbarriers. P and the per-row rescale factors have one slot per KV stage, so the KV
-// ring's own mbarriers order their reuse.
+// ring's own mbarriers order their reuse. P goes into its page's rope chunk (read only by that
+// page's scores, which are done): warpgroup 0 never waits for warpgroup 1 to free a P tile
+// (+1-3% on the compute rows of both cards, NOTES.md "v16", "v21").
 #include "mla_decode_shared.cuh"
 
 constexpr int KV_STAGES = 2;
@@ -32,11 +36,15 @@ static_assert(WG_THREADS * (SOFTMAX_WG_REGS + PV_WG_REGS + PRODUCER_WG_REGS) <=
 
 // Two producers, chosen per launch by the API (flashmla_backend/kv_producer.py). TMA is the
 // default. cp.async is used only where every page is read once (one query block) on cards
-// where it measured faster: +2-3% on the memory rows of an H100, -9-11% on an H200, and
-// -20% wherever several query blocks re-read pages from L2 (NOTES.md "v17", "v18").
+// where it measured faster: up to +2.6% on the memory rows of an H100 and +5% at b = 1, but
+// -9-11% on an H200, and -20% wherever several query blocks re-read pages from L2 (NOTES.md
+// "v17", "v18").
 // The API passes the cache pointer, its page and token strides and the choice (literals it reads).
 constexpr bool TAKES_KV_POINTER = true;
 constexpr bool SELECTS_KV_PRODUCER = true;
+// After the producer choice it takes merge_counters (int32 [b, h_k, m_blocks], zero between
+// launches), or a null pointer when the combine kernel merges instead.
+constexpr bool MERGES_SPLITS = true;
 
 // Hand-off mbarriers between the math warpgroups (index into SharedTiles::handoff_bar()).
 constexpr int HB_Q_READY = 0;    // both WGs copied Q       (256 arrivals, WG0 waits)
@@ -45,6 +53,7 @@ constexpr int HB_P_READY = 2;    // + stage: WG0 stored P and scales of that sta
 constexpr int HANDOFF_BARRIERS = 2 + KV_STAGES;
 constexpr int ROPE_CHUNK = QK_CHUNKS - 1;  // a page's chunk that holds its P after its scores
 // Named barriers (0 is __syncthreads).
+constexpr int BAR_MERGE = 1;     // both math WGs done with the part / read a merge verdict
 constexpr int BAR_WG0 = 2;       // WG0's V-tail zeroes, before its P V wgmma
 
 // Shared memory map (byte offsets from a 1024-aligned base).
@@ -54,7 +63,8 @@ constexpr int SMEM_ROW_SCALE = SMEM_KV + KV_STAGES * TILE_BYTES;
 constexpr int SMEM_ROW_MAX = SMEM_ROW_SCALE + KV_STAGES * BLOCK_M * 4;  // row_scale: one per stage
 constexpr int SMEM_ROW_SUM = SMEM_ROW_MAX + BLOCK_M * 4;
 constexpr int SMEM_BARRIERS = SMEM_ROW_SUM + BLOCK_M * 4;
-constexpr int SMEM_USED = SMEM_BARRIERS + (2 * KV_STAGES + HANDOFF_BARRIERS) * 8;
+constexpr int SMEM_MERGE_VERDICTS = SMEM_BARRIERS + (2 * KV_STAGES + HANDOFF_BARRIERS) * 8;
+constexpr int SMEM_USED = SMEM_MERGE_VERDICTS + 2 * 4;
 constexpr int SMEM_ALIGN = 1024;
 constexpr int DECODE_SMEM_BYTES = SMEM_USED + SMEM_ALIGN;  // slack to align the base
 static_assert(DECODE_SMEM_BYTES <= 227 * 1024, "decode tile does not fit in shared memory");
@@ -75,6 +85,7 @@ struct SharedTiles {
     DEVICE uint64_t* full_bar() const { return reinterpret_cast<uint64_t*>(base + SMEM_BARRIERS); }
     DEVICE uint64_t* empty_bar() const { return full_bar() + KV_STAGES; }
     DEVICE uint64_t* handoff_bar(int which) const { return full_bar() + 2 * KV_STAGES + which; }
+    DEVICE int* merge_verdicts() const { return reinterpret_cast<int*>(base + SMEM_MERGE_VERDICTS); }
 };
 
 DEVICE void setmaxnreg_inc_240() { asm volatile("setmaxnreg.inc.sync.aligned.u32 240;"); }
@@ -137,8 +148,99 @@ DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int req, i
     if (waits) mbarrier_wait(sm.handoff_bar(HB_Q_READY), q_phase & 1);
 }
 
+// Merges the split partials of rows [row_base, row_base + 64) of request req, KV head kh, as
+// the combine kernel does (one warp per row, SPLIT_MERGE_IN_FLIGHT splits loaded at a time).
+// Loads bypass L1: other CTAs of this grid wrote the partials.
+constexpr int MERGE_WARPS = CONSUMER_THREADS / 32;
+constexpr int MERGE_VEC_PER_LANE = HEAD_DIM_V / 32 / 4;  // 4 float4 per lane
+constexpr int SPLIT_MERGE_IN_FLIGHT = 4;
+DEVICE void merge_split_rows(const DecodeArgs& a, int req, int math_tid) {
+    const int warp = math_tid / 32, lane = math_tid % 32;
+    const int first = a.num_splits[req], count = a.num_splits[req + 1] - first;
+    const size_t split_stride = (size_t)a.h_k * a.rows.rows;
+    const int block_rows = min(BLOCK_M, a.rows.rows - a.row_base);
+    for (int r = warp; r < block_rows; r += MERGE_WARPS) {
+        const int grow = a.row_base + r;
+        const size_t base = (size_t)first * split_stride + (size_t)a.kh * a.rows.rows + grow;
+        float lse_max = NEG_INF, lse_total = NEG_INF;
+        float4 acc[MERGE_VEC_PER_LANE];
+#pragma unroll
+        for (int j = 0; j < MERGE_VEC_PER_LANE; ++j) acc[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int i = lane; i < count; i += 32) lse_max = fmaxf(lse_max, __ldcg(a.lse_part + base + i * split_stride));
+        lse_max = warp_reduce_max(lse_max);
+        if (lse_max != NEG_INF) {
+            float sum = 0.f;
+            for (int i = lane; i < count; i += 32) sum += __expf(__ldcg(a.lse_part + base + i * split_stride) - lse_max);
+            lse_total = lse_max + __logf(warp_reduce_sum(sum));
+            for (int i0 = 0; i0 < count; i0 += SPLIT_MERGE_IN_FLIGHT) {
+                float w[SPLIT_MERGE_IN_FLIGHT];
+                float4 v[SPLIT_MERGE_IN_FLIGHT][MERGE_VEC_PER_LANE];
+#pragma unroll
+                for (int u = 0; u < SPLIT_MERGE_IN_FLIGHT; ++u) {
+                    const int i = i0 + u;
+                    w[u] = 0.f;
+#pragma unroll
+                    for (int j = 0; j < MERGE_VEC_PER_LANE; ++j) v[u][j] = make_float4(0.f, 0.f, 0.f, 0.f);
+                    if (i < count) {
+                        const size_t prow = base + i * split_stride;
+                        w[u] = __expf(__ldcg(a.lse_part + prow) - lse_total);
+                        const float4* src = reinterpret_cast<const float4*>(a.o_part + prow * HEAD_DIM_V);
+#pragma unroll
+                        for (int j = 0; j < MERGE_VEC_PER_LANE; ++j) v[u][j] = __ldcg(src + j * 32 + lane);
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < SPLIT_MERGE_IN_FLIGHT; ++u)
+#pragma unroll
+                    for (int j = 0; j < MERGE_VEC_PER_LANE; ++j) {
+                        acc[j].x += w[u] * v[u][j].x; acc[j].y += w[u] * v[u][j].y;
+                        acc[j].z += w[u] * v[u][j].z; acc[j].w += w[u] * v[u][j].w;
+                    }
+            }
+        }
+        const int s_idx = a.rows.s_idx(grow), head = a.rows.head(grow, a.kh);
+        uint16_t* dst = a.out + ((size_t)(req * a.s_q + s_idx) * a.h_q + head) * HEAD_DIM_V;
+#pragma unroll
+        for (int j = 0; j < MERGE_VEC_PER_LANE; ++j)  // all-masked rows: acc stays 0
+            *reinterpret_cast<uint2*>(dst + (j * 32 + lane) * 4) =
+                make_uint2(pack_half2(acc[j].x, acc[j].y), pack_half2(acc[j].z, acc[j].w));
+        if (lane == 0)  // every key masked or absent: lse = +inf
+            a.lse[((size_t)req * a.h_q + head) * a.s_q + s_idx] = lse_max == NEG_INF ? POS_INF : lse_total;
+    }
+}
+
+// Both math warpgroups, after the part's last piece: for each split piece of the part (at most
+// two: a part cuts only its first and last request), one thread counts it done for (request,
+// query block, KV head); the CTA that completes a request's count merges that request's splits
+// and resets its counter for the next launch (CUDA-graph replays included). Every other CTA
+// has counted before the count completes, so no CTA waits for another.
+DEVICE void merge_completed_splits(const DecodeArgs& a, const SharedTiles& sm, int* merge_counters,
+                                   int math_tid) {
+    __threadfence();  // this thread's partial stores, visible to whichever CTA merges
+    int k = 0;
+    for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
+        const int count = a.num_splits[req + 1] - a.num_splits[req];
+        if (count <= 1) continue;
+        int* verdict = sm.merge_verdicts() + (k++ & 1);  // two slots: a slot is rewritten only
+        __syncwarp();                                     // after every thread read it
+        named_barrier_sync(BAR_MERGE, CONSUMER_THREADS);  // every thread's partials fenced
+        if (math_tid == 0) {
+            int* counter = merge_counters + ((size_t)req * a.h_k + a.kh) * gridDim.x + blockIdx.x;
+            const bool last = atomicAdd(counter, 1) == count - 1;
+            if (last) *counter = 0;  // every other piece has counted already
+            *verdict = last;
+        }
+        __syncwarp();
+        named_barrier_sync(BAR_MERGE, CONSUMER_THREADS);
+        if (*verdict) {
+            __threadfence();  // the other pieces' partials, after their counts
+            merge_split_rows(a, req, math_tid);
+        }
+    }
+}
+
 // Warpgroup 0: scores, softmax, P, and the left half of O.
-DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
+DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid, int* merge_counters) {
     const int warp = tid / 32, lane = tid % 32;
     const int row0 = warp * 16 + lane / 4;  // this thread's rows: row0 and row0 + 8
     const uint32_t q_addr = smem_addr(sm.q());
@@ -279,11 +381,12 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
         }
         store_output(o, row_sum, row_lse, 0, warp, lane, piece, a.kh, a.row_base, a.rows, a.s_q,
                      a.h_q, a.h_k, a.out, a.lse, a.o_part, a.lse_part, true);
+        if (req == a.work.end_req && merge_counters != nullptr) merge_completed_splits(a, sm, merge_counters, tid);
     }
 }
 
 // Warpgroup 1: the right half of O, one page behind warpgroup 0's scores.
-DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
+DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid, int* merge_counters) {
     const int warp = tid / 32, lane = tid % 32;
     const int row0 = warp * 16 + lane / 4;
     constexpr int RIGHT_HALF_BYTES = (V_COLS_PER_WG / CHUNK_COLS) * CHUNK_BYTES;
@@ -314,6 +417,8 @@ DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
         }
         store_output(o, row_sum, row_lse, V_COLS_PER_WG, warp, lane, piece, a.kh, a.row_base, a.rows,
                      a.s_q, a.h_q, a.h_k, a.out, a.lse, a.o_part, a.lse_part, false);
+        if (req == a.work.end_req && merge_counters != nullptr)
+            merge_completed_splits(a, sm, merge_counters, WG_THREADS + tid);
     }
 }
 
@@ -330,7 +435,7 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
            float* __restrict__ lse, float* __restrict__ o_part, float* __restrict__ lse_part,
            int s_q, int h_q, int h_k, int causal, float scale_log2, int kv_evict_first,
            const uint16_t* __restrict__ k_cache, long long kv_page_stride, long long kv_token_stride,
-           int load_by_cp_async) {
+           int load_by_cp_async, int* __restrict__ merge_counters) {
     extern __shared__ uint8_t smem_raw[];
     const SharedTiles sm{reinterpret_cast<uint8_t*>(
         (reinterpret_cast<size_t>(smem_raw) + SMEM_ALIGN - 1) & ~size_t(SMEM_ALIGN - 1))};
@@ -367,9 +472,9 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
             run_tma_producer(a, sm);
     } else if (wg == 0) {
         setmaxnreg_inc_240();
-        run_softmax_wg(a, sm, tid);
+        run_softmax_wg(a, sm, tid, merge_counters);
     } else {
         setmaxnreg_inc_224();
-        run_pv_wg(a, sm, tid - WG_THREADS);
+        run_pv_wg(a, sm, tid - WG_THREADS, merge_counters);
     }
 }
