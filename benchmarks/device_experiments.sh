@@ -32,6 +32,9 @@
 #             (TMA, cp.async), memory and compute row (~2 min)
 #   peers_profile: the same counters for the shipped decode, FA3-MLA's and FlashMLA's on the
 #             memory, 32k and 128-row compute problems (needs the vLLM bundle; ~3 min)
+#   source:   per-instruction warp-stall samples (benchmarks/profile_source.sh) of the shipped
+#             decode and FA3-MLA's on 128,1,128 and the 32k row: where each one's warps wait
+#             (needs the vLLM bundle; ~4 min)
 #   anatomy:  per-kernel GPU time and idle gaps of our call and the peers' on the latency rows
 #             (benchmarks/latency_anatomy.py; needs the vLLM bundle for the peers; ~1 min)
 set -uo pipefail
@@ -126,6 +129,11 @@ for experiment in ${@:-verify}; do
     run peers_profile
     NCU_SHAPES="128 1 16 4096,32 1 16 32768,128 1 128 4096" OUT=$ROOT_OUT/peers_profile timeout 560 \
       bash benchmarks/profile_ncu.sh peer:FA3-MLA peer:FlashMLA ;;
+  source)  # needs the vLLM bundle for the FA3-MLA half
+    run source
+    for version in shipped peer:FA3-MLA; do
+      OUT=$ROOT_OUT/source timeout 280 bash benchmarks/profile_source.sh $version "128 1 128 4096" "32 1 16 32768"
+    done ;;
   anatomy)
     run anatomy
     timeout 300 python benchmarks/latency_anatomy.py --out "$ROOT_OUT/anatomy" ;;
