@@ -381,8 +381,8 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid, 
         }
         store_output(o, row_sum, row_lse, 0, warp, lane, piece, a.kh, a.row_base, a.rows, a.s_q,
                      a.h_q, a.h_k, a.out, a.lse, a.o_part, a.lse_part, true);
-        if (req == a.work.end_req && merge_counters != nullptr) merge_completed_splits(a, sm, merge_counters, tid);
     }
+    if (merge_counters != nullptr) merge_completed_splits(a, sm, merge_counters, tid);
 }
 
 // Warpgroup 1: the right half of O, one page behind warpgroup 0's scores.
@@ -417,9 +417,8 @@ DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid, int* 
         }
         store_output(o, row_sum, row_lse, V_COLS_PER_WG, warp, lane, piece, a.kh, a.row_base, a.rows,
                      a.s_q, a.h_q, a.h_k, a.out, a.lse, a.o_part, a.lse_part, false);
-        if (req == a.work.end_req && merge_counters != nullptr)
-            merge_completed_splits(a, sm, merge_counters, WG_THREADS + tid);
     }
+    if (merge_counters != nullptr) merge_completed_splits(a, sm, merge_counters, WG_THREADS + tid);
 }
 
 // q: [b, s_q, h_q, 576] with the given element strides; block_table: [b, *] int32 with row
