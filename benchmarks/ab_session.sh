@@ -12,18 +12,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 candidate=${1:?candidate version}; shift
 
-# with_version VERSION COMMAND...: runs COMMAND with that version's source file and knobs.
-with_version() {
-  local version=$1 stem file defines="" knob; local -a envs=(); shift
-  stem=${version%%+*}
-  file=$([ "$stem" = shipped ] || echo "$PWD/benchmarks/kernel_versions/$stem.cu")
-  if [ "$stem" != "$version" ]; then
-    for knob in $(echo "${version#*+}" | tr '+' ' '); do
-      case $knob in FLASHMLA_BACKEND_*) envs+=("$knob") ;; *) defines="$defines -D$knob" ;; esac
-    done
-  fi
-  env "${envs[@]}" FLASHMLA_BACKEND_DECODE_FILE="$file" FLASHMLA_BACKEND_DECODE_DEFINES="$defines" "$@"
-}
+. "$(dirname "$0")/versions.sh"  # with_version
 
 nvidia-smi --query-gpu=name --format=csv,noheader
 python -c "import flashmla_backend as f; f.precompile()"

@@ -32,7 +32,6 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=30)
     args = parser.parse_args()
     timer = Timer(args.iters)
-    modes = {"tma": "tma", "cp_async": "cp_async", "auto": "auto"}
     lines = [f"card: {torch.cuda.get_device_name()}; µs, median of {args.iters} calls, L2 flushed",
              "| b, s_k | active parts | pages per part (min/median/max) | TMA | cp.async | auto | TMA ÷ cp.async |",
              "|---|---|---|---|---|---|---|"]
@@ -44,9 +43,9 @@ def main() -> int:
             md, ns = get_mla_metadata(p.cache_seqlens, 16, 1)
             pages = sorted(n for n in pages_per_part(md, p.cache_seqlens) if n > 0)
             us = {}
-            for name, setting in modes.items():
+            for setting in ("tma", "cp_async", "auto"):
                 os.environ[KV_PRODUCER_ENV] = setting
-                us[name] = timer.median_us(lambda: flash_mla_with_kvcache(
+                us[setting] = timer.median_us(lambda: flash_mla_with_kvcache(
                     p.q, p.k_cache, p.block_table, p.cache_seqlens, HEAD_V, md, ns,
                     softmax_scale=HEAD_QK ** -0.5, causal=True))
             lines.append(f"| {batch}, {s_k} | {len(pages)} | {pages[0]}/{statistics.median(pages):g}/{pages[-1]} | "

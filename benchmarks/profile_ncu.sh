@@ -6,11 +6,10 @@
 #   OUT=... [NCU_SHAPES="B S_Q H_Q S_K,..."] benchmarks/profile_ncu.sh [VERSION ...]
 #   (default versions: the shipped decode with the cp.async producer forced, the pipeline
 #   diagnostic by TMA and by cp.async)
-# A version is a kernel_versions/ stem (or shipped) with optional +KEY=VALUE knobs, as in
-# ab_session.sh; a FLASHMLA_BACKEND_* key is set in the environment. peer:FA3-MLA and
-# peer:FlashMLA profile that peer's decode kernel on the same problems (needs the vLLM bundle).
+# A version as in versions.sh, peers included (peer:FA3-MLA needs the vLLM bundle).
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
+. "$(dirname "$0")/versions.sh"  # with_version, version_impl, version_kernel
 OUT=${OUT:-/tmp/out}/ncu; mkdir -p "$OUT"
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
 [ -x "$NCU" ] || { echo "ncu not found"; exit 1; }
@@ -33,24 +32,13 @@ METRIC_ARGS=(); [ -n "$METRICS" ] && METRIC_ARGS=(--metrics "$METRICS")
 # Problems as "B S_Q H_Q S_K", comma-separated in NCU_SHAPES (default: a memory and a compute row).
 IFS=, read -r -a SHAPES <<< "${NCU_SHAPES:-128 1 16 4096,128 2 128 4096}"
 for version in shipped ${@:-shipped+FLASHMLA_BACKEND_KV_PRODUCER=cp_async mla_decode_diag_pipeline_only mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1}; do
-  impl=ours; kernel=regex:^mla_decode
-  case $version in
-  peer:FA3-MLA) impl=FA3-MLA; kernel=regex:FlashAttnFwdSm90 ;;
-  peer:FlashMLA) impl=FlashMLA; kernel=regex:splitkv_mla ;;
-  esac
-  stem=${version%%+*}; defines=""; envs=()
-  if [ "$stem" != "$version" ]; then
-    for knob in $(echo "${version#*+}" | tr '+' ' '); do
-      case $knob in FLASHMLA_BACKEND_*) envs+=("$knob") ;; *) defines="$defines -D$knob" ;; esac
-    done
-  fi
-  file=$([ "$stem" = shipped ] || [ "$impl" != ours ] || echo "$PWD/benchmarks/kernel_versions/$stem.cu")
   for shape in "${SHAPES[@]}"; do
     label=${version//[+=:]/_}_${shape// /x}
-    env "${envs[@]}" FLASHMLA_BACKEND_DECODE_FILE="$file" FLASHMLA_BACKEND_DECODE_DEFINES="$defines" timeout 240 \
-      "$NCU" --clock-control none --kernel-name-base demangled --kernel-name "$kernel" --launch-skip 2 \
-      --launch-count 1 "${METRIC_ARGS[@]}" --section WarpStateStats --csv --page raw \
-      python benchmarks/profile_one_call.py $shape --impl "$impl" > "$OUT/$label.csv" 2> "$OUT/$label.err"
+    with_version "$version" timeout 240 \
+      "$NCU" --clock-control none --kernel-name-base demangled --kernel-name "$(version_kernel "$version")" \
+      --launch-skip 2 --launch-count 1 "${METRIC_ARGS[@]}" --section WarpStateStats --csv --page raw \
+      python benchmarks/profile_one_call.py $shape --impl "$(version_impl "$version")" \
+      > "$OUT/$label.csv" 2> "$OUT/$label.err"
     echo "== $label (rc $?)"
     python - "$OUT/$label.csv" <<'PY'
 import csv, sys

@@ -4,34 +4,23 @@
 # ~1 min per problem). Answers what the counters of profile_ncu.sh cannot: which instruction
 # the long-scoreboard / barrier stalls sit on.
 #   OUT=... benchmarks/profile_source.sh [VERSION] ["B S_Q H_Q S_K" ...]
-# VERSION as in profile_ncu.sh (shipped, a kernel_versions/ stem with +KNOB=VALUE, or
-# peer:FA3-MLA / peer:FlashMLA); default problems: the 4096 memory row and 128,1,128.
+# VERSION as in versions.sh (peers included); default problems: the 4096 memory row and
+# 128,1,128.
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
+. "$(dirname "$0")/versions.sh"  # with_version, version_impl, version_kernel
 OUT=${OUT:-/tmp/out}/source; mkdir -p "$OUT"
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
 [ -x "$NCU" ] || { echo "ncu not found"; exit 1; }
 version=${1:-shipped}; shift || true
 [ $# -gt 0 ] || set -- "128 1 16 4096" "128 1 128 4096"
-impl=ours; kernel=regex:^mla_decode
-case $version in
-peer:FA3-MLA) impl=FA3-MLA; kernel=regex:FlashAttnFwdSm90 ;;
-peer:FlashMLA) impl=FlashMLA; kernel=regex:splitkv_mla ;;
-esac
-stem=${version%%+*}; defines=""; envs=()
-if [ "$stem" != "$version" ]; then
-  for knob in $(echo "${version#*+}" | tr '+' ' '); do
-    case $knob in FLASHMLA_BACKEND_*) envs+=("$knob") ;; *) defines="$defines -D$knob" ;; esac
-  done
-fi
-file=$([ "$stem" = shipped ] || [ "$impl" != ours ] || echo "$PWD/benchmarks/kernel_versions/$stem.cu")
 python -c "import flashmla_backend as f; f.precompile()"
 for shape in "$@"; do
   label=${version//[+=:]/_}_${shape// /x}
-  env "${envs[@]}" FLASHMLA_BACKEND_DECODE_FILE="$file" FLASHMLA_BACKEND_DECODE_DEFINES="$defines" timeout 300 \
-    "$NCU" --clock-control none --kernel-name-base demangled --kernel-name "$kernel" --launch-skip 2 \
-    --launch-count 1 --section SourceCounters --section WarpStateStats -f -o "$OUT/$label" \
-    python benchmarks/profile_one_call.py $shape --impl "$impl" > "$OUT/$label.log" 2>&1
+  with_version "$version" timeout 300 \
+    "$NCU" --clock-control none --kernel-name-base demangled --kernel-name "$(version_kernel "$version")" \
+    --launch-skip 2 --launch-count 1 --section SourceCounters --section WarpStateStats -f -o "$OUT/$label" \
+    python benchmarks/profile_one_call.py $shape --impl "$(version_impl "$version")" > "$OUT/$label.log" 2>&1
   echo "== $label (rc $?)"
   "$NCU" --import "$OUT/$label.ncu-rep" --page source --csv --print-source sass > "$OUT/$label.sass.csv" 2> "$OUT/$label.err" \
     || { echo "  source page failed: $(tail -2 "$OUT/$label.err")"; continue; }

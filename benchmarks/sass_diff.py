@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from flashmla_backend.kernel_sources import decode_module
+from flashmla_backend.kernel_sources import KernelModule, decode_launch_defines
 from flashmla_backend.offline_compile import compile_to_cubin, disassemble
 
 WINDOW = 40
@@ -26,16 +26,10 @@ _LINE = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;?\s*(/\*.*)?$")
 
 
 def normalised_sass(source_file: str | None) -> list[str]:
-    """The decode's SASS (bf16) as a list of operand-shape-normalised instructions."""
-    previous = os.environ.get("FLASHMLA_BACKEND_DECODE_FILE")
-    os.environ["FLASHMLA_BACKEND_DECODE_FILE"] = source_file or ""
-    try:
-        text = disassemble(compile_to_cubin(decode_module(torch.bfloat16))[0])
-    finally:
-        if previous is None:
-            os.environ.pop("FLASHMLA_BACKEND_DECODE_FILE", None)
-        else:
-            os.environ["FLASHMLA_BACKEND_DECODE_FILE"] = previous
+    """The SASS (bf16) of a decode source (None: the shipped one) as a list of
+    operand-shape-normalised instructions."""
+    module = KernelModule(source_file or "mla_decode.cu", ("mla_decode",), torch.bfloat16, decode_launch_defines())
+    text = disassemble(compile_to_cubin(module)[0])
     out = []
     for line in text.splitlines():
         match = _LINE.match(line)

@@ -26,7 +26,8 @@ def _number(text: str) -> float:
 
 def read_table(path: str) -> tuple[list[str], list[list[str]]]:
     """The header and rows of the SASS table: the header is the first row naming a Source column."""
-    rows = [r for r in csv.reader(open(path, newline="")) if r]
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r]
     for i, row in enumerate(rows):
         if any(cell.strip() == "Source" for cell in row):
             return row, [r for r in rows[i + 1:] if len(r) == len(row)]
@@ -35,7 +36,7 @@ def read_table(path: str) -> tuple[list[str], list[list[str]]]:
 
 def hotspots(header: list[str], rows: list[list[str]], top: int) -> list[str]:
     """Report lines: the top instructions by samples, then the samples per opcode."""
-    source = header.index("Source") if "Source" in header else [h.strip() for h in header].index("Source")
+    source = [h.strip() for h in header].index("Source")
     address = next((i for i, h in enumerate(header) if "Address" in h), None)
     sample_cols = [i for i, h in enumerate(header) if "Sampl" in h]
     if not sample_cols:

@@ -28,8 +28,8 @@ from .runtime import (
     programmatic_launch_enabled,
     sm_count,
 )
-from .split_merge import merge_counters, merge_in_decode
 from .schedule import no_split_slack, num_sm_parts, schedule_reference, split_overhead_pages
+from .split_merge import merge_counters, merge_in_decode
 from .validation import validate_contents, validate_decode_args, validate_metadata_args
 
 _LOG2E = 1.4426950408889634

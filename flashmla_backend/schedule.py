@@ -113,8 +113,8 @@ def schedule_reference(cache_seqlens: torch.Tensor, num_parts: int, overhead: in
 
 
 def pages_per_part(metadata: torch.Tensor, cache_seqlens: torch.Tensor) -> list[int]:
-    """Pages each part of ``metadata [parts, 8]`` streams (0 for an idle part): what the decode
-    counts to choose a part's KV producer (``kv_producer.py``)."""
+    """Pages each part of ``metadata [parts, 8]`` streams (0 for an idle part), e.g. to set
+    timings beside part sizes (``benchmarks/producer_map.py``)."""
     lengths = cache_seqlens.to("cpu", torch.int64).tolist()
     pages = []
     for row in metadata.to("cpu", torch.int64).tolist():

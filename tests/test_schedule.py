@@ -48,7 +48,7 @@ def test_every_page_is_covered_once(lengths: list[int], parts: int, slack: int) 
 @pytest.mark.parametrize("lengths,parts", [([8192], 132), ([4096] * 128, 132), (list(range(0, 5000, 41)), 33),
                                            ([150] * 60 + [0, 1, 64, 20000, 9000], 132)])
 def test_pages_per_part_counts_each_parts_pieces(lengths: list[int], parts: int) -> None:
-    # What the decode counts to pick a part's KV producer: the pages of that part's pieces.
+    # A part's pages are those of its pieces.
     seqlens = torch.tensor(lengths, dtype=torch.int32)
     md, ns = schedule_reference(seqlens, parts)
     counted = pages_per_part(md, seqlens)
