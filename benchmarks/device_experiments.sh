@@ -17,10 +17,6 @@
 #   producer_map: benchmarks/producer_map.py: our decode with each KV producer forced and by the
 #             rule, h_q = 16 batches of 1-128 requests, s_k 512-32768, beside the scheduler
 #             parts' page counts (~1.5 min)
-#   v24:      the split merge at the end of each CTA's part (no combine launch): reference check,
-#             sanitizers and GPU unit tests with the merge forced into the decode for every
-#             launch; timing A/B forced and by the auto rule (large batches only) (~4 min)
-#   v25:      the producer reading page ids one page ahead: reference check, timing A/B (~2 min)
 #   verify:   the shipped decode: reference check with each KV producer forced, the four
 #             sanitizers with the cp.async producer forced, GPU unit tests (~4 min)
 #   combine:  the combine with 1, 4 (shipped) and 8 partial rows in flight per warp, ours only,
@@ -92,16 +88,6 @@ for experiment in ${@:-verify}; do
     run producer_map
     timeout 200 python benchmarks/producer_map.py --out "$ROOT_OUT/producer_map/producer_map.md" > /dev/null 2>&1
     cat "$ROOT_OUT/producer_map/producer_map.md" ;;
-  v24)
-    run v24
-    OUT=$ROOT_OUT/v24 timeout 560 bash benchmarks/ab_session.sh \
-      mla_decode_v24_merge_at_part_end+FLASHMLA_BACKEND_SPLIT_MERGE=decode mla_decode_v24_merge_at_part_end ;;
-  v25)
-    run v25
-    FLASHMLA_BACKEND_DECODE_FILE=$PWD/benchmarks/kernel_versions/mla_decode_v25_page_id_ahead.cu timeout 120 \
-      python benchmarks/check_decode_version.py --max-rows 512 > "$ROOT_OUT/v25/check.log" 2>&1
-    echo "== v25 correctness (rc $?): $(tail -1 "$ROOT_OUT/v25/check.log")"
-    OUT=$ROOT_OUT/v25 AB_TIMING_ONLY=1 timeout 300 bash benchmarks/ab_session.sh mla_decode_v25_page_id_ahead ;;
   verify)
     run verify
     for producer in tma cp_async; do

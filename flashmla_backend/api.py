@@ -29,7 +29,6 @@ from .runtime import (
     sm_count,
 )
 from .schedule import no_split_slack, num_sm_parts, schedule_reference, split_overhead_pages
-from .split_merge import merge_counters, merge_in_decode
 from .validation import validate_contents, validate_decode_args, validate_metadata_args
 
 _LOG2E = 1.4426950408889634
@@ -131,8 +130,6 @@ def reserve_workspace(device: torch.device | int, max_batch: int, num_q_tokens_p
     index = check_device(device)
     rows = split_workspace_rows(max_batch, num_q_tokens_per_head_k, num_heads_k, sm_count(index))
     _split_workspace(torch.device("cuda", index), rows)
-    m_blocks = -(-num_q_tokens_per_head_k // BLOCK_M)
-    merge_counters(torch.device("cuda", index), max_batch * num_heads_k * m_blocks)
 
 
 def flash_mla_with_kvcache(
@@ -219,13 +216,7 @@ def flash_mla_with_kvcache(
         args += (k_cache.data_ptr(), np.int64(k_cache.stride(0)), np.int64(k_cache.stride(1)))
     if contract.selects_kv_producer:
         args += (np.int32(load_by_cp_async(index, m_blocks)),)
-    merges_in_decode = contract.merges_splits and merge_in_decode(shape.batch, parts)
-    if contract.merges_splits:  # counters per (request, KV head, query block), or null
-        args += (merge_counters(q.device, shape.batch * shape.h_k * m_blocks).data_ptr()
-                 if merges_in_decode else 0,)
     launch(decode, (m_blocks, shape.h_k, parts), DECODE_THREADS, args, index, shared_mem=DECODE_SMEM_BYTES)
-    if merges_in_decode:
-        return out, lse
     combine = get_function(combine_module(q.dtype, programmatic), "mla_combine", index)
     warps_per_row = _combine_warps_per_row(shape.batch, parts)
     rows_per_cta = COMBINE_WARPS // warps_per_row

@@ -79,7 +79,6 @@ def decode_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModul
 _BOX_TOKENS = re.compile(r"constexpr\s+int\s+TMA_BOX_TOKENS\s*=\s*(\d+)\s*;")
 _TAKES_KV_POINTER = re.compile(r"constexpr\s+bool\s+TAKES_KV_POINTER\s*=\s*true\s*;")
 _SELECTS_KV_PRODUCER = re.compile(r"constexpr\s+bool\s+SELECTS_KV_PRODUCER\s*=\s*true\s*;")
-_MERGES_SPLITS = re.compile(r"constexpr\s+bool\s+MERGES_SPLITS\s*=\s*true\s*;")
 
 
 @dataclass(frozen=True)
@@ -90,14 +89,11 @@ class DecodeLaunchContract:
     whole 64-token page). ``takes_kv_pointer``: it takes the cache pointer and its page and
     token strides (in elements) after the common arguments (``TAKES_KV_POINTER = true``).
     ``selects_kv_producer``: it then takes an int choosing its cp.async producer over TMA
-    (``SELECTS_KV_PRODUCER = true``; see ``kv_producer.py``). The shipped decode declares both.
-    ``merges_splits``: it then takes an int32 counter buffer and merges split requests itself
-    when given one, so no combine kernel runs (``MERGES_SPLITS = true``; see ``split_merge.py``)."""
+    (``SELECTS_KV_PRODUCER = true``; see ``kv_producer.py``). The shipped decode declares both."""
 
     tma_box_tokens: int
     takes_kv_pointer: bool
     selects_kv_producer: bool = False
-    merges_splits: bool = False
 
 
 @lru_cache(maxsize=None)
@@ -107,12 +103,9 @@ def decode_launch_contract(module: KernelModule) -> DecodeLaunchContract:
     box = _BOX_TOKENS.search(source)
     takes_pointer = _TAKES_KV_POINTER.search(source) is not None
     selects = _SELECTS_KV_PRODUCER.search(source) is not None
-    merges = _MERGES_SPLITS.search(source) is not None
     if selects and not takes_pointer:
         raise ValueError(f"{module.source_file}: SELECTS_KV_PRODUCER needs TAKES_KV_POINTER")
-    if merges and not selects:
-        raise ValueError(f"{module.source_file}: MERGES_SPLITS needs SELECTS_KV_PRODUCER")
-    return DecodeLaunchContract(int(box.group(1)) if box else PAGE_SIZE, takes_pointer, selects, merges)
+    return DecodeLaunchContract(int(box.group(1)) if box else PAGE_SIZE, takes_pointer, selects)
 
 
 def combine_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModule:

@@ -88,10 +88,14 @@ DEVICE void for_each_ring_page(const DecodeArgs& a, const SharedTiles& sm, FillS
     for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
         const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
         const int* pages = a.block_table + (size_t)req * a.bt_stride;
+        int page_id = piece.page_begin < piece.page_end ? pages[piece.page_begin] : 0;
         for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
+            // Issued before the wait, used after the next one: its latency hides behind them.
+            const int next_page_id = page + 1 < piece.page_end ? pages[page + 1] : 0;
             const int stage = it % KV_STAGES;
             mbarrier_wait(&sm.empty_bar()[stage], ((it / KV_STAGES) & 1) ^ 1);
-            fill_stage(stage, pages[page]);
+            fill_stage(stage, page_id);
+            page_id = next_page_id;
         }
     }
 }
