@@ -1,19 +1,28 @@
 # Sourced by ab_session.sh, profile_ncu.sh and profile_source.sh: what a VERSION argument means.
 # A version is `shipped` or a kernel_versions/ stem, optionally with knobs, NAME+KEY=VALUE[+...]:
 # -DKEY=VALUE for the source, or an environment variable for a FLASHMLA_BACKEND_* key; or, for
-# the profilers, peer:FA3-MLA / peer:FlashMLA (that peer's decode, from the vLLM bundle).
+# the profilers, peer:FA3-MLA / peer:FlashMLA (that peer's decode, from the vLLM bundle). A stem
+# mla_combine_* is a combine version beside the shipped decode (its knobs go to the combine).
 
 # with_version VERSION COMMAND...: runs COMMAND with that version's source file and knobs.
 with_version() {
-  local version=$1 stem file defines="" knob; local -a envs=(); shift
+  local version=$1 stem file="" combine_file="" defines="" knob; local -a envs=(); shift
   stem=${version%%+*}
-  file=$([ "$stem" = shipped ] || [ "${stem#peer:}" != "$stem" ] || echo "$PWD/benchmarks/kernel_versions/$stem.cu")
+  case $stem in
+  shipped | peer:*) ;;
+  mla_combine_*) combine_file=$PWD/benchmarks/kernel_versions/$stem.cu ;;
+  *) file=$PWD/benchmarks/kernel_versions/$stem.cu ;;
+  esac
   if [ "$stem" != "$version" ]; then
     for knob in $(echo "${version#*+}" | tr '+' ' '); do
       case $knob in FLASHMLA_BACKEND_*) envs+=("$knob") ;; *) defines="$defines -D$knob" ;; esac
     done
   fi
-  env "${envs[@]}" FLASHMLA_BACKEND_DECODE_FILE="$file" FLASHMLA_BACKEND_DECODE_DEFINES="$defines" "$@"
+  if [ -n "$combine_file" ]; then
+    env "${envs[@]}" FLASHMLA_BACKEND_COMBINE_FILE="$combine_file" FLASHMLA_BACKEND_COMBINE_DEFINES="$defines" "$@"
+  else
+    env "${envs[@]}" FLASHMLA_BACKEND_DECODE_FILE="$file" FLASHMLA_BACKEND_DECODE_DEFINES="$defines" "$@"
+  fi
 }
 
 # version_impl VERSION: profile_one_call.py's --impl (ours, FA3-MLA, FlashMLA).

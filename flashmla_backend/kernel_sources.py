@@ -111,10 +111,13 @@ def decode_launch_contract(module: KernelModule) -> DecodeLaunchContract:
 def combine_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModule:
     """The split combine kernel writing ``dtype`` output; ``programmatic``: the variant that
     waits for the decode itself (``griddepcontrol.wait``), for a programmatic dependent launch.
-    ``FLASHMLA_BACKEND_COMBINE_DEFINES`` adds ``-D`` options for the combine's A/B knobs."""
+    ``FLASHMLA_BACKEND_COMBINE_FILE`` (a path) swaps in another version of the combine source
+    with the same interface, and ``FLASHMLA_BACKEND_COMBINE_DEFINES`` adds ``-D`` options for
+    its A/B knobs, as for the decode."""
     extra = _knob_defines("FLASHMLA_BACKEND_COMBINE_DEFINES") + (
         ("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ())
-    return KernelModule("mla_combine.cu", ("mla_combine",), dtype, extra)
+    source = os.environ.get("FLASHMLA_BACKEND_COMBINE_FILE") or "mla_combine.cu"
+    return KernelModule(source, ("mla_combine",), dtype, extra)
 
 
 def all_modules() -> list[KernelModule]:

@@ -63,7 +63,7 @@ def test_decode_sass_uses_hopper_instructions(dtype_name: str) -> None:
     assert not re.search(r"\b(LDL|STL)\b", text), "register spills to local memory"
 
 
-ARCHIVED_DECODE_VERSIONS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_versions").glob("*.cu"))
+ARCHIVED_DECODE_VERSIONS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_versions").glob("mla_decode_*.cu"))
 
 
 @pytest.mark.parametrize("path", ARCHIVED_DECODE_VERSIONS, ids=lambda p: p.stem)

@@ -1,0 +1,155 @@
+// EXPERIMENT c2 (NOTES.md "c2"): the combine with its loads issued before any arithmetic. The
+// shipped combine waits three dependent L2 round trips before its first FMA: the split LSEs for
+// the max, then (again) for the sum, then the partial rows; and, with 65 splits at b = 1, the
+// max and sum loops take a round trip per 32 splits. Here a warp issues its first
+// SPLITS_IN_FLIGHT partial rows, their LSEs and LSE_CHUNK lane-strided LSEs for the max together,
+// so the chain is one round trip plus the reductions.
+//
+// Combine: merges the float32 partial outputs of a split request, weighting each split by
+// exp(lse_split - lse_total). A CTA of 8 warps serves 8 / warps_per_row output rows of one
+// request; the warps of a row share its splits and reduce through shared memory. Requests with
+// one split were written directly by the decode kernel and are skipped.
+#include "ptx_helpers.cuh"
+#include "mla_common.cuh"
+
+constexpr int COMBINE_WARPS = 8;
+constexpr int COLS_PER_LANE = HEAD_DIM_V / 32;        // 16 columns = 4 float4 per lane
+constexpr int VEC_PER_LANE = COLS_PER_LANE / 4;
+#ifndef COMBINE_SPLITS_IN_FLIGHT  // an A/B knob (FLASHMLA_BACKEND_COMBINE_DEFINES)
+#define COMBINE_SPLITS_IN_FLIGHT 4
+#endif
+constexpr int SPLITS_IN_FLIGHT = COMBINE_SPLITS_IN_FLIGHT;
+constexpr int LSE_CHUNK = 4;  // LSEs per lane loaded at once: 128 splits per round trip
+
+// A group of SPLITS_IN_FLIGHT partial rows of one warp: rows i0, i0 + step, ... (zero rows and
+// -inf LSEs past count).
+struct SplitGroup {
+    float lse[SPLITS_IN_FLIGHT];
+    float4 v[SPLITS_IN_FLIGHT][VEC_PER_LANE];
+};
+
+DEVICE void load_group(SplitGroup& g, const float* o_part, const float* lse_part, size_t base,
+                       size_t split_stride, int i0, int step, int count, int lane) {
+#pragma unroll
+    for (int u = 0; u < SPLITS_IN_FLIGHT; ++u) {
+        const int i = i0 + u * step;
+        g.lse[u] = NEG_INF;
+#pragma unroll
+        for (int j = 0; j < VEC_PER_LANE; ++j) g.v[u][j] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (i < count) {
+            const size_t prow = base + i * split_stride;
+            g.lse[u] = lse_part[prow];
+            const float4* src = reinterpret_cast<const float4*>(o_part + prow * HEAD_DIM_V);
+#pragma unroll
+            for (int j = 0; j < VEC_PER_LANE; ++j) g.v[u][j] = src[j * 32 + lane];
+        }
+    }
+}
+
+// LSE_CHUNK lane-strided split LSEs from split `first` on (-inf past count).
+DEVICE void load_lse_chunk(float (&l)[LSE_CHUNK], const float* lse_part, size_t base,
+                           size_t split_stride, int first, int count) {
+#pragma unroll
+    for (int u = 0; u < LSE_CHUNK; ++u) {
+        const int i = first + 32 * u;
+        l[u] = i < count ? lse_part[base + i * split_stride] : NEG_INF;
+    }
+}
+
+// o_part: [splits, h_k, rows, 512] f32; lse_part: [splits, h_k, rows] f32 with rows = s_q*G.
+// out: contiguous [b, s_q, h_q, 512]; lse: contiguous [b, h_q, s_q].
+// Grid (ceil(h_k * rows / (8 / warps_per_row)), b); warps_per_row in {1, 2, 4, 8}.
+extern "C" __global__ void __launch_bounds__(COMBINE_WARPS * 32)
+mla_combine(const float* __restrict__ o_part, const float* __restrict__ lse_part,
+            const int* __restrict__ num_splits, uint16_t* __restrict__ out,
+            float* __restrict__ lse, int s_q, int h_q, int h_k, int warps_per_row) {
+    __shared__ float4 partial[COMBINE_WARPS][HEAD_DIM_V / 4];
+    const int req = blockIdx.y;
+    const int first = num_splits[req], count = num_splits[req + 1] - first;
+    if (count <= 1) return;  // the same for the whole CTA
+#ifdef MLA_PROGRAMMATIC_LAUNCH
+    // Launched behind the decode with programmatic stream serialization: num_splits comes
+    // from the scheduler, which finished before the decode began; the partials come from the
+    // decode, which may still be running.
+    grid_dependency_wait();
+#endif
+
+    const int group = h_q / h_k, rows = s_q * group;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int sub = warp % warps_per_row;
+    const int flat = blockIdx.x * (COMBINE_WARPS / warps_per_row) + warp / warps_per_row;
+    const bool active = flat < h_k * rows;
+    const int kh = flat / rows, row = flat % rows;
+    const size_t split_stride = (size_t)h_k * rows;
+    const size_t base = (size_t)first * split_stride + (size_t)kh * rows + row;
+    const int step = warps_per_row;  // this warp's splits: sub, sub + step, ...
+
+    float lse_max = NEG_INF, lse_total = NEG_INF;
+    float4 acc[VEC_PER_LANE];
+#pragma unroll
+    for (int j = 0; j < VEC_PER_LANE; ++j) acc[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (active) {
+        // Everything the first group needs is requested before anything is reduced.
+        SplitGroup g;
+        load_group(g, o_part, lse_part, base, split_stride, sub, step, count, lane);
+        float l[LSE_CHUNK];
+        load_lse_chunk(l, lse_part, base, split_stride, lane, count);
+        float lane_max = NEG_INF;
+#pragma unroll
+        for (int u = 0; u < LSE_CHUNK; ++u) lane_max = fmaxf(lane_max, l[u]);
+        for (int i = lane + 32 * LSE_CHUNK; i < count; i += 32 * LSE_CHUNK) {  // > 128 splits
+            float more[LSE_CHUNK];
+            load_lse_chunk(more, lse_part, base, split_stride, i, count);
+#pragma unroll
+            for (int u = 0; u < LSE_CHUNK; ++u) lane_max = fmaxf(lane_max, more[u]);
+        }
+        lse_max = warp_reduce_max(lane_max);
+        if (lse_max != NEG_INF) {
+            float sum = 0.f;
+#pragma unroll
+            for (int u = 0; u < LSE_CHUNK; ++u) sum += __expf(l[u] - lse_max);  // exp(-inf) = 0
+            for (int i = lane + 32 * LSE_CHUNK; i < count; i += 32 * LSE_CHUNK) {  // L1 hits
+                float more[LSE_CHUNK];
+                load_lse_chunk(more, lse_part, base, split_stride, i, count);
+#pragma unroll
+                for (int u = 0; u < LSE_CHUNK; ++u) sum += __expf(more[u] - lse_max);
+            }
+            lse_total = lse_max + __logf(warp_reduce_sum(sum));
+            for (int i0 = sub;;) {
+#pragma unroll
+                for (int u = 0; u < SPLITS_IN_FLIGHT; ++u) {
+                    const float w = __expf(g.lse[u] - lse_total);
+#pragma unroll
+                    for (int j = 0; j < VEC_PER_LANE; ++j) {
+                        acc[j].x += w * g.v[u][j].x; acc[j].y += w * g.v[u][j].y;
+                        acc[j].z += w * g.v[u][j].z; acc[j].w += w * g.v[u][j].w;
+                    }
+                }
+                i0 += step * SPLITS_IN_FLIGHT;
+                if (i0 >= count) break;
+                load_group(g, o_part, lse_part, base, split_stride, i0, step, count, lane);
+            }
+        }
+    }
+    if (warps_per_row > 1) {
+#pragma unroll
+        for (int j = 0; j < VEC_PER_LANE; ++j) partial[warp][j * 32 + lane] = acc[j];
+        __syncthreads();
+        if (sub != 0) return;
+        for (int w = 1; w < warps_per_row; ++w)
+#pragma unroll
+            for (int j = 0; j < VEC_PER_LANE; ++j) {
+                const float4 v = partial[warp + w][j * 32 + lane];
+                acc[j].x += v.x; acc[j].y += v.y; acc[j].z += v.z; acc[j].w += v.w;
+            }
+    }
+    if (!active) return;
+    const int s_idx = row / group, head = kh * group + row % group;
+    uint16_t* dst = out + ((size_t)(req * s_q + s_idx) * h_q + head) * HEAD_DIM_V;
+#pragma unroll
+    for (int j = 0; j < VEC_PER_LANE; ++j)  // all-masked rows: acc stays 0
+        *reinterpret_cast<uint2*>(dst + (j * 32 + lane) * 4) =
+            make_uint2(pack_half2(acc[j].x, acc[j].y), pack_half2(acc[j].z, acc[j].w));
+    if (lane == 0)  // every key masked or absent: lse = +inf
+        lse[((size_t)(req) * h_q + head) * s_q + s_idx] = lse_max == NEG_INF ? POS_INF : lse_total;
+}
