@@ -17,9 +17,6 @@
 #   producer_map: benchmarks/producer_map.py: our decode with each KV producer forced and by the
 #             rule, h_q = 16 batches of 1-128 requests, s_k 512-32768, beside the scheduler
 #             parts' page counts (~1.5 min)
-#   c2:       the combine with its loads issued before any arithmetic (one L2 round trip before the
-#             first FMA instead of three), 4 and 8 partial rows in flight: reference check, timing
-#             A/B, sanitizers and GPU unit tests on c2 (~5 min)
 #   verify:   the shipped decode: reference check with each KV producer forced, the four
 #             sanitizers with the cp.async producer forced, GPU unit tests (~4 min)
 #   combine:  the combine with 1, 4 (shipped) and 8 partial rows in flight per warp, ours only,
@@ -91,10 +88,6 @@ for experiment in ${@:-verify}; do
     run producer_map
     timeout 200 python benchmarks/producer_map.py --out "$ROOT_OUT/producer_map/producer_map.md" > /dev/null 2>&1
     cat "$ROOT_OUT/producer_map/producer_map.md" ;;
-  c2)
-    run c2
-    OUT=$ROOT_OUT/c2 timeout 560 bash benchmarks/ab_session.sh \
-      mla_combine_c2_early_loads mla_combine_c2_early_loads+COMBINE_SPLITS_IN_FLIGHT=8 ;;
   verify)
     run verify
     for producer in tma cp_async; do

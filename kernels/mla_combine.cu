@@ -1,8 +1,10 @@
 // Combine: merges the float32 partial outputs of a split request, weighting each split by
 // exp(lse_split - lse_total). A CTA of 8 warps serves 8 / warps_per_row output rows of one
-// request; the warps of a row share its splits and reduce through shared memory, so a
-// request split many ways (small batches) is merged by many warps at once. Requests with one
-// split were written directly by the decode kernel and are skipped.
+// request; the warps of a row share its splits and reduce through shared memory. Requests with
+// one split were written directly by the decode kernel and are skipped.
+// A warp requests its first SPLITS_IN_FLIGHT partial rows, their LSEs and LSE_CHUNK lane-strided
+// LSEs for the max before reducing anything: one L2 round trip before the first FMA, not three
+// (NOTES.md, c2: -0.5 to -0.7 us on the latency rows, H200).
 #include "ptx_helpers.cuh"
 #include "mla_common.cuh"
 
@@ -13,6 +15,42 @@ constexpr int VEC_PER_LANE = COLS_PER_LANE / 4;
 #define COMBINE_SPLITS_IN_FLIGHT 4
 #endif
 constexpr int SPLITS_IN_FLIGHT = COMBINE_SPLITS_IN_FLIGHT;
+constexpr int LSE_CHUNK = 4;  // LSEs per lane loaded at once: 128 splits per round trip
+
+// A group of SPLITS_IN_FLIGHT partial rows of one warp: rows i0, i0 + step, ... (zero rows and
+// -inf LSEs past count).
+struct SplitGroup {
+    float lse[SPLITS_IN_FLIGHT];
+    float4 v[SPLITS_IN_FLIGHT][VEC_PER_LANE];
+};
+
+DEVICE void load_group(SplitGroup& g, const float* o_part, const float* lse_part, size_t base,
+                       size_t split_stride, int i0, int step, int count, int lane) {
+#pragma unroll
+    for (int u = 0; u < SPLITS_IN_FLIGHT; ++u) {
+        const int i = i0 + u * step;
+        g.lse[u] = NEG_INF;
+#pragma unroll
+        for (int j = 0; j < VEC_PER_LANE; ++j) g.v[u][j] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (i < count) {
+            const size_t prow = base + i * split_stride;
+            g.lse[u] = lse_part[prow];
+            const float4* src = reinterpret_cast<const float4*>(o_part + prow * HEAD_DIM_V);
+#pragma unroll
+            for (int j = 0; j < VEC_PER_LANE; ++j) g.v[u][j] = src[j * 32 + lane];
+        }
+    }
+}
+
+// LSE_CHUNK lane-strided split LSEs from split `first` on (-inf past count).
+DEVICE void load_lse_chunk(float (&l)[LSE_CHUNK], const float* lse_part, size_t base,
+                           size_t split_stride, int first, int count) {
+#pragma unroll
+    for (int u = 0; u < LSE_CHUNK; ++u) {
+        const int i = first + 32 * u;
+        l[u] = i < count ? lse_part[base + i * split_stride] : NEG_INF;
+    }
+}
 
 // o_part: [splits, h_k, rows, 512] f32; lse_part: [splits, h_k, rows] f32 with rows = s_q*G.
 // out: contiguous [b, s_q, h_q, 512]; lse: contiguous [b, h_q, s_q].
@@ -40,44 +78,52 @@ mla_combine(const float* __restrict__ o_part, const float* __restrict__ lse_part
     const int kh = flat / rows, row = flat % rows;
     const size_t split_stride = (size_t)h_k * rows;
     const size_t base = (size_t)first * split_stride + (size_t)kh * rows + row;
+    const int step = warps_per_row;  // this warp's splits: sub, sub + step, ...
 
     float lse_max = NEG_INF, lse_total = NEG_INF;
     float4 acc[VEC_PER_LANE];
 #pragma unroll
     for (int j = 0; j < VEC_PER_LANE; ++j) acc[j] = make_float4(0.f, 0.f, 0.f, 0.f);
     if (active) {
-        for (int i = lane; i < count; i += 32) lse_max = fmaxf(lse_max, lse_part[base + i * split_stride]);
-        lse_max = warp_reduce_max(lse_max);
+        // Everything the first group needs is requested before anything is reduced.
+        SplitGroup g;
+        load_group(g, o_part, lse_part, base, split_stride, sub, step, count, lane);
+        float l[LSE_CHUNK];
+        load_lse_chunk(l, lse_part, base, split_stride, lane, count);
+        float lane_max = NEG_INF;
+#pragma unroll
+        for (int u = 0; u < LSE_CHUNK; ++u) lane_max = fmaxf(lane_max, l[u]);
+        for (int i = lane + 32 * LSE_CHUNK; i < count; i += 32 * LSE_CHUNK) {  // > 128 splits
+            float more[LSE_CHUNK];
+            load_lse_chunk(more, lse_part, base, split_stride, i, count);
+#pragma unroll
+            for (int u = 0; u < LSE_CHUNK; ++u) lane_max = fmaxf(lane_max, more[u]);
+        }
+        lse_max = warp_reduce_max(lane_max);
         if (lse_max != NEG_INF) {
             float sum = 0.f;
-            for (int i = lane; i < count; i += 32) sum += __expf(lse_part[base + i * split_stride] - lse_max);
+#pragma unroll
+            for (int u = 0; u < LSE_CHUNK; ++u) sum += __expf(l[u] - lse_max);  // exp(-inf) = 0
+            for (int i = lane + 32 * LSE_CHUNK; i < count; i += 32 * LSE_CHUNK) {  // L1 hits
+                float more[LSE_CHUNK];
+                load_lse_chunk(more, lse_part, base, split_stride, i, count);
+#pragma unroll
+                for (int u = 0; u < LSE_CHUNK; ++u) sum += __expf(more[u] - lse_max);
+            }
             lse_total = lse_max + __logf(warp_reduce_sum(sum));
-            // SPLITS_IN_FLIGHT partial rows per warp are loaded before any is summed: a small
-            // batch split 64 ways is a few dependent L2 round trips, not one per split pair.
-            for (int i0 = sub; i0 < count; i0 += warps_per_row * SPLITS_IN_FLIGHT) {
-                float w[SPLITS_IN_FLIGHT];
-                float4 v[SPLITS_IN_FLIGHT][VEC_PER_LANE];
+            for (int i0 = sub;;) {
 #pragma unroll
                 for (int u = 0; u < SPLITS_IN_FLIGHT; ++u) {
-                    const int i = i0 + u * warps_per_row;
-                    w[u] = 0.f;
-#pragma unroll
-                    for (int j = 0; j < VEC_PER_LANE; ++j) v[u][j] = make_float4(0.f, 0.f, 0.f, 0.f);
-                    if (i < count) {
-                        const size_t prow = base + i * split_stride;
-                        w[u] = __expf(lse_part[prow] - lse_total);
-                        const float4* src = reinterpret_cast<const float4*>(o_part + prow * HEAD_DIM_V);
-#pragma unroll
-                        for (int j = 0; j < VEC_PER_LANE; ++j) v[u][j] = src[j * 32 + lane];
-                    }
-                }
-#pragma unroll
-                for (int u = 0; u < SPLITS_IN_FLIGHT; ++u)
+                    const float w = __expf(g.lse[u] - lse_total);
 #pragma unroll
                     for (int j = 0; j < VEC_PER_LANE; ++j) {
-                        acc[j].x += w[u] * v[u][j].x; acc[j].y += w[u] * v[u][j].y;
-                        acc[j].z += w[u] * v[u][j].z; acc[j].w += w[u] * v[u][j].w;
+                        acc[j].x += w * g.v[u][j].x; acc[j].y += w * g.v[u][j].y;
+                        acc[j].z += w * g.v[u][j].z; acc[j].w += w * g.v[u][j].w;
                     }
+                }
+                i0 += step * SPLITS_IN_FLIGHT;
+                if (i0 >= count) break;
+                load_group(g, o_part, lse_part, base, split_stride, i0, step, count, lane);
             }
         }
     }
@@ -101,5 +147,5 @@ mla_combine(const float* __restrict__ o_part, const float* __restrict__ lse_part
         *reinterpret_cast<uint2*>(dst + (j * 32 + lane) * 4) =
             make_uint2(pack_half2(acc[j].x, acc[j].y), pack_half2(acc[j].z, acc[j].w));
     if (lane == 0)  // every key masked or absent: lse = +inf
-        lse[((size_t)req * h_q + head) * s_q + s_idx] = lse_max == NEG_INF ? POS_INF : lse_total;
+        lse[((size_t)(req) * h_q + head) * s_q + s_idx] = lse_max == NEG_INF ? POS_INF : lse_total;
 }
