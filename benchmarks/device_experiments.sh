@@ -17,6 +17,8 @@
 #   producer_map: benchmarks/producer_map.py: our decode with each KV producer forced and by the
 #             rule, h_q = 16 batches of 1-128 requests, s_k 512-32768, beside the scheduler
 #             parts' page counts (~1.5 min)
+#   host:     where an eager call's host time goes: host µs of the scheduler and decode calls and
+#             a cProfile of the whole call, latency rows (benchmarks/host_profile.py; ~20 s)
 #   verify:   the shipped decode: reference check with each KV producer forced, the four
 #             sanitizers with the cp.async producer forced, GPU unit tests (~4 min)
 #   combine:  the combine with 1, 4 (shipped) and 8 partial rows in flight per warp, ours only,
@@ -88,6 +90,10 @@ for experiment in ${@:-verify}; do
     run producer_map
     timeout 200 python benchmarks/producer_map.py --out "$ROOT_OUT/producer_map/producer_map.md" > /dev/null 2>&1
     cat "$ROOT_OUT/producer_map/producer_map.md" ;;
+  host)
+    run host
+    timeout 120 python benchmarks/host_profile.py > "$ROOT_OUT/host/host_profile.log" 2>&1
+    grep -E "^##|tottime" -A12 "$ROOT_OUT/host/host_profile.log" | head -60 ;;
   verify)
     run verify
     for producer in tma cp_async; do

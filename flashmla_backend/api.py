@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +19,13 @@ from ._constants import (
     MAX_BATCH,
     SCHEDULE_THREADS,
 )
-from .kernel_sources import SCHEDULE_MODULE, combine_module, decode_launch_contract, decode_module
+from .kernel_sources import (
+    SCHEDULE_MODULE,
+    DecodeLaunchContract,
+    combine_module,
+    decode_launch_contract,
+    decode_module,
+)
 from .kv_producer import load_by_cp_async
 from .reference import mla_decode_reference
 from .runtime import (
@@ -25,13 +33,43 @@ from .runtime import (
     get_function,
     launch,
     launch_programmatic,
-    programmatic_launch_enabled,
     sm_count,
 )
 from .schedule import no_split_slack, num_sm_parts, schedule_reference, split_overhead_pages
+from .settings import Settings, settings
+from .tensor_map import kv_cache_tensor_map
 from .validation import validate_contents, validate_decode_args, validate_metadata_args
 
 _LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class _CallKernels:
+    """The loaded decode and combine of one (GPU, dtype) under one set of settings."""
+
+    settings: Settings
+    programmatic: bool
+    decode: Any
+    contract: DecodeLaunchContract
+    combine: Any
+
+
+_call_kernels_cache: dict[tuple[int, torch.dtype], _CallKernels] = {}
+
+
+def _call_kernels(index: int, dtype: torch.dtype) -> _CallKernels:
+    """Resolved once per (GPU, dtype) and settings: the per-call path then builds no module keys."""
+    current = settings()
+    cached = _call_kernels_cache.get((index, dtype))
+    if cached is not None and cached.settings is current:
+        return cached
+    programmatic = current.programmatic_launch
+    module = decode_module(dtype, programmatic)
+    cached = _CallKernels(current, programmatic, get_function(module, "mla_decode", index),
+                          decode_launch_contract(module),
+                          get_function(combine_module(dtype, programmatic), "mla_combine", index))
+    _call_kernels_cache[(index, dtype)] = cached
+    return cached
 
 
 def _unsupported_flags(is_fp8_kvcache: object, extra: object, extra_name: str) -> None:
@@ -191,8 +229,6 @@ def flash_mla_with_kvcache(
         out.copy_(ref_out)
         return out, lse
 
-    from .tensor_map import kv_cache_tensor_map
-
     index = check_device(q.device)
     rows = shape.rows
     m_blocks = -(-rows // BLOCK_M)
@@ -202,10 +238,8 @@ def flash_mla_with_kvcache(
         out = torch.empty((shape.batch, shape.s_q, shape.h_q, HEAD_DIM_V), dtype=q.dtype, device=q.device)
     lse = torch.empty((shape.batch, shape.h_q, shape.s_q), dtype=torch.float32, device=q.device)
 
-    programmatic = programmatic_launch_enabled()
-    module = decode_module(q.dtype, programmatic)
-    decode = get_function(module, "mla_decode", index)
-    contract = decode_launch_contract(module)
+    kernels = _call_kernels(index, q.dtype)
+    contract = kernels.contract
     args = (kv_cache_tensor_map(k_cache, contract.tma_box_tokens), q.data_ptr(), np.int64(q.stride(0)),
             np.int64(q.stride(1)), np.int64(q.stride(2)), block_table.data_ptr(), np.int64(block_table.stride(0)),
             cache_seqlens.data_ptr(), tile_scheduler_metadata.data_ptr(), num_splits.data_ptr(),
@@ -216,12 +250,11 @@ def flash_mla_with_kvcache(
         args += (k_cache.data_ptr(), np.int64(k_cache.stride(0)), np.int64(k_cache.stride(1)))
     if contract.selects_kv_producer:
         args += (np.int32(load_by_cp_async(index, m_blocks)),)
-    launch(decode, (m_blocks, shape.h_k, parts), DECODE_THREADS, args, index, shared_mem=DECODE_SMEM_BYTES)
-    combine = get_function(combine_module(q.dtype, programmatic), "mla_combine", index)
+    launch(kernels.decode, (m_blocks, shape.h_k, parts), DECODE_THREADS, args, index, shared_mem=DECODE_SMEM_BYTES)
     warps_per_row = _combine_warps_per_row(shape.batch, parts)
     rows_per_cta = COMBINE_WARPS // warps_per_row
-    (launch_programmatic if programmatic else launch)(
-        combine, (-(-shape.h_k * rows // rows_per_cta), shape.batch, 1), COMBINE_WARPS * 32,
+    (launch_programmatic if kernels.programmatic else launch)(
+        kernels.combine, (-(-shape.h_k * rows // rows_per_cta), shape.batch, 1), COMBINE_WARPS * 32,
         (o_part.data_ptr(), lse_part.data_ptr(), num_splits.data_ptr(), out.data_ptr(),
          lse.data_ptr(), np.int32(shape.s_q), np.int32(shape.h_q), np.int32(shape.h_k),
          np.int32(warps_per_row)),

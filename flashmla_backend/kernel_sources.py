@@ -7,7 +7,6 @@ handed to NVRTC is self-contained and CuPy's on-disk cache key covers every head
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ._constants import DECODE_SMEM_BYTES, PAGE_SIZE
+from .settings import settings
 
 #: NVRTC options for every module. sm_90a unlocks wgmma, TMA and setmaxnreg.
 NVRTC_OPTIONS: tuple[str, ...] = ("-arch=sm_90a", "-std=c++17")
@@ -47,14 +47,6 @@ SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
 SCHEDULE_MODULE = KernelModule("mla_schedule.cu", ("mla_schedule",), torch.bfloat16)
 
 
-def _knob_defines(variable: str) -> tuple[str, ...]:
-    """The ``-D`` options an A/B experiment puts in environment ``variable`` (space-separated)."""
-    knobs = tuple(os.environ.get(variable, "").split())
-    if any(not k.startswith("-D") for k in knobs):
-        raise ValueError(f"{variable} must hold only -D options, got {knobs}")
-    return knobs
-
-
 def decode_launch_defines() -> tuple[str, ...]:
     """What every decode source is told about its launch: the dynamic shared memory the API
     reserves, which the source's own smem map must fit (a static_assert)."""
@@ -70,10 +62,9 @@ def decode_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModul
     empty means the shipped source. ``FLASHMLA_BACKEND_DECODE_DEFINES`` adds ``-D`` options
     (space-separated, e.g. ``-DDIAG_STAGES=3``) for such a version's knobs.
     """
-    extra = decode_launch_defines() + _knob_defines("FLASHMLA_BACKEND_DECODE_DEFINES") + (
-        ("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ())
-    source = os.environ.get("FLASHMLA_BACKEND_DECODE_FILE") or "mla_decode.cu"
-    return KernelModule(source, ("mla_decode",), dtype, extra)
+    s = settings()
+    extra = decode_launch_defines() + s.decode_defines + (("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ())
+    return KernelModule(s.decode_file, ("mla_decode",), dtype, extra)
 
 
 _BOX_TOKENS = re.compile(r"constexpr\s+int\s+TMA_BOX_TOKENS\s*=\s*(\d+)\s*;")
@@ -114,10 +105,9 @@ def combine_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModu
     ``FLASHMLA_BACKEND_COMBINE_FILE`` (a path) swaps in another version of the combine source
     with the same interface, and ``FLASHMLA_BACKEND_COMBINE_DEFINES`` adds ``-D`` options for
     its A/B knobs, as for the decode."""
-    extra = _knob_defines("FLASHMLA_BACKEND_COMBINE_DEFINES") + (
-        ("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ())
-    source = os.environ.get("FLASHMLA_BACKEND_COMBINE_FILE") or "mla_combine.cu"
-    return KernelModule(source, ("mla_combine",), dtype, extra)
+    s = settings()
+    extra = s.combine_defines + (("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ())
+    return KernelModule(s.combine_file, ("mla_combine",), dtype, extra)
 
 
 def all_modules() -> list[KernelModule]:

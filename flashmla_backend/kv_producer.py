@@ -16,12 +16,11 @@ cp.async) or ``cp_async`` (every launch, several query blocks included: for test
 
 from __future__ import annotations
 
-import os
 
 import torch
 
-KV_PRODUCER_ENV = "FLASHMLA_BACKEND_KV_PRODUCER"
-KV_PRODUCER_CHOICES = ("auto", "tma", "cp_async")
+from .settings import settings
+
 #: Device-name fragments of the cards where cp.async measured faster for one query block.
 CP_ASYNC_CARDS: tuple[str, ...] = ("H100",)
 
@@ -30,10 +29,7 @@ _card_prefers_cp_async: dict[int, bool] = {}
 
 def kv_producer_setting() -> str:
     """The ``FLASHMLA_BACKEND_KV_PRODUCER`` setting (``auto`` when unset or empty)."""
-    value = os.environ.get(KV_PRODUCER_ENV, "") or "auto"
-    if value not in KV_PRODUCER_CHOICES:
-        raise ValueError(f"{KV_PRODUCER_ENV}: expected one of {KV_PRODUCER_CHOICES}, got {value!r}")
-    return value
+    return settings().kv_producer
 
 
 def card_prefers_cp_async(device_name: str) -> bool:

@@ -19,6 +19,7 @@ import torch
 
 from ._constants import DECODE_SMEM_BYTES, MAX_BATCH
 from .kernel_sources import KernelModule, all_modules, assembled_source
+from .settings import settings
 
 os.environ.setdefault("CUPY_CACHE_DIR", str(Path.home() / ".cache" / "flashmla_backend" / "cupy"))
 
@@ -104,14 +105,10 @@ def launch(fn: Any, grid: tuple[int, int, int], block: int, args: tuple, device_
         fn(grid, (block, 1, 1), args, shared_mem=shared_mem, stream=stream)
 
 
-#: Set to 1 to launch the combine with programmatic stream serialization (an experiment:
-#: see benchmarks/NOTES.md; off by default until measured).
-PROGRAMMATIC_LAUNCH_ENV = "FLASHMLA_BACKEND_PDL"
-
-
 def programmatic_launch_enabled() -> bool:
-    """Whether ``FLASHMLA_BACKEND_PDL=1`` asks for programmatic dependent launches."""
-    return os.environ.get(PROGRAMMATIC_LAUNCH_ENV, "0") == "1"
+    """Whether ``FLASHMLA_BACKEND_PDL=1`` asks for programmatic dependent launches of the
+    combine (an experiment, off by default: benchmarks/NOTES.md)."""
+    return settings().programmatic_launch
 
 
 def _ctypes_argument(value: Any) -> ctypes._SimpleCData:

@@ -7,7 +7,6 @@ to test the kernel.
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -19,10 +18,9 @@ from ._constants import (
     MD_BEGIN_SPLIT,
     MD_END_PAGE,
     MD_END_REQ,
-    NO_SPLIT_SLACK_16THS,
     PAGE_SIZE,
-    SPLIT_OVERHEAD_PAGES,
 )
+from .settings import settings
 
 
 def num_m_blocks(num_q_tokens_per_head_k: int) -> int:
@@ -37,21 +35,14 @@ def num_sm_parts(num_sms: int, num_q_tokens_per_head_k: int, num_heads_k: int) -
     equal-length requests and 128 parts, no request is split and the combine has no work);
     unset or empty means no cap."""
     parts = max(1, num_sms // (num_heads_k * num_m_blocks(num_q_tokens_per_head_k)))
-    cap = os.environ.get("FLASHMLA_BACKEND_MAX_SM_PARTS", "")
-    if not cap:  # unset or empty: no cap
-        return parts
-    if not cap.isdigit() or int(cap) < 1:
-        raise ValueError(f"FLASHMLA_BACKEND_MAX_SM_PARTS: expected a positive integer, got {cap!r}")
-    return min(parts, int(cap))
+    cap = settings().max_sm_parts
+    return parts if cap is None else min(parts, cap)
 
 
 def split_overhead_pages() -> int:
     """The scheduler's cost of one (request, split) in pages: the Q load, the output write and
     the combine. ``FLASHMLA_BACKEND_SPLIT_OVERHEAD`` overrides it (a tuning knob)."""
-    value = int(os.environ.get("FLASHMLA_BACKEND_SPLIT_OVERHEAD", SPLIT_OVERHEAD_PAGES))
-    if value < 1:
-        raise ValueError(f"FLASHMLA_BACKEND_SPLIT_OVERHEAD: expected >= 1, got {value}")
-    return value
+    return settings().split_overhead_pages
 
 
 def no_split_slack() -> int:
@@ -59,12 +50,7 @@ def no_split_slack() -> int:
     whole: a split costs more than its modelled overhead (the partial write and the combine).
     ``FLASHMLA_BACKEND_NO_SPLIT_SLACK`` overrides it (a tuning knob, 0 to 16: 0 turns the rule
     off, 16 lets a part double)."""
-    raw = os.environ.get("FLASHMLA_BACKEND_NO_SPLIT_SLACK", "")
-    if not raw:
-        return NO_SPLIT_SLACK_16THS
-    if not raw.isdigit() or int(raw) > 16:
-        raise ValueError(f"FLASHMLA_BACKEND_NO_SPLIT_SLACK: expected an integer from 0 to 16, got {raw!r}")
-    return int(raw)
+    return settings().no_split_slack
 
 
 def schedule_reference(cache_seqlens: torch.Tensor, num_parts: int, overhead: int | None = None,

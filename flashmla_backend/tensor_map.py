@@ -8,19 +8,18 @@ and maps are cached per cache tensor, so steady-state calls cost a dict lookup.
 from __future__ import annotations
 
 import ctypes
-import os
 from functools import lru_cache
 
 import numpy as np
 import torch
 
 from ._constants import PAGE_SIZE
+from .settings import settings
 
 # CUtensorMap enums (cuda.h).
 _DTYPE_CODE = {torch.float16: 6, torch.bfloat16: 9}
 _INTERLEAVE_NONE = 0
 _SWIZZLE_128B = 3
-_L2_PROMOTION_256B = 3  # NONE, 64B, 128B, 256B = 0..3
 _OOB_FILL_NONE = 0  # out-of-range page ids read zeros
 
 #: Columns per TMA box: 64 bf16/fp16 = 128 bytes, the 128B-swizzle span.
@@ -32,12 +31,7 @@ BOX_TOKEN_HEIGHTS = (PAGE_SIZE // 2, PAGE_SIZE)
 def l2_promotion() -> int:
     """The L2 promotion of the KV map: 256B, unless ``FLASHMLA_BACKEND_TMA_L2_PROMOTION``
     (0-3: none, 64B, 128B, 256B) overrides it for an A/B experiment."""
-    value = os.environ.get("FLASHMLA_BACKEND_TMA_L2_PROMOTION", "")
-    if value == "":
-        return _L2_PROMOTION_256B
-    if value not in ("0", "1", "2", "3"):
-        raise ValueError(f"FLASHMLA_BACKEND_TMA_L2_PROMOTION: expected 0-3, got {value!r}")
-    return int(value)
+    return settings().tma_l2_promotion
 
 TENSOR_MAP_DTYPE = np.dtype([("opaque", np.uint64, (16,))])
 

@@ -11,12 +11,12 @@ names the argument.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
 from ._constants import HEAD_DIM_QK, HEAD_DIM_V, MAX_HEADS_PER_KV_HEAD, METADATA_FIELDS, PAGE_SIZE
+from .settings import settings
 
 _SUPPORTED = (torch.bfloat16, torch.float16)
 
@@ -216,7 +216,7 @@ _checked_contents: dict[tuple, bool] = {}
 
 def contents_checks_enabled() -> bool:
     """``FLASHMLA_BACKEND_CHECK_CONTENTS=0`` turns off the content checks of GPU tensors."""
-    return os.environ.get("FLASHMLA_BACKEND_CHECK_CONTENTS", "1") != "0"
+    return settings().check_contents
 
 
 def validate_contents(block_table: torch.Tensor, cache_seqlens: torch.Tensor, shape: DecodeShape) -> None:

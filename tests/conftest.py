@@ -51,3 +51,26 @@ def assert_lse_close(lse: torch.Tensor, ref: torch.Tensor) -> None:
     finite = ~inf_ref
     if bool(finite.any()):
         torch.testing.assert_close(lse[finite], ref[finite], atol=2e-3, rtol=1e-3)
+
+
+@pytest.fixture(autouse=True)
+def settings_follow_monkeypatch(monkeypatch: pytest.MonkeyPatch):
+    """The package parses its FLASHMLA_BACKEND_* settings once per process; inside tests, every
+    ``monkeypatch.setenv`` / ``delenv`` (and the undo after the test) makes the next API call
+    read them again, as a fresh process would."""
+    from flashmla_backend.settings import reload_settings
+
+    set_env, del_env = monkeypatch.setenv, monkeypatch.delenv
+
+    def setenv(name: str, value: str, prepend: str | None = None) -> None:
+        set_env(name, value, prepend)
+        reload_settings()
+
+    def delenv(name: str, raising: bool = True) -> None:
+        del_env(name, raising)
+        reload_settings()
+
+    monkeypatch.setenv, monkeypatch.delenv = setenv, delenv  # type: ignore[method-assign]
+    reload_settings()
+    yield
+    reload_settings()

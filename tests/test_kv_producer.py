@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flashmla_backend.kv_producer import KV_PRODUCER_ENV, card_prefers_cp_async, kv_producer_setting, load_by_cp_async
+from flashmla_backend.kv_producer import card_prefers_cp_async, kv_producer_setting, load_by_cp_async
+from flashmla_backend.settings import KV_PRODUCER_ENV
 
 
 @pytest.mark.parametrize("name,expected", [("NVIDIA H100 80GB HBM3", True), ("NVIDIA H100 PCIe", True),

@@ -14,7 +14,8 @@ import torch
 
 from conftest import requires_hopper
 from flashmla_backend.kernel_sources import combine_module, decode_module
-from flashmla_backend.runtime import PROGRAMMATIC_LAUNCH_ENV, _ctypes_argument, programmatic_launch_enabled
+from flashmla_backend.runtime import _ctypes_argument, programmatic_launch_enabled
+from flashmla_backend.settings import PROGRAMMATIC_LAUNCH_ENV
 from flashmla_backend.testing import make_problem
 
 

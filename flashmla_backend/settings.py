@@ -1,0 +1,130 @@
+"""Every ``FLASHMLA_BACKEND_*`` environment setting, parsed once per process.
+
+A decode call used to read fourteen environment variables, at 1-2 µs of host time each. They
+are now parsed together on first use and cached; a bad value raises a ``ValueError`` that names
+the variable, on that first use. A process that changes these variables afterwards (tests, a
+notebook) calls ``reload_settings()``; the benchmark scripts set them before Python starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ._constants import NO_SPLIT_SLACK_16THS, SPLIT_OVERHEAD_PAGES
+
+KV_PRODUCER_ENV = "FLASHMLA_BACKEND_KV_PRODUCER"
+KV_PRODUCER_CHOICES = ("auto", "tma", "cp_async")
+PROGRAMMATIC_LAUNCH_ENV = "FLASHMLA_BACKEND_PDL"
+L2_PROMOTION_256B = 3  # the tensor map's NONE, 64B, 128B, 256B = 0..3
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The parsed settings (defaults when a variable is unset or empty).
+
+    ``decode_file`` / ``combine_file``: the kernel sources (``FLASHMLA_BACKEND_DECODE_FILE`` /
+    ``_COMBINE_FILE``, a path, for A/B runs of archived versions); ``decode_defines`` /
+    ``combine_defines``: their extra ``-D`` options (``_DECODE_DEFINES`` / ``_COMBINE_DEFINES``);
+    ``kv_producer``: ``auto``, ``tma`` or ``cp_async`` (``_KV_PRODUCER``); ``programmatic_launch``:
+    the combine by programmatic dependent launch (``_PDL=1``); ``max_sm_parts``: a cap on the
+    scheduler's parts, or None (``_MAX_SM_PARTS``); ``split_overhead_pages``, ``no_split_slack``:
+    the scheduler's cost knobs (``_SPLIT_OVERHEAD``, ``_NO_SPLIT_SLACK``); ``tma_l2_promotion``:
+    the KV map's L2 promotion 0-3 (``_TMA_L2_PROMOTION``); ``check_contents``: the content checks
+    of GPU tensors (``_CHECK_CONTENTS=0`` turns them off)."""
+
+    decode_file: str = "mla_decode.cu"
+    decode_defines: tuple[str, ...] = ()
+    combine_file: str = "mla_combine.cu"
+    combine_defines: tuple[str, ...] = ()
+    kv_producer: str = "auto"
+    programmatic_launch: bool = False
+    max_sm_parts: int | None = None
+    split_overhead_pages: int = SPLIT_OVERHEAD_PAGES
+    no_split_slack: int = NO_SPLIT_SLACK_16THS
+    tma_l2_promotion: int = L2_PROMOTION_256B
+    check_contents: bool = True
+
+
+def _defines(variable: str) -> tuple[str, ...]:
+    knobs = tuple(os.environ.get(variable, "").split())
+    if any(not k.startswith("-D") for k in knobs):
+        raise ValueError(f"{variable} must hold only -D options, got {knobs}")
+    return knobs
+
+
+def _kv_producer() -> str:
+    value = os.environ.get(KV_PRODUCER_ENV, "") or "auto"
+    if value not in KV_PRODUCER_CHOICES:
+        raise ValueError(f"{KV_PRODUCER_ENV}: expected one of {KV_PRODUCER_CHOICES}, got {value!r}")
+    return value
+
+
+def _max_sm_parts() -> int | None:
+    cap = os.environ.get("FLASHMLA_BACKEND_MAX_SM_PARTS", "")
+    if not cap:
+        return None
+    if not cap.isdigit() or int(cap) < 1:
+        raise ValueError(f"FLASHMLA_BACKEND_MAX_SM_PARTS: expected a positive integer, got {cap!r}")
+    return int(cap)
+
+
+def _split_overhead_pages() -> int:
+    raw = os.environ.get("FLASHMLA_BACKEND_SPLIT_OVERHEAD", "")
+    if not raw:
+        return SPLIT_OVERHEAD_PAGES
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"FLASHMLA_BACKEND_SPLIT_OVERHEAD: expected an integer >= 1, got {raw!r}")
+    return int(raw)
+
+
+def _no_split_slack() -> int:
+    raw = os.environ.get("FLASHMLA_BACKEND_NO_SPLIT_SLACK", "")
+    if not raw:
+        return NO_SPLIT_SLACK_16THS
+    if not raw.isdigit() or int(raw) > 16:
+        raise ValueError(f"FLASHMLA_BACKEND_NO_SPLIT_SLACK: expected an integer from 0 to 16, got {raw!r}")
+    return int(raw)
+
+
+def _tma_l2_promotion() -> int:
+    value = os.environ.get("FLASHMLA_BACKEND_TMA_L2_PROMOTION", "")
+    if value == "":
+        return L2_PROMOTION_256B
+    if value not in ("0", "1", "2", "3"):
+        raise ValueError(f"FLASHMLA_BACKEND_TMA_L2_PROMOTION: expected 0-3, got {value!r}")
+    return int(value)
+
+
+def read_settings() -> Settings:
+    """Parses every setting from the environment now (no cache)."""
+    return Settings(
+        decode_file=os.environ.get("FLASHMLA_BACKEND_DECODE_FILE") or "mla_decode.cu",
+        decode_defines=_defines("FLASHMLA_BACKEND_DECODE_DEFINES"),
+        combine_file=os.environ.get("FLASHMLA_BACKEND_COMBINE_FILE") or "mla_combine.cu",
+        combine_defines=_defines("FLASHMLA_BACKEND_COMBINE_DEFINES"),
+        kv_producer=_kv_producer(),
+        programmatic_launch=os.environ.get(PROGRAMMATIC_LAUNCH_ENV, "0") == "1",
+        max_sm_parts=_max_sm_parts(),
+        split_overhead_pages=_split_overhead_pages(),
+        no_split_slack=_no_split_slack(),
+        tma_l2_promotion=_tma_l2_promotion(),
+        check_contents=os.environ.get("FLASHMLA_BACKEND_CHECK_CONTENTS", "1") != "0",
+    )
+
+
+_cached: Settings | None = None
+
+
+def settings() -> Settings:
+    """The process's settings, parsed on first use (see ``reload_settings``)."""
+    global _cached
+    if _cached is None:
+        _cached = read_settings()
+    return _cached
+
+
+def reload_settings() -> None:
+    """Forgets the parsed settings: the next ``settings()`` reads the environment again."""
+    global _cached
+    _cached = None
