@@ -14,26 +14,11 @@ import argparse
 import cProfile
 import io
 import pstats
-import time
 
 import torch
 
 from flashmla_backend import flash_mla_with_kvcache, get_mla_metadata, precompile
-from flashmla_backend.bench import ANCHOR_CASES, HEAD_QK, HEAD_V, HOST_TIMING_SLEEP_CYCLES, build_problem
-
-
-def host_us(fn, calls: int) -> float:
-    """Host µs per call of ``fn``, enqueued behind a GPU sleep."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(HOST_TIMING_SLEEP_CYCLES)
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return 1e6 * elapsed / calls
+from flashmla_backend.bench import ANCHOR_CASES, HEAD_QK, HEAD_V, HOST_TIMING_SLEEP_CYCLES, build_problem, host_us
 
 
 def main() -> int:

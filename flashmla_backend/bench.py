@@ -106,18 +106,23 @@ class Timer:
         return 1000.0 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
     def host_us(self, fn: Callable[[], object], calls: int = 50) -> float:
-        """Host time per call (µs): ``calls`` back-to-back calls enqueued while the GPU sleeps,
-        so none waits on the GPU; what an eager (no CUDA graph) caller pays on the CPU."""
-        for _ in range(self.warmup):
-            fn()
-        torch.cuda.synchronize()
-        torch.cuda._sleep(HOST_TIMING_SLEEP_CYCLES)
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        elapsed = time.perf_counter() - start
-        torch.cuda.synchronize()
-        return 1e6 * elapsed / calls
+        """Host time per call (µs): what an eager (no CUDA graph) caller pays on the CPU."""
+        return host_us(fn, calls, self.warmup)
+
+
+def host_us(fn: Callable[[], object], calls: int = 50, warmup: int = 5) -> float:
+    """Host µs per call of ``fn``: ``calls`` back-to-back calls enqueued while the GPU sleeps,
+    so that none waits on the GPU."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(HOST_TIMING_SLEEP_CYCLES)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return 1e6 * elapsed / calls
 
 
 def measure_ceilings(timer: Timer) -> dict[str, float]:
