@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
 import torch
 
 from ._constants import (
@@ -20,21 +17,19 @@ from ._constants import (
     SCHEDULE_THREADS,
 )
 from .kernel_sources import (
+    COMBINE_SIGNATURE,
     SCHEDULE_MODULE,
+    SCHEDULE_SIGNATURE,
     DecodeLaunchContract,
     combine_module,
     decode_launch_contract,
     decode_module,
+    decode_signature,
 )
 from .kv_producer import load_by_cp_async
 from .reference import mla_decode_reference
-from .runtime import (
-    check_device,
-    get_function,
-    launch,
-    launch_programmatic,
-    sm_count,
-)
+from .launch import KernelSignature, launch_kernel
+from .runtime import check_device, get_kernel, sm_count
 from .schedule import no_split_slack, num_sm_parts, schedule_reference, split_overhead_pages
 from .settings import Settings, settings
 from .tensor_map import kv_cache_tensor_map
@@ -49,9 +44,10 @@ class _CallKernels:
 
     settings: Settings
     programmatic: bool
-    decode: Any
+    decode: int  # CUfunction handles
     contract: DecodeLaunchContract
-    combine: Any
+    decode_signature: KernelSignature
+    combine: int
 
 
 _call_kernels_cache: dict[tuple[int, torch.dtype], _CallKernels] = {}
@@ -65,9 +61,10 @@ def _call_kernels(index: int, dtype: torch.dtype) -> _CallKernels:
         return cached
     programmatic = current.programmatic_launch
     module = decode_module(dtype, programmatic)
-    cached = _CallKernels(current, programmatic, get_function(module, "mla_decode", index),
-                          decode_launch_contract(module),
-                          get_function(combine_module(dtype, programmatic), "mla_combine", index))
+    contract = decode_launch_contract(module)
+    cached = _CallKernels(current, programmatic, get_kernel(module, "mla_decode", index), contract,
+                          decode_signature(contract),
+                          get_kernel(combine_module(dtype, programmatic), "mla_combine", index))
     _call_kernels_cache[(index, dtype)] = cached
     return cached
 
@@ -114,11 +111,10 @@ def get_mla_metadata(
     parts = num_sm_parts(sm_count(index), num_q_tokens_per_head_k, num_heads_k)
     metadata = torch.empty((parts, 8), dtype=torch.int32, device=cache_seqlens.device)
     num_splits = torch.empty((batch + 1,), dtype=torch.int32, device=cache_seqlens.device)
-    fn = get_function(SCHEDULE_MODULE, "mla_schedule", index)
-    launch(fn, (1, 1, 1), SCHEDULE_THREADS,
-           (cache_seqlens.data_ptr(), np.int32(batch), np.int32(parts), np.int32(split_overhead_pages()),
-            np.int32(no_split_slack()), metadata.data_ptr(), num_splits.data_ptr()),
-           index, shared_mem=4 * (batch + 1))
+    launch_kernel(get_kernel(SCHEDULE_MODULE, "mla_schedule", index), SCHEDULE_SIGNATURE, (1, 1, 1),
+                  SCHEDULE_THREADS, (cache_seqlens.data_ptr(), batch, parts, split_overhead_pages(),
+                                     no_split_slack(), metadata.data_ptr(), num_splits.data_ptr()),
+                  index, shared_mem=4 * (batch + 1))
     return metadata, num_splits
 
 
@@ -240,25 +236,24 @@ def flash_mla_with_kvcache(
 
     kernels = _call_kernels(index, q.dtype)
     contract = kernels.contract
-    args = (kv_cache_tensor_map(k_cache, contract.tma_box_tokens), q.data_ptr(), np.int64(q.stride(0)),
-            np.int64(q.stride(1)), np.int64(q.stride(2)), block_table.data_ptr(), np.int64(block_table.stride(0)),
+    q_strides = q.stride()
+    args = (kv_cache_tensor_map(k_cache, contract.tma_box_tokens), q.data_ptr(), q_strides[0], q_strides[1],
+            q_strides[2], block_table.data_ptr(), block_table.stride(0),
             cache_seqlens.data_ptr(), tile_scheduler_metadata.data_ptr(), num_splits.data_ptr(),
             out.data_ptr(), lse.data_ptr(), o_part.data_ptr(), lse_part.data_ptr(),
-            np.int32(shape.s_q), np.int32(shape.h_q), np.int32(shape.h_k), np.int32(causal),
-            np.float32(scale * _LOG2E), np.int32(m_blocks == 1))
+            shape.s_q, shape.h_q, shape.h_k, int(causal), scale * _LOG2E, int(m_blocks == 1))
     if contract.takes_kv_pointer:
-        args += (k_cache.data_ptr(), np.int64(k_cache.stride(0)), np.int64(k_cache.stride(1)))
+        args += (k_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1))
     if contract.selects_kv_producer:
-        args += (np.int32(load_by_cp_async(index, m_blocks)),)
-    launch(kernels.decode, (m_blocks, shape.h_k, parts), DECODE_THREADS, args, index, shared_mem=DECODE_SMEM_BYTES)
+        args += (int(load_by_cp_async(index, m_blocks)),)
+    launch_kernel(kernels.decode, kernels.decode_signature, (m_blocks, shape.h_k, parts), DECODE_THREADS, args,
+                  index, shared_mem=DECODE_SMEM_BYTES)
     warps_per_row = _combine_warps_per_row(shape.batch, parts)
     rows_per_cta = COMBINE_WARPS // warps_per_row
-    (launch_programmatic if kernels.programmatic else launch)(
-        kernels.combine, (-(-shape.h_k * rows // rows_per_cta), shape.batch, 1), COMBINE_WARPS * 32,
-        (o_part.data_ptr(), lse_part.data_ptr(), num_splits.data_ptr(), out.data_ptr(),
-         lse.data_ptr(), np.int32(shape.s_q), np.int32(shape.h_q), np.int32(shape.h_k),
-         np.int32(warps_per_row)),
-        index)
+    launch_kernel(kernels.combine, COMBINE_SIGNATURE, (-(-shape.h_k * rows // rows_per_cta), shape.batch, 1),
+                  COMBINE_WARPS * 32, (o_part.data_ptr(), lse_part.data_ptr(), num_splits.data_ptr(), out.data_ptr(),
+                                       lse.data_ptr(), shape.s_q, shape.h_q, shape.h_k, warps_per_row),
+                  index, programmatic=kernels.programmatic)
     return out, lse
 
 

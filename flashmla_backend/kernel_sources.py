@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ._constants import DECODE_SMEM_BYTES, PAGE_SIZE
+from .launch import KernelSignature
 from .settings import settings
 
 #: NVRTC options for every module. sm_90a unlocks wgmma, TMA and setmaxnreg.
@@ -97,6 +98,26 @@ def decode_launch_contract(module: KernelModule) -> DecodeLaunchContract:
     if selects and not takes_pointer:
         raise ValueError(f"{module.source_file}: SELECTS_KV_PRODUCER needs TAKES_KV_POINTER")
     return DecodeLaunchContract(int(box.group(1)) if box else PAGE_SIZE, takes_pointer, selects)
+
+
+#: Parameters of ``mla_schedule``: seqlens, batch, parts, overhead, slack, metadata, num_splits.
+SCHEDULE_SIGNATURE = KernelSignature("mla_schedule", "Q i i i i Q Q")
+#: Parameters of ``mla_combine``: o_part, lse_part, num_splits, out, lse, s_q, h_q, h_k, warps_per_row.
+COMBINE_SIGNATURE = KernelSignature("mla_combine", "Q Q Q Q Q i i i i")
+#: The decode parameters every version takes: the KV tensor map; q and its batch, token and
+#: head strides; block_table and its row stride; seqlens, metadata, num_splits, out, lse,
+#: o_part, lse_part; s_q, h_q, h_k, causal; scale_log2; kv_evict_first.
+_DECODE_COMMON = "128s Q q q q Q q Q Q Q Q Q Q Q i i i i f i"
+
+
+@lru_cache(maxsize=None)
+def decode_signature(contract: DecodeLaunchContract) -> KernelSignature:
+    """The decode's parameters under ``contract``: the common ones, then the cache pointer and
+    its page and token strides (``takes_kv_pointer``), then the producer choice
+    (``selects_kv_producer``)."""
+    codes = _DECODE_COMMON + (" Q q q" if contract.takes_kv_pointer else "") + (
+        " i" if contract.selects_kv_producer else "")
+    return KernelSignature("mla_decode", codes)
 
 
 def combine_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModule:

@@ -1,4 +1,4 @@
-"""Compiles the kernels through CuPy (NVRTC), caches them, and launches them on torch's stream.
+"""Compiles the kernels through CuPy (NVRTC) and caches the loaded modules (``launch.py`` launches them).
 
 CuPy keeps compiled cubins on disk (``CUPY_CACHE_DIR``, default
 ``~/.cache/flashmla_backend/cupy`` unless already set), so a process pays NVRTC once per
@@ -8,13 +8,11 @@ capture needs: nothing may compile or allocate through CuPy inside a capture.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ._constants import DECODE_SMEM_BYTES, MAX_BATCH
@@ -25,6 +23,7 @@ os.environ.setdefault("CUPY_CACHE_DIR", str(Path.home() / ".cache" / "flashmla_b
 
 _lock = threading.Lock()
 _functions: dict[tuple[int, str, tuple[str, ...], str], Any] = {}
+_handles: dict[tuple[int, str, tuple[str, ...], str], int] = {}
 _checked_devices: set[int] = set()
 _sm_counts: dict[int, int] = {}
 
@@ -83,73 +82,26 @@ def get_function(module: KernelModule, name: str, device_index: int) -> Any:
             if smem is not None:
                 fn.max_dynamic_shared_size_bytes = smem
             fn.compile()
+            _handles[key] = fn.kernel.ptr  # read on its own device: CuPy resolves .kernel per device
             _functions[key] = fn
     return fn
 
 
-class _TorchStream:
-    """Duck-typed CuPy stream: CuPy only reads ``.ptr``."""
-
-    __slots__ = ("ptr",)
-
-    def __init__(self, ptr: int) -> None:
-        self.ptr = ptr
-
-
-def launch(fn: Any, grid: tuple[int, int, int], block: int, args: tuple, device_index: int,
-           shared_mem: int = 0) -> None:
-    """Launches ``fn`` on torch's current stream of ``device_index``."""
-    stream = _TorchStream(torch._C._cuda_getCurrentRawStream(device_index))
-    cp = _cupy()
-    with cp.cuda.Device(device_index):
-        fn(grid, (block, 1, 1), args, shared_mem=shared_mem, stream=stream)
+def get_kernel(module: KernelModule, name: str, device_index: int) -> int:
+    """The ``CUfunction`` handle of entry point ``name`` of ``module``, loaded on
+    ``device_index`` (what ``launch.launch_kernel`` takes)."""
+    key = (device_index, module.source_file, module.options, name)
+    handle = _handles.get(key)
+    if handle is None:
+        get_function(module, name, device_index)
+        handle = _handles[key]
+    return handle
 
 
 def programmatic_launch_enabled() -> bool:
     """Whether ``FLASHMLA_BACKEND_PDL=1`` asks for programmatic dependent launches of the
     combine (an experiment, off by default: benchmarks/NOTES.md)."""
     return settings().programmatic_launch
-
-
-def _ctypes_argument(value: Any) -> ctypes._SimpleCData:
-    """A kernel argument as the ctypes value whose bytes the driver copies: Python ints are
-    device pointers; numpy scalars keep their width."""
-    if isinstance(value, np.int32):
-        return ctypes.c_int32(int(value))
-    if isinstance(value, np.int64):
-        return ctypes.c_int64(int(value))
-    if isinstance(value, np.float32):
-        return ctypes.c_float(float(value))
-    if isinstance(value, int) and not isinstance(value, bool):
-        return ctypes.c_uint64(value)
-    raise TypeError(f"programmatic launch: unsupported kernel argument {value!r} ({type(value).__name__})")
-
-
-def launch_programmatic(fn: Any, grid: tuple[int, int, int], block: int, args: tuple, device_index: int,
-                        shared_mem: int = 0) -> None:
-    """Launches ``fn`` on torch's current stream with programmatic stream serialization: it may
-    start while the previous kernel on the stream is still running, and must itself wait
-    (``grid_dependency_wait``) before reading that kernel's results. Capturable in CUDA graphs."""
-    from cuda.bindings import driver
-
-    values = [_ctypes_argument(v) for v in args]
-    pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
-    attribute = driver.CUlaunchAttribute()
-    attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-    attribute.value.programmaticStreamSerializationAllowed = 1
-    config = driver.CUlaunchConfig()
-    config.gridDimX, config.gridDimY, config.gridDimZ = grid
-    config.blockDimX, config.blockDimY, config.blockDimZ = block, 1, 1
-    config.sharedMemBytes = shared_mem
-    config.hStream = driver.CUstream(torch._C._cuda_getCurrentRawStream(device_index))
-    config.attrs = [attribute]
-    config.numAttrs = 1
-    cp = _cupy()
-    with cp.cuda.Device(device_index):
-        function = driver.CUfunction(fn.kernel.ptr)
-        (err,) = driver.cuLaunchKernelEx(config, function, ctypes.addressof(pointers), 0)
-    if err != driver.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"cuLaunchKernelEx failed: {err}")
 
 
 def precompile(device: torch.device | int | None = None) -> None:

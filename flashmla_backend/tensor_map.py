@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 from functools import lru_cache
 
-import numpy as np
 import torch
 
 from ._constants import PAGE_SIZE
@@ -33,7 +32,6 @@ def l2_promotion() -> int:
     (0-3: none, 64B, 128B, 256B) overrides it for an A/B experiment."""
     return settings().tma_l2_promotion
 
-TENSOR_MAP_DTYPE = np.dtype([("opaque", np.uint64, (16,))])
 
 
 @lru_cache(maxsize=1)
@@ -51,7 +49,7 @@ def _libcuda() -> ctypes.CDLL:
 
 
 def _encode(ptr: int, dtype: torch.dtype, dims: tuple[int, ...], strides_bytes: tuple[int, ...],
-            box: tuple[int, ...]) -> np.void:
+            box: tuple[int, ...]) -> bytes:
     rank = len(dims)
     raw = (ctypes.c_uint8 * 128)()
     c_dims = (ctypes.c_uint64 * rank)(*dims)
@@ -64,13 +62,13 @@ def _encode(ptr: int, dtype: torch.dtype, dims: tuple[int, ...], strides_bytes: 
     if err != 0:
         raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {err} "
                            f"(dims={dims}, strides={strides_bytes}, box={box})")
-    return np.frombuffer(bytes(raw), dtype=TENSOR_MAP_DTYPE)[0]
+    return bytes(raw)
 
 
-_cache: dict[tuple, np.void] = {}
+_cache: dict[tuple, bytes] = {}
 
 
-def kv_cache_tensor_map(k_cache: torch.Tensor, box_tokens: int = PAGE_SIZE) -> np.void:
+def kv_cache_tensor_map(k_cache: torch.Tensor, box_tokens: int = PAGE_SIZE) -> bytes:
     """Map over ``k_cache [num_pages, 64, h_k, 576]`` as the 4-D tensor
     (576 cols, h_k, 64 tokens, num_pages); one box is 64 cols x 1 head x ``box_tokens`` tokens
     x 1 page (a whole page, unless the decode version declares smaller boxes)."""

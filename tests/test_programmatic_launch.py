@@ -6,28 +6,14 @@ CUDA-graph replay."""
 
 from __future__ import annotations
 
-import ctypes
-
-import numpy as np
 import pytest
 import torch
 
 from conftest import requires_hopper
 from flashmla_backend.kernel_sources import combine_module, decode_module
-from flashmla_backend.runtime import _ctypes_argument, programmatic_launch_enabled
+from flashmla_backend.runtime import programmatic_launch_enabled
 from flashmla_backend.settings import PROGRAMMATIC_LAUNCH_ENV
 from flashmla_backend.testing import make_problem
-
-
-def test_arguments_keep_their_widths() -> None:
-    assert ctypes.sizeof(_ctypes_argument(np.int32(-3))) == 4 and _ctypes_argument(np.int32(-3)).value == -3
-    assert ctypes.sizeof(_ctypes_argument(np.int64(1 << 40))) == 8
-    assert ctypes.sizeof(_ctypes_argument(np.float32(0.5))) == 4 and _ctypes_argument(np.float32(0.5)).value == 0.5
-    pointer = 0x7F00_0000_1234
-    assert ctypes.sizeof(_ctypes_argument(pointer)) == 8 and _ctypes_argument(pointer).value == pointer
-    for bad in (1.5, True, "x", None):
-        with pytest.raises(TypeError, match="unsupported kernel argument"):
-            _ctypes_argument(bad)
 
 
 def test_switch_and_module_variant(monkeypatch: pytest.MonkeyPatch) -> None:
