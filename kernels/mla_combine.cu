@@ -61,14 +61,14 @@ mla_combine(const float* __restrict__ o_part, const float* __restrict__ lse_part
             float* __restrict__ lse, int s_q, int h_q, int h_k, int warps_per_row) {
     __shared__ float4 partial[COMBINE_WARPS][HEAD_DIM_V / 4];
     const int req = blockIdx.y;
-    const int first = num_splits[req], count = num_splits[req + 1] - first;
-    if (count <= 1) return;  // the same for the whole CTA
 #ifdef MLA_PROGRAMMATIC_LAUNCH
-    // Launched behind the decode with programmatic stream serialization: num_splits comes
-    // from the scheduler, which finished before the decode began; the partials come from the
-    // decode, which may still be running.
+    // Launched behind the decode with programmatic stream serialization: the partials come
+    // from the decode, which may still be running. Every CTA waits, the idle ones too, so that
+    // this grid never completes (and releases the stream's next kernel) before the decode has.
     grid_dependency_wait();
 #endif
+    const int first = num_splits[req], count = num_splits[req + 1] - first;
+    if (count <= 1) return;  // the same for the whole CTA
 
     const int group = h_q / h_k, rows = s_q * group;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
