@@ -9,10 +9,9 @@
 # A version as in versions.sh, peers included (peer:FA3-MLA needs the vLLM bundle).
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
-. "$(dirname "$0")/versions.sh"  # with_version, version_impl, version_kernel
+. "$(dirname "$0")/versions.sh"  # with_version, version_impl, version_kernel, find_ncu
 OUT=${OUT:-/tmp/out}/ncu; mkdir -p "$OUT"
-NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-[ -x "$NCU" ] || { echo "ncu not found"; exit 1; }
+NCU=$(find_ncu) || { echo "ncu not found"; exit 1; }
 "$NCU" --query-metrics > "$OUT/metric_names.txt" 2>&1
 python -c "import flashmla_backend as f; f.precompile()"
 # Only the candidates this ncu knows (an unknown name fails the whole run).

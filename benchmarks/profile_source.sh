@@ -8,10 +8,9 @@
 # 128,1,128.
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
-. "$(dirname "$0")/versions.sh"  # with_version, version_impl, version_kernel
+. "$(dirname "$0")/versions.sh"  # with_version, version_impl, version_kernel, find_ncu
 OUT=${OUT:-/tmp/out}/source; mkdir -p "$OUT"
-NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-[ -x "$NCU" ] || { echo "ncu not found"; exit 1; }
+NCU=$(find_ncu) || { echo "ncu not found"; exit 1; }
 version=${1:-shipped}; shift || true
 [ $# -gt 0 ] || set -- "128 1 16 4096" "128 1 128 4096"
 python -c "import flashmla_backend as f; f.precompile()"

@@ -1,4 +1,5 @@
-# Sourced by ab_session.sh, profile_ncu.sh and profile_source.sh: what a VERSION argument means.
+# Sourced by ab_session.sh, profile_ncu.sh and profile_source.sh: what a VERSION argument means,
+# and where the Nsight Compute CLI is.
 # A version is `shipped` or a kernel_versions/ stem, optionally with knobs, NAME+KEY=VALUE[+...]:
 # -DKEY=VALUE for the source, or an environment variable for a FLASHMLA_BACKEND_* key; or, for
 # the profilers, peer:FA3-MLA / peer:FlashMLA (that peer's decode, from the vLLM bundle). A stem
@@ -35,4 +36,11 @@ version_kernel() {
   peer:FlashMLA) echo regex:splitkv_mla ;;
   *) echo regex:^mla_decode ;;
   esac
+}
+
+# find_ncu: the Nsight Compute CLI of this machine (PATH, then the usual install folders).
+find_ncu() {
+  local ncu
+  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+  [ -x "$ncu" ] && echo "$ncu"
 }

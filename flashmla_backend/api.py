@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 
 from ._constants import (
@@ -43,7 +44,6 @@ class _CallKernels:
     """The loaded decode and combine of one (GPU, dtype) under one set of settings."""
 
     settings: Settings
-    programmatic: bool
     decode: int  # CUfunction handles
     contract: DecodeLaunchContract
     decode_signature: KernelSignature
@@ -62,8 +62,7 @@ def _call_kernels(index: int, dtype: torch.dtype) -> _CallKernels:
     programmatic = current.programmatic_launch
     module = decode_module(dtype, programmatic)
     contract = decode_launch_contract(module)
-    cached = _CallKernels(current, programmatic, get_kernel(module, "mla_decode", index), contract,
-                          decode_signature(contract),
+    cached = _CallKernels(current, get_kernel(module, "mla_decode", index), contract, decode_signature(contract),
                           get_kernel(combine_module(dtype, programmatic), "mla_combine", index))
     _call_kernels_cache[(index, dtype)] = cached
     return cached
@@ -253,7 +252,7 @@ def flash_mla_with_kvcache(
     launch_kernel(kernels.combine, COMBINE_SIGNATURE, (-(-shape.h_k * rows // rows_per_cta), shape.batch, 1),
                   COMBINE_WARPS * 32, (o_part.data_ptr(), lse_part.data_ptr(), num_splits.data_ptr(), out.data_ptr(),
                                        lse.data_ptr(), shape.s_q, shape.h_q, shape.h_k, warps_per_row),
-                  index, programmatic=kernels.programmatic)
+                  index, programmatic=kernels.settings.programmatic_launch)
     return out, lse
 
 

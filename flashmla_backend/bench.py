@@ -84,7 +84,7 @@ def flops_and_bytes(p: DecodeProblem) -> tuple[float, float]:
 class Timer:
     """CUDA-event timing after an L2 flush. A GPU sleep after the flush keeps the CPU ahead of
     the GPU, so each interval is GPU time even for a call whose host cost (Python, launches)
-    approaches the flush's duration; `host_us` measures that host cost separately."""
+    approaches the flush's duration; ``host_us`` measures that host cost separately."""
 
     def __init__(self, iters: int, warmup: int = 5, flush_bytes: int = 1 << 30,
                  headroom_cycles: int = 200_000) -> None:
@@ -105,14 +105,11 @@ class Timer:
         torch.cuda.synchronize()
         return 1000.0 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
-    def host_us(self, fn: Callable[[], object], calls: int = 50) -> float:
-        """Host time per call (µs): what an eager (no CUDA graph) caller pays on the CPU."""
-        return host_us(fn, calls, self.warmup)
 
 
 def host_us(fn: Callable[[], object], calls: int = 50, warmup: int = 5) -> float:
     """Host µs per call of ``fn``: ``calls`` back-to-back calls enqueued while the GPU sleeps,
-    so that none waits on the GPU."""
+    so that none waits on the GPU: what an eager (no CUDA graph) caller pays on the CPU."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -267,7 +264,7 @@ def run_case(case: Case, timer: Timer, peers: dict, check: bool) -> Result:
         flash_mla_with_kvcache(p.q, p.k_cache, p.block_table, p.cache_seqlens, HEAD_V, m, n,
                                softmax_scale=scale, causal=True)
     res.whole_call_us = timer.median_us(whole_call)
-    res.whole_call_host_us = timer.host_us(whole_call)
+    res.whole_call_host_us = host_us(whole_call, warmup=timer.warmup)
     return res
 
 

@@ -17,7 +17,6 @@ import torch
 
 from ._constants import DECODE_SMEM_BYTES, MAX_BATCH
 from .kernel_sources import KernelModule, all_modules, assembled_source
-from .settings import settings
 
 os.environ.setdefault("CUPY_CACHE_DIR", str(Path.home() / ".cache" / "flashmla_backend" / "cupy"))
 
@@ -96,12 +95,6 @@ def get_kernel(module: KernelModule, name: str, device_index: int) -> int:
         get_function(module, name, device_index)
         handle = _handles[key]
     return handle
-
-
-def programmatic_launch_enabled() -> bool:
-    """Whether ``FLASHMLA_BACKEND_PDL=1`` asks for programmatic dependent launches of the
-    combine (an experiment, off by default: benchmarks/NOTES.md)."""
-    return settings().programmatic_launch
 
 
 def precompile(device: torch.device | int | None = None) -> None:

@@ -7,7 +7,6 @@ to test the kernel.
 
 from __future__ import annotations
 
-
 import torch
 
 from ._constants import (

@@ -60,40 +60,15 @@ def _kv_producer() -> str:
     return value
 
 
-def _max_sm_parts() -> int | None:
-    cap = os.environ.get("FLASHMLA_BACKEND_MAX_SM_PARTS", "")
-    if not cap:
-        return None
-    if not cap.isdigit() or int(cap) < 1:
-        raise ValueError(f"FLASHMLA_BACKEND_MAX_SM_PARTS: expected a positive integer, got {cap!r}")
-    return int(cap)
-
-
-def _split_overhead_pages() -> int:
-    raw = os.environ.get("FLASHMLA_BACKEND_SPLIT_OVERHEAD", "")
+def _int(variable: str, default: int | None, low: int, high: int | None = None) -> int | None:
+    """The integer in ``variable`` (``default`` when unset or empty), within [low, high]."""
+    raw = os.environ.get(variable, "")
     if not raw:
-        return SPLIT_OVERHEAD_PAGES
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"FLASHMLA_BACKEND_SPLIT_OVERHEAD: expected an integer >= 1, got {raw!r}")
+        return default
+    if not raw.isdigit() or int(raw) < low or (high is not None and int(raw) > high):
+        bound = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{variable}: expected an integer {bound}, got {raw!r}")
     return int(raw)
-
-
-def _no_split_slack() -> int:
-    raw = os.environ.get("FLASHMLA_BACKEND_NO_SPLIT_SLACK", "")
-    if not raw:
-        return NO_SPLIT_SLACK_16THS
-    if not raw.isdigit() or int(raw) > 16:
-        raise ValueError(f"FLASHMLA_BACKEND_NO_SPLIT_SLACK: expected an integer from 0 to 16, got {raw!r}")
-    return int(raw)
-
-
-def _tma_l2_promotion() -> int:
-    value = os.environ.get("FLASHMLA_BACKEND_TMA_L2_PROMOTION", "")
-    if value == "":
-        return L2_PROMOTION_256B
-    if value not in ("0", "1", "2", "3"):
-        raise ValueError(f"FLASHMLA_BACKEND_TMA_L2_PROMOTION: expected 0-3, got {value!r}")
-    return int(value)
 
 
 def read_settings() -> Settings:
@@ -105,10 +80,10 @@ def read_settings() -> Settings:
         combine_defines=_defines("FLASHMLA_BACKEND_COMBINE_DEFINES"),
         kv_producer=_kv_producer(),
         programmatic_launch=os.environ.get(PROGRAMMATIC_LAUNCH_ENV, "0") == "1",
-        max_sm_parts=_max_sm_parts(),
-        split_overhead_pages=_split_overhead_pages(),
-        no_split_slack=_no_split_slack(),
-        tma_l2_promotion=_tma_l2_promotion(),
+        max_sm_parts=_int("FLASHMLA_BACKEND_MAX_SM_PARTS", None, 1),
+        split_overhead_pages=_int("FLASHMLA_BACKEND_SPLIT_OVERHEAD", SPLIT_OVERHEAD_PAGES, 1),
+        no_split_slack=_int("FLASHMLA_BACKEND_NO_SPLIT_SLACK", NO_SPLIT_SLACK_16THS, 0, 16),
+        tma_l2_promotion=_int("FLASHMLA_BACKEND_TMA_L2_PROMOTION", L2_PROMOTION_256B, 0, 3),
         check_contents=os.environ.get("FLASHMLA_BACKEND_CHECK_CONTENTS", "1") != "0",
     )
 

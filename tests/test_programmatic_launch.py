@@ -11,16 +11,15 @@ import torch
 
 from conftest import requires_hopper
 from flashmla_backend.kernel_sources import combine_module, decode_module
-from flashmla_backend.runtime import programmatic_launch_enabled
-from flashmla_backend.settings import PROGRAMMATIC_LAUNCH_ENV
+from flashmla_backend.settings import PROGRAMMATIC_LAUNCH_ENV, settings
 from flashmla_backend.testing import make_problem
 
 
 def test_switch_and_module_variant(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(PROGRAMMATIC_LAUNCH_ENV, raising=False)
-    assert not programmatic_launch_enabled()
+    assert not settings().programmatic_launch
     monkeypatch.setenv(PROGRAMMATIC_LAUNCH_ENV, "1")
-    assert programmatic_launch_enabled()
+    assert settings().programmatic_launch
     assert "-DMLA_PROGRAMMATIC_LAUNCH" in combine_module(torch.bfloat16, programmatic=True).options
     assert "-DMLA_PROGRAMMATIC_LAUNCH" not in combine_module(torch.bfloat16).options
     assert "-DMLA_PROGRAMMATIC_LAUNCH" in decode_module(torch.float16, programmatic=True).options
