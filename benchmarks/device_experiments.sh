@@ -19,6 +19,13 @@
 #             parts' page counts (~1.5 min)
 #   host:     where an eager call's host time goes: host µs of the scheduler and decode calls and
 #             a cProfile of the whole call, latency rows (benchmarks/host_profile.py; ~20 s)
+#   pdl:      programmatic dependent launch (FLASHMLA_BACKEND_PDL=1: decode behind the scheduler,
+#             combine behind the decode): reference check, timing-only A/B against the default (~2 min)
+#   softmax:  v26's softmax knobs: a row's max kept until a page raises it by more than 8 (log2),
+#             and 2 or 4 of every 8 exponentials by polynomial on the FMA pipe: reference checks,
+#             timing-only A/B (~4 min)
+#   v27:      query-block pairs sharing each page by TMA multicast: how many pairs fit at once,
+#             then benchmarks/ab_session.sh (check, A/B, sanitizers, GPU unit tests; ~5 min)
 #   verify:   the shipped decode: reference check with each KV producer forced, the four
 #             sanitizers with the cp.async producer forced, GPU unit tests (~4 min)
 #   combine:  the combine with 1, 4 (shipped) and 8 partial rows in flight per warp, ours only,
@@ -94,6 +101,29 @@ for experiment in ${@:-verify}; do
     run host
     timeout 120 python benchmarks/host_profile.py > "$ROOT_OUT/host/host_profile.log" 2>&1
     grep -E "^##|tottime" -A12 "$ROOT_OUT/host/host_profile.log" | head -60 ;;
+  pdl)
+    run pdl
+    FLASHMLA_BACKEND_PDL=1 timeout 120 python benchmarks/check_decode_version.py --max-rows 512 \
+      > "$ROOT_OUT/pdl/check_pdl.log" 2>&1
+    echo "== shipped with PDL, correctness (rc $?): $(tail -1 "$ROOT_OUT/pdl/check_pdl.log")"
+    OUT=$ROOT_OUT/pdl AB_TIMING_ONLY=1 timeout 300 bash benchmarks/ab_session.sh \
+      shipped+FLASHMLA_BACKEND_PDL=1 ;;
+  softmax)
+    run softmax
+    variants="shipped+RESCALE_THRESHOLD_LOG2=8.f shipped+RESCALE_THRESHOLD_LOG2=8.f+EXP2_ON_FMA_PER_8=2
+      shipped+RESCALE_THRESHOLD_LOG2=8.f+EXP2_ON_FMA_PER_8=4 shipped+EXP2_ON_FMA_PER_8=4"
+    . benchmarks/versions.sh
+    for version in $variants; do
+      with_version "$version" timeout 120 python benchmarks/check_decode_version.py --max-rows 512 \
+        > "$ROOT_OUT/softmax/${version//[+=]/_}.check" 2>&1
+      echo "== $version correctness (rc $?): $(tail -1 "$ROOT_OUT/softmax/${version//[+=]/_}.check")"
+    done
+    OUT=$ROOT_OUT/softmax AB_TIMING_ONLY=1 timeout 400 bash benchmarks/ab_session.sh $variants ;;
+  v27)
+    run v27
+    FLASHMLA_BACKEND_DECODE_FILE=$PWD/benchmarks/kernel_versions/mla_decode_v27_pair_multicast.cu \
+      timeout 60 python benchmarks/cluster_occupancy.py 2>&1 | tail -4
+    OUT=$ROOT_OUT/v27 timeout 560 bash benchmarks/ab_session.sh mla_decode_v27_pair_multicast ;;
   verify)
     run verify
     for producer in tma cp_async; do

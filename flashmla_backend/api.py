@@ -240,13 +240,20 @@ def flash_mla_with_kvcache(
             q_strides[2], block_table.data_ptr(), block_table.stride(0),
             cache_seqlens.data_ptr(), tile_scheduler_metadata.data_ptr(), num_splits.data_ptr(),
             out.data_ptr(), lse.data_ptr(), o_part.data_ptr(), lse_part.data_ptr(),
-            shape.s_q, shape.h_q, shape.h_k, int(causal), scale * _LOG2E, int(m_blocks == 1))
+            shape.s_q, shape.h_q, shape.h_k, int(causal), scale * _LOG2E)
+    cp_async = contract.selects_kv_producer and load_by_cp_async(index, m_blocks)
+    # Query blocks that share each page by TMA multicast, when the source can.
+    cluster = contract.query_block_cluster
+    if cp_async or m_blocks % cluster:
+        cluster = 1
+    args += (int(m_blocks // cluster == 1),)  # kv_evict_first: each page leaves L2 once
     if contract.takes_kv_pointer:
         args += (k_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1))
     if contract.selects_kv_producer:
-        args += (int(load_by_cp_async(index, m_blocks)),)
+        args += (int(cp_async),)
     launch_kernel(kernels.decode, kernels.decode_signature, (m_blocks, shape.h_k, parts), DECODE_THREADS, args,
-                  index, shared_mem=DECODE_SMEM_BYTES)
+                  index, shared_mem=DECODE_SMEM_BYTES, programmatic=kernels.settings.programmatic_launch,
+                  cluster_x=cluster)
     warps_per_row = _combine_warps_per_row(shape.batch, parts)
     rows_per_cta = COMBINE_WARPS // warps_per_row
     launch_kernel(kernels.combine, COMBINE_SIGNATURE, (-(-shape.h_k * rows // rows_per_cta), shape.batch, 1),

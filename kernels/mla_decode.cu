@@ -21,6 +21,17 @@
 #include "mla_decode_shared.cuh"
 
 constexpr int KV_STAGES = 2;
+
+// Softmax knobs (A/B by -D; the defaults are what ships, NOTES.md "v26").
+#ifndef RESCALE_THRESHOLD_LOG2
+#define RESCALE_THRESHOLD_LOG2 0.f  // keep a row's running max until a page raises it by more
+#endif
+#ifndef EXP2_ON_FMA_PER_8
+#define EXP2_ON_FMA_PER_8 0         // of every 8 exponentials, this many by polynomial on the FMA pipe
+#endif
+constexpr float RESCALE_THRESHOLD = RESCALE_THRESHOLD_LOG2;
+constexpr int EXP2_ON_FMA = EXP2_ON_FMA_PER_8;
+static_assert(EXP2_ON_FMA >= 0 && EXP2_ON_FMA <= 8, "EXP2_ON_FMA_PER_8 must be in 0..8");
 constexpr int SOFTMAX_WG_REGS = 240;
 constexpr int PV_WG_REGS = 224;
 constexpr int PRODUCER_WG_REGS = 40;
@@ -198,7 +209,9 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
                 named_barrier_sync(BAR_WG0, WG_THREADS);  // every thread's zeroes, before the P V wgmma
             }
 
-            // Online softmax in the log2 domain; row sums stay per-thread until the end.
+            // Online softmax in the log2 domain; row sums stay per-thread until the end. A row's
+            // max moves only when a page raises it by more than RESCALE_THRESHOLD (P then stays
+            // below 2^threshold), so that most pages leave alpha = 1 and skip the rescale of O.
             float alpha[2];
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
@@ -208,15 +221,18 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
                     if (((i >> 1) & 1) == half) mx = fmaxf(mx, s[i]);
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(row_max[half], mx * a.scale_log2);
+                const float page_max = mx * a.scale_log2;
+                const bool raise = page_max > row_max[half] + RESCALE_THRESHOLD;
+                const float m_new = raise ? page_max : row_max[half];
                 const float m_use = m_new == NEG_INF ? 0.f : m_new;
-                alpha[half] = exp2f(row_max[half] - m_use);
+                alpha[half] = raise ? exp2f(row_max[half] - m_use) : 1.f;
                 row_max[half] = m_new;
                 float sum = 0.f;
 #pragma unroll
                 for (int i = 0; i < 32; ++i)
                     if (((i >> 1) & 1) == half) {
-                        s[i] = exp2f(s[i] * a.scale_log2 - m_use);
+                        const float x = s[i] * a.scale_log2 - m_use;
+                        s[i] = (i % 8) < EXP2_ON_FMA ? exp2_on_fma_pipe(x) : exp2f(x);
                         sum += s[i];
                     }
                 row_sum[half] = row_sum[half] * alpha[half] + sum;
@@ -231,7 +247,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
                 for (int half = 0; half < 2; ++half)
                     p[2 * n + half] = pack_half2(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]);
 
-            rescale_rows(o, alpha[0], alpha[1]);
+            rescale_rows_if_needed(o, alpha[0], alpha[1]);
             wgmma_fence();
 #pragma unroll
             for (int k = 0; k < PAGE_SIZE / K_STEP; ++k)
@@ -301,7 +317,7 @@ DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
         for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
             const int stage = it % KV_STAGES;
             mbarrier_wait(sm.handoff_bar(HB_P_READY + stage), (it / KV_STAGES) & 1);
-            rescale_rows(o, sm.row_scale(stage)[row0], sm.row_scale(stage)[row0 + 8]);
+            rescale_rows_if_needed(o, sm.row_scale(stage)[row0], sm.row_scale(stage)[row0 + 8]);
             pv_gemm(o, smem_addr(sm.p(stage)), smem_addr(sm.kv(stage)) + RIGHT_HALF_BYTES);
             mbarrier_arrive(&sm.empty_bar()[stage]);
         }
@@ -343,6 +359,10 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
                                       scale_log2, kv_evict_first);
 #ifdef MLA_PROGRAMMATIC_LAUNCH
     allow_dependent_launch();  // the combine may take idle SMs and wait there for this grid
+    // Launched programmatically behind the stream's previous kernel (the scheduler, or whatever
+    // wrote q, the cache or the block table): this CTA's launch and setup overlapped its tail;
+    // every global read comes after this wait.
+    grid_dependency_wait();
 #endif
     a.work = load_part(metadata, blockIdx.z);
     if (a.work.end_req < a.work.begin_req) return;  // idle part

@@ -127,6 +127,29 @@ DEVICE void rescale_rows(float (&o)[128], float alpha0, float alpha1) {
     for (int i = 0; i < 128; ++i) o[i] *= ((i >> 1) & 1) ? alpha1 : alpha0;
 }
 
+// Skips the 128 multiplies when neither of this thread's rows changed its max (a branch, not
+// predication: a warp runs them only if one of its threads needs them).
+DEVICE void rescale_rows_if_needed(float (&o)[128], float alpha0, float alpha1) {
+    if (alpha0 != 1.f || alpha1 != 1.f) rescale_rows(o, alpha0, alpha1);
+}
+
+// 2^x for x <= ~16 by a degree-3 polynomial on the FMA pipe (relative error 7.5e-5, below
+// bf16's and fp16's rounding), to share the softmax's exponentials between the FMA pipe and
+// the MUFU unit, which issues one warp-wide ex2 per 8 cycles (FlashAttention-4 does the same).
+// round(x) is taken by the 1.5 * 2^23 trick: it lands in the low mantissa bits of `shifted`,
+// and shifting those into the exponent field scales the polynomial of the fraction.
+DEVICE float exp2_on_fma_pipe(float x) {
+    constexpr float ROUND_MAGIC = 12582912.f;  // 1.5 * 2^23
+    constexpr float C0 = 0.99992812f, C1 = 0.69326097f, C2 = 0.24261053f, C3 = 0.05517131f;
+    x = fmaxf(x, -126.f);  // the result's exponent field stays >= 0 (flushed to zero below 2^-126)
+    const float shifted = x + ROUND_MAGIC;
+    const float frac = x - (shifted - ROUND_MAGIC);  // in [-0.5, 0.5]
+    float p = fmaf(frac, C3, C2);
+    p = fmaf(p, frac, C1);
+    p = fmaf(p, frac, C0);
+    return __int_as_float(__float_as_int(p) + (__float_as_int(shifted) << 23));
+}
+
 // O[:, col_base:col_base+256] += P V for one page.
 DEVICE void pv_gemm(float (&o)[128], uint32_t p_addr, uint32_t v_addr) {
     wgmma_fence();

@@ -66,6 +66,9 @@ mla_schedule(const int* __restrict__ seqlens, int batch, int num_parts, int over
     extern __shared__ int start[];
     __shared__ int warp_sums[32];
     __shared__ int max_cost;
+    // A decode launched programmatically behind this kernel may start its CTAs now; they wait
+    // for this grid's results in grid_dependency_wait. A no-op for an ordinary launch.
+    allow_dependent_launch();
     if (threadIdx.x == 0) max_cost = 0;
     __syncthreads();
 
