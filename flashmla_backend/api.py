@@ -117,6 +117,14 @@ def get_mla_metadata(
     return metadata, num_splits
 
 
+def query_block_cluster(source_max: int, m_blocks: int) -> int:
+    """Query blocks per thread-block cluster of a decode launch (they share each page by TMA
+    multicast): the largest of 4, 2 and 1 that divides ``m_blocks`` and is at most both what the
+    source supports (``source_max``) and ``FLASHMLA_BACKEND_MAX_CLUSTER``."""
+    limit = min(source_max, settings().max_cluster)
+    return next(n for n in (4, 2, 1) if n <= limit and m_blocks % n == 0)
+
+
 def _combine_warps_per_row(batch: int, parts: int) -> int:
     """Warps merging one output row: a request has about ``parts / batch`` splits, so small
     batches get up to 8 warps per row and large ones 1."""
@@ -242,10 +250,7 @@ def flash_mla_with_kvcache(
             out.data_ptr(), lse.data_ptr(), o_part.data_ptr(), lse_part.data_ptr(),
             shape.s_q, shape.h_q, shape.h_k, int(causal), scale * _LOG2E)
     cp_async = contract.selects_kv_producer and load_by_cp_async(index, m_blocks)
-    # Query blocks that share each page by TMA multicast, when the source can.
-    cluster = contract.query_block_cluster
-    if cp_async or m_blocks % cluster:
-        cluster = 1
+    cluster = 1 if cp_async else query_block_cluster(contract.query_block_cluster, m_blocks)
     args += (int(m_blocks // cluster == 1),)  # kv_evict_first: each page leaves L2 once
     if contract.takes_kv_pointer:
         args += (k_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1))

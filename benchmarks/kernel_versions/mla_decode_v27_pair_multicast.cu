@@ -1,10 +1,10 @@
-// v27: the shipped decode (v25) with query-block pairs. Where a KV head has an even number of
-// 64-row query blocks (h_q = 128: two per query token), the API launches clusters of two CTAs
-// along the query-block axis; the pair reads the same pages, so each producer loads every
-// other 64-column chunk of a page by TMA multicast into both CTAs' ring: each page leaves L2
-// once per pair instead of once per CTA. A stage is refilled only when both CTAs have released
-// it (each consumer warp also arrives on the peer's empty barrier). Unpaired launches run the
-// v25 code path. NOTES.md "v27".
+// v27: the shipped decode (v25) with query blocks that share pages. Where a KV head has 2 or 4
+// 64-row query blocks (h_q = 128: two per query token), the API launches clusters of 2 or 4
+// CTAs along the query-block axis; they read the same pages, so the producer of the CTA of
+// rank r loads the 64-column chunks c with c % n == r by TMA multicast into every CTA's ring:
+// each page leaves L2 once per cluster instead of once per CTA. A stage is refilled only when
+// every CTA has released it (each consumer warp also arrives on the others' empty barriers).
+// Launches without a cluster run the v25 code path. NOTES.md "v27".
 //
 // Split-KV MLA decode for Hopper (sm_90a): one CTA per (64-row query block, KV head,
 // scheduler part). The part's share of (request, page range) pieces comes from
@@ -55,9 +55,9 @@ static_assert(WG_THREADS * (SOFTMAX_WG_REGS + PV_WG_REGS + PRODUCER_WG_REGS) <=
 // The API passes the cache pointer, its page and token strides and the choice (literals it reads).
 constexpr bool TAKES_KV_POINTER = true;
 constexpr bool SELECTS_KV_PRODUCER = true;
-// Query blocks the API may cluster (it does when m_blocks is even and the producer is TMA); the
-// kernel reads its cluster's size at run time.
-constexpr int QUERY_BLOCK_CLUSTER = 2;
+// The most query blocks the API may cluster (it clusters 4 or 2 that divide m_blocks, with the
+// TMA producer); the kernel reads its cluster's size at run time.
+constexpr int QUERY_BLOCK_CLUSTER = 4;
 constexpr int CONSUMER_WARPS = CONSUMER_THREADS / 32;
 
 // Hand-off mbarriers between the math warpgroups (index into SharedTiles::handoff_bar()).
@@ -86,8 +86,9 @@ static_assert(DECODE_SMEM_BYTES <= MLA_LAUNCH_SMEM_BYTES, "the launch reserves l
 
 struct SharedTiles {
     uint8_t* base;
-    bool paired;    // this CTA is one of a cluster of two query blocks
-    uint32_t peer;  // the other CTA's rank in the cluster
+    uint32_t ctas;  // CTAs (query blocks) in this CTA's cluster: 1, 2 or 4
+    uint32_t rank;  // this CTA's rank in it
+    DEVICE bool shared_pages() const { return ctas > 1; }
     DEVICE uint8_t* q() const { return base + SMEM_Q; }
     DEVICE uint8_t* kv(int stage) const { return base + SMEM_KV + stage * TILE_BYTES; }
     DEVICE uint8_t* p(int stage) const { return kv(stage) + ROPE_CHUNK * CHUNK_BYTES; }
@@ -118,7 +119,7 @@ DEVICE void for_each_ring_page(const DecodeArgs& a, const SharedTiles& sm, FillS
             // Issued before the wait, used after the next one: its latency hides behind them.
             const int next_page_id = page + 1 < piece.page_end ? pages[page + 1] : 0;
             const int stage = it % KV_STAGES;
-            // Acquire at cluster scope: a paired stage is also released by the peer's consumers.
+            // Acquire at cluster scope: a shared stage is also released by the other CTAs' consumers.
             mbarrier_wait_cluster(&sm.empty_bar()[stage], ((it / KV_STAGES) & 1) ^ 1);
             fill_stage(stage, page_id);
             page_id = next_page_id;
@@ -126,34 +127,35 @@ DEVICE void for_each_ring_page(const DecodeArgs& a, const SharedTiles& sm, FillS
     }
 }
 
-// TMA producer: one thread streams every page of every piece through the KV ring. Paired, it
-// loads the chunks c with c % 2 == its rank into both CTAs, and its own full barrier counts the
-// whole page (its chunks and the peer's).
+// TMA producer: one thread streams every page of every piece through the KV ring. In a cluster,
+// it loads the chunks c with c % ctas == its rank into every CTA, and its own full barrier
+// counts the whole page (its chunks and the others').
 DEVICE void run_tma_producer(const DecodeArgs& a, const SharedTiles& sm) {
     // One query block (or pair) streams each page once; several re-read it from L2.
     const uint64_t policy = a.kv_evict_first ? l2_policy_evict_first() : l2_policy_evict_last();
-    const uint32_t rank = sm.peer ^ 1u;
+    const uint16_t all_ctas = (1u << sm.ctas) - 1;
     for_each_ring_page(a, sm, [&](int stage, int page_id) {
         mbarrier_arrive_expect_tx(&sm.full_bar()[stage], TILE_BYTES);
 #pragma unroll
         for (int c = 0; c < QK_CHUNKS; ++c) {
-            if (!sm.paired)
+            if (!sm.shared_pages())
                 tma_load_4d(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, &sm.full_bar()[stage],
                             c * CHUNK_COLS, a.kh, 0, page_id, policy);
-            else if (c % 2 == (int)rank)
+            else if (c % sm.ctas == sm.rank)
                 tma_load_4d_multicast(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, &sm.full_bar()[stage],
-                                      c * CHUNK_COLS, a.kh, 0, page_id, 0b11, policy);
+                                      c * CHUNK_COLS, a.kh, 0, page_id, all_ctas, policy);
         }
     });
 }
 
-// A consumer thread is done with a stage: it arrives on its CTA's empty barrier and, paired,
-// its warp arrives once on the peer's (whose producer also writes this CTA's stage).
+// A consumer thread is done with a stage: it arrives on its CTA's empty barrier and, in a
+// cluster, its warp arrives once on each other CTA's (whose producers also write this stage):
+// lane i signals the CTA of rank (rank + 1 + i) % ctas.
 DEVICE void release_stage(const SharedTiles& sm, int stage, int lane) {
     mbarrier_arrive(&sm.empty_bar()[stage]);
-    if (sm.paired) {
+    if (sm.shared_pages()) {
         __syncwarp();
-        if (lane == 0) mbarrier_arrive_remote(&sm.empty_bar()[stage], sm.peer);
+        if (lane < (int)sm.ctas - 1) mbarrier_arrive_remote(&sm.empty_bar()[stage], (sm.rank + 1 + lane) % sm.ctas);
     }
 }
 
@@ -386,7 +388,7 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     extern __shared__ uint8_t smem_raw[];
     const SharedTiles sm{reinterpret_cast<uint8_t*>(
         (reinterpret_cast<size_t>(smem_raw) + SMEM_ALIGN - 1) & ~size_t(SMEM_ALIGN - 1)),
-                         cluster_nctarank() == 2, cluster_ctarank() ^ 1u};
+                         cluster_nctarank(), cluster_ctarank()};
 
     DecodeArgs a = gather_decode_args(&kv_map, q, q_stride_b, q_stride_s, q_stride_h, block_table, bt_stride,
                                       seqlens, num_splits, out, lse, o_part, lse_part, s_q, h_q, h_k, causal,
@@ -406,15 +408,16 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
         for (int s = 0; s < KV_STAGES; ++s) {
             // cp.async: one arrival per producer thread; TMA: the issuing thread's expect_tx.
             mbarrier_init(&sm.full_bar()[s], load_by_cp_async ? WG_THREADS : 1);
-            mbarrier_init(&sm.empty_bar()[s], CONSUMER_THREADS + (sm.paired ? CONSUMER_WARPS : 0));
+            mbarrier_init(&sm.empty_bar()[s], CONSUMER_THREADS + (sm.ctas - 1) * CONSUMER_WARPS);
         }
         mbarrier_init(sm.handoff_bar(HB_Q_READY), CONSUMER_THREADS);
         for (int s = 0; s < KV_STAGES; ++s) mbarrier_init(sm.handoff_bar(HB_P_READY + s), WG_THREADS);
         mbarrier_init(sm.handoff_bar(HB_STATS), WG_THREADS);
         fence_barrier_init();
     }
-    // Paired, the peer's TMA and consumers use this CTA's barriers: both are initialised first.
-    if (sm.paired)
+    // In a cluster, the other CTAs' TMA and consumers use this CTA's barriers: all are
+    // initialised first.
+    if (sm.shared_pages())
         cluster_sync();
     else
         __syncthreads();
@@ -422,7 +425,7 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     const int wg = tid / WG_THREADS;
     if (wg == 2) {
         setmaxnreg_dec_40();
-        if (load_by_cp_async && !sm.paired)  // the API never pairs cp.async launches
+        if (load_by_cp_async && !sm.shared_pages())  // the API never clusters cp.async launches
             run_cp_async_producer(a, sm, k_cache, kv_page_stride, kv_token_stride, tid - 2 * WG_THREADS);
         else if (tid == 2 * WG_THREADS)
             run_tma_producer(a, sm);
@@ -433,6 +436,6 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
         setmaxnreg_inc_224();
         run_pv_wg(a, sm, tid - WG_THREADS);
     }
-    // Paired, no CTA exits while the peer may still arrive on its barriers.
-    if (sm.paired) cluster_sync();
+    // In a cluster, no CTA exits while the others may still arrive on its barriers.
+    if (sm.shared_pages()) cluster_sync();
 }
