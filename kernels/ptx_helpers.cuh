@@ -88,7 +88,9 @@ DEVICE uint32_t cluster_nctarank() {
 }
 
 // Every thread of every CTA of the cluster: what each did before is visible to all after.
+// The barrier is .aligned: the warp reconverges first (a role branch may have split it).
 DEVICE void cluster_sync() {
+    __syncwarp();
     asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
 
