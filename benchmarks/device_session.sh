@@ -57,7 +57,7 @@ unit)
 kernels)
   # Side-by-side table (shipped kernel + peers); then, on the same GPU, ours alone with the
   # scheduler's no-split rule off (its A/B); then archived versions from VERSIONS (default none),
-  # each first through check_decode_version.py; with WITH_PDL=1, the combine launched by PDL.
+  # each first through check_decode_version.py; with WITH_PLAIN=1, plain launches (PDL off).
   CUDA_VISIBLE_DEVICES=0 timeout 300 python -m flashmla_backend.bench --out "$OUT/bench" "$@" \
     2> "$OUT/bench.err" > "$OUT/bench.md"
   ours_only() {  # ours_only LABEL ROWS [ENV=VALUE...]
@@ -74,7 +74,7 @@ kernels)
     echo "== $name correctness: $(tail -1 "$OUT/$name.check")"
     ours_only "$name" "" FLASHMLA_BACKEND_DECODE_FILE="$file"
   done
-  [ "${WITH_PDL:-0}" = 1 ] && ours_only pdl "" FLASHMLA_BACKEND_PDL=1
+  [ "${WITH_PLAIN:-0}" = 1 ] && ours_only plain "" FLASHMLA_BACKEND_PDL=0
   cat "$OUT/bench.md"
   ;;
 sanitize)

@@ -1,8 +1,8 @@
-"""The programmatic dependent launch of the combine behind the decode (``FLASHMLA_BACKEND_PDL=1``,
-an experiment that is off by default: the decode variant triggers its dependents at once, the
-combine variant waits for the decode's results): argument marshalling and module variants on
-CPU; on a Hopper GPU, results equal to the reference for split-heavy shapes and under
-CUDA-graph replay."""
+"""Programmatic dependent launches (on by default; ``FLASHMLA_BACKEND_PDL=0`` turns them off):
+the decode behind the stream's previous kernel and the combine behind the decode, each waiting
+for its predecessor's results itself. Module variants on CPU; on a Hopper GPU, the plain
+launches (the rest of the GPU suite runs the default) equal to the reference for split-heavy
+shapes and under CUDA-graph replay."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from flashmla_backend.testing import make_problem
 
 def test_switch_and_module_variant(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(PROGRAMMATIC_LAUNCH_ENV, raising=False)
-    assert not settings().programmatic_launch
-    monkeypatch.setenv(PROGRAMMATIC_LAUNCH_ENV, "1")
     assert settings().programmatic_launch
+    monkeypatch.setenv(PROGRAMMATIC_LAUNCH_ENV, "0")
+    assert not settings().programmatic_launch
     assert "-DMLA_PROGRAMMATIC_LAUNCH" in combine_module(torch.bfloat16, programmatic=True).options
     assert "-DMLA_PROGRAMMATIC_LAUNCH" not in combine_module(torch.bfloat16).options
     assert "-DMLA_PROGRAMMATIC_LAUNCH" in decode_module(torch.float16, programmatic=True).options
@@ -32,17 +32,17 @@ def test_switch_and_module_variant(monkeypatch: pytest.MonkeyPatch) -> None:
     ([2048] * 8, 1, 128, torch.bfloat16),      # the b = 8 latency shape
     ([1, 0, 5000, 300], 2, 16, torch.float16),  # empty and short requests beside a split one
 ])
-def test_programmatic_combine_matches_reference(monkeypatch: pytest.MonkeyPatch, lengths: list[int], s_q: int,
+def test_plain_launches_match_reference(monkeypatch: pytest.MonkeyPatch, lengths: list[int], s_q: int,
                                                 h_q: int, dtype: torch.dtype) -> None:
     from test_gpu_decode import run_and_check
 
-    monkeypatch.setenv(PROGRAMMATIC_LAUNCH_ENV, "1")
+    monkeypatch.setenv(PROGRAMMATIC_LAUNCH_ENV, "0")
     run_and_check(make_problem(lengths, s_q, h_q, dtype=dtype, seed=len(lengths)), dtype)
 
 
 @requires_hopper
-def test_programmatic_combine_under_graph_replay(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plain_launches_under_graph_replay(monkeypatch: pytest.MonkeyPatch) -> None:
     from test_gpu_decode import test_cuda_graph_replay_with_new_lengths
 
-    monkeypatch.setenv(PROGRAMMATIC_LAUNCH_ENV, "1")
+    monkeypatch.setenv(PROGRAMMATIC_LAUNCH_ENV, "0")
     test_cuda_graph_replay_with_new_lengths()

@@ -25,13 +25,13 @@ def test_parsed_once_until_reload() -> None:
 def test_values_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_DEFINES", " -DA=1  -DB ")
     monkeypatch.setenv("FLASHMLA_BACKEND_COMBINE_FILE", "/tmp/x.cu")
-    monkeypatch.setenv("FLASHMLA_BACKEND_PDL", "1")
+    monkeypatch.setenv("FLASHMLA_BACKEND_PDL", "0")
     monkeypatch.setenv("FLASHMLA_BACKEND_MAX_SM_PARTS", "64")
     monkeypatch.setenv("FLASHMLA_BACKEND_SPLIT_OVERHEAD", "3")
     monkeypatch.setenv("FLASHMLA_BACKEND_CHECK_CONTENTS", "0")
     s = S.settings()
     assert s.decode_defines == ("-DA=1", "-DB") and s.combine_file == "/tmp/x.cu"
-    assert s.programmatic_launch and s.max_sm_parts == 64 and s.split_overhead_pages == 3
+    assert not s.programmatic_launch and s.max_sm_parts == 64 and s.split_overhead_pages == 3
     assert not s.check_contents
 
 
