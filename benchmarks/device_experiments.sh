@@ -25,9 +25,6 @@
 #   softmax:  v26's softmax knobs: 2 or 4 of every 8 exponentials by polynomial on the FMA
 #             pipe, with a row's max kept until a page raises it by more than 8 (log2), and 2
 #             without: reference checks, timing-only A/B (~4 min)
-#   v27:      query blocks sharing each page by TMA multicast (clusters of up to 4, and of 2):
-#             how many clusters fit at once, then benchmarks/ab_session.sh (check, A/B,
-#             sanitizers, GPU unit tests; ~6 min)
 #   verify:   the shipped decode: reference check with each KV producer forced, the four
 #             sanitizers with the cp.async producer forced, GPU unit tests (~4 min)
 #   combine:  the combine with 1, 4 (shipped) and 8 partial rows in flight per warp, ours only,
@@ -121,12 +118,6 @@ for experiment in ${@:-verify}; do
       echo "== $version correctness (rc $?): $(tail -1 "$ROOT_OUT/softmax/${version//[+=]/_}.check")"
     done
     OUT=$ROOT_OUT/softmax AB_TIMING_ONLY=1 timeout 400 bash benchmarks/ab_session.sh $variants ;;
-  v27)
-    run v27
-    FLASHMLA_BACKEND_DECODE_FILE=$PWD/benchmarks/kernel_versions/mla_decode_v27_pair_multicast.cu \
-      timeout 60 python benchmarks/cluster_occupancy.py 2>&1 | tail -4
-    OUT=$ROOT_OUT/v27 timeout 560 bash benchmarks/ab_session.sh mla_decode_v27_pair_multicast \
-      mla_decode_v27_pair_multicast+FLASHMLA_BACKEND_MAX_CLUSTER=2 ;;
   verify)
     run verify
     for producer in tma cp_async; do

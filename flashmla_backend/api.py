@@ -117,14 +117,6 @@ def get_mla_metadata(
     return metadata, num_splits
 
 
-def query_block_cluster(source_max: int, m_blocks: int) -> int:
-    """Query blocks per thread-block cluster of a decode launch (they share each page by TMA
-    multicast): the largest of 4, 2 and 1 that divides ``m_blocks`` and is at most both what the
-    source supports (``source_max``) and ``FLASHMLA_BACKEND_MAX_CLUSTER``."""
-    limit = min(source_max, settings().max_cluster)
-    return next(n for n in (4, 2, 1) if n <= limit and m_blocks % n == 0)
-
-
 def _combine_warps_per_row(batch: int, parts: int) -> int:
     """Warps merging one output row: a request has about ``parts / batch`` splits, so small
     batches get up to 8 warps per row and large ones 1."""
@@ -248,17 +240,13 @@ def flash_mla_with_kvcache(
             q_strides[2], block_table.data_ptr(), block_table.stride(0),
             cache_seqlens.data_ptr(), tile_scheduler_metadata.data_ptr(), num_splits.data_ptr(),
             out.data_ptr(), lse.data_ptr(), o_part.data_ptr(), lse_part.data_ptr(),
-            shape.s_q, shape.h_q, shape.h_k, int(causal), scale * _LOG2E)
-    cp_async = contract.selects_kv_producer and load_by_cp_async(index, m_blocks)
-    cluster = 1 if cp_async else query_block_cluster(contract.query_block_cluster, m_blocks)
-    args += (int(m_blocks // cluster == 1),)  # kv_evict_first: each page leaves L2 once
+            shape.s_q, shape.h_q, shape.h_k, int(causal), scale * _LOG2E, int(m_blocks == 1))
     if contract.takes_kv_pointer:
         args += (k_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1))
     if contract.selects_kv_producer:
-        args += (int(cp_async),)
+        args += (int(load_by_cp_async(index, m_blocks)),)
     launch_kernel(kernels.decode, kernels.decode_signature, (m_blocks, shape.h_k, parts), DECODE_THREADS, args,
-                  index, shared_mem=DECODE_SMEM_BYTES, programmatic=kernels.settings.programmatic_launch,
-                  cluster_x=cluster)
+                  index, shared_mem=DECODE_SMEM_BYTES, programmatic=kernels.settings.programmatic_launch)
     warps_per_row = _combine_warps_per_row(shape.batch, parts)
     rows_per_cta = COMBINE_WARPS // warps_per_row
     launch_kernel(kernels.combine, COMBINE_SIGNATURE, (-(-shape.h_k * rows // rows_per_cta), shape.batch, 1),

@@ -71,7 +71,6 @@ def decode_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModul
 _BOX_TOKENS = re.compile(r"constexpr\s+int\s+TMA_BOX_TOKENS\s*=\s*(\d+)\s*;")
 _TAKES_KV_POINTER = re.compile(r"constexpr\s+bool\s+TAKES_KV_POINTER\s*=\s*true\s*;")
 _SELECTS_KV_PRODUCER = re.compile(r"constexpr\s+bool\s+SELECTS_KV_PRODUCER\s*=\s*true\s*;")
-_QUERY_BLOCK_CLUSTER = re.compile(r"constexpr\s+int\s+QUERY_BLOCK_CLUSTER\s*=\s*(\d+)\s*;")
 
 
 @dataclass(frozen=True)
@@ -82,15 +81,11 @@ class DecodeLaunchContract:
     whole 64-token page). ``takes_kv_pointer``: it takes the cache pointer and its page and
     token strides (in elements) after the common arguments (``TAKES_KV_POINTER = true``).
     ``selects_kv_producer``: it then takes an int choosing its cp.async producer over TMA
-    (``SELECTS_KV_PRODUCER = true``; see ``kv_producer.py``). The shipped decode declares both.
-    ``query_block_cluster``: query blocks of one KV head it can run as a thread-block cluster
-    that shares each page (``QUERY_BLOCK_CLUSTER``; default 1, no clusters); the API clusters
-    a launch whose query-block count is a multiple of it and whose producer is TMA."""
+    (``SELECTS_KV_PRODUCER = true``; see ``kv_producer.py``). The shipped decode declares both."""
 
     tma_box_tokens: int
     takes_kv_pointer: bool
     selects_kv_producer: bool = False
-    query_block_cluster: int = 1
 
 
 @lru_cache(maxsize=None)
@@ -102,9 +97,7 @@ def decode_launch_contract(module: KernelModule) -> DecodeLaunchContract:
     selects = _SELECTS_KV_PRODUCER.search(source) is not None
     if selects and not takes_pointer:
         raise ValueError(f"{module.source_file}: SELECTS_KV_PRODUCER needs TAKES_KV_POINTER")
-    cluster = _QUERY_BLOCK_CLUSTER.search(source)
-    return DecodeLaunchContract(int(box.group(1)) if box else PAGE_SIZE, takes_pointer, selects,
-                                int(cluster.group(1)) if cluster else 1)
+    return DecodeLaunchContract(int(box.group(1)) if box else PAGE_SIZE, takes_pointer, selects)
 
 
 #: Parameters of ``mla_schedule``: seqlens, batch, parts, overhead, slack, metadata, num_splits.

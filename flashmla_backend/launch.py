@@ -21,8 +21,7 @@ from functools import lru_cache
 
 import torch
 
-#: ``CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION`` and ``..._PROGRAMMATIC_STREAM_SERIALIZATION`` (cuda.h).
-_CLUSTER_DIMENSION = 4
+#: ``CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`` (cuda.h).
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6
 
 
@@ -160,15 +159,11 @@ def count_parameters(function: int) -> int:
 
 
 def launch_kernel(function: int, signature: KernelSignature, grid: tuple[int, int, int], block: int,
-                  args: tuple, device_index: int, shared_mem: int = 0, programmatic: bool = False,
-                  cluster_x: int = 1) -> None:
+                  args: tuple, device_index: int, shared_mem: int = 0, programmatic: bool = False) -> None:
     """Launches the kernel ``function`` (a ``CUfunction`` loaded on ``device_index``, from
     ``runtime.get_kernel``) with ``args`` packed by ``signature`` on torch's current stream of
     that device. ``programmatic``: with programmatic stream serialization, so it may start while
-    the stream's previous kernel runs (the kernel then waits for that one's results itself).
-    ``cluster_x``: CTAs per thread-block cluster along x (``grid[0]`` must be a multiple)."""
-    if grid[0] % cluster_x:
-        raise LaunchError(f"{signature.name}: grid x {grid[0]} is not a multiple of the cluster's {cluster_x}")
+    the stream's previous kernel runs (the kernel then waits for that one's results itself)."""
     params = signature.pack(args)
     stream = torch._C._cuda_getCurrentRawStream(device_index)
     lib = _driver()
@@ -179,19 +174,11 @@ def launch_kernel(function: int, signature: KernelSignature, grid: tuple[int, in
         _check(lib.cuCtxPushCurrent(primary), "cuCtxPushCurrent")
     try:
         check_signature(function, signature)
-        if programmatic or cluster_x > 1:
-            attributes = (_LaunchAttribute * 2)()
-            count = 0
-            if programmatic:
-                attributes[count].id = _PROGRAMMATIC_STREAM_SERIALIZATION
-                attributes[count].value[0] = 1  # programmaticStreamSerializationAllowed
-                count += 1
-            if cluster_x > 1:
-                attributes[count].id = _CLUSTER_DIMENSION
-                struct.pack_into("<III", attributes[count].value, 0, cluster_x, 1, 1)
-                count += 1
+        if programmatic:
+            attribute = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+            attribute.value[0] = 1  # programmaticStreamSerializationAllowed
             config = _LaunchConfig(grid[0], grid[1], grid[2], block, 1, 1, shared_mem, stream,
-                                   ctypes.cast(attributes, ctypes.POINTER(_LaunchAttribute)), count)
+                                   ctypes.pointer(attribute), 1)
             _check(lib.cuLaunchKernelEx(ctypes.byref(config), function, params, None),
                    f"{signature.name}: cuLaunchKernelEx")
         else:

@@ -30,9 +30,7 @@ class Settings:
     the decode and the combine by programmatic dependent launch (default; ``_PDL=0`` turns it off); ``max_sm_parts``: a cap on the
     scheduler's parts, or None (``_MAX_SM_PARTS``); ``split_overhead_pages``, ``no_split_slack``:
     the scheduler's cost knobs (``_SPLIT_OVERHEAD``, ``_NO_SPLIT_SLACK``); ``tma_l2_promotion``:
-    the KV map's L2 promotion 0-3 (``_TMA_L2_PROMOTION``); ``max_cluster``: the most query
-    blocks per cluster, 1, 2 or 4, for a decode source that clusters them (``_MAX_CLUSTER``);
-    ``check_contents``: the content checks
+    the KV map's L2 promotion 0-3 (``_TMA_L2_PROMOTION``); ``check_contents``: the content checks
     of GPU tensors (``_CHECK_CONTENTS=0`` turns them off)."""
 
     decode_file: str = "mla_decode.cu"
@@ -45,7 +43,6 @@ class Settings:
     split_overhead_pages: int = SPLIT_OVERHEAD_PAGES
     no_split_slack: int = NO_SPLIT_SLACK_16THS
     tma_l2_promotion: int = L2_PROMOTION_256B
-    max_cluster: int = 4
     check_contents: bool = True
 
 
@@ -87,7 +84,6 @@ def read_settings() -> Settings:
         split_overhead_pages=_int("FLASHMLA_BACKEND_SPLIT_OVERHEAD", SPLIT_OVERHEAD_PAGES, 1),
         no_split_slack=_int("FLASHMLA_BACKEND_NO_SPLIT_SLACK", NO_SPLIT_SLACK_16THS, 0, 16),
         tma_l2_promotion=_int("FLASHMLA_BACKEND_TMA_L2_PROMOTION", L2_PROMOTION_256B, 0, 3),
-        max_cluster=_int("FLASHMLA_BACKEND_MAX_CLUSTER", 4, 1, 4),
         check_contents=os.environ.get("FLASHMLA_BACKEND_CHECK_CONTENTS", "1") != "0",
     )
 

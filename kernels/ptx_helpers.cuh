@@ -74,47 +74,6 @@ DEVICE void mbarrier_wait(uint64_t* bar, uint32_t parity) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Thread-block clusters (a kernel launched without one is a cluster of one CTA).
-DEVICE uint32_t cluster_ctarank() {
-    uint32_t rank;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-    return rank;
-}
-
-DEVICE uint32_t cluster_nctarank() {
-    uint32_t n;
-    asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
-    return n;
-}
-
-// Every thread of every CTA of the cluster: what each did before is visible to all after.
-// The barrier is .aligned: the warp reconverges first (a role branch may have split it).
-DEVICE void cluster_sync() {
-    __syncwarp();
-    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-
-// One arrival, with release at cluster scope, on the mbarrier at bar's offset in the smem of
-// the cluster's CTA of rank cta.
-DEVICE void mbarrier_arrive_remote(uint64_t* bar, uint32_t cta) {
-    asm volatile(
-        "{\n .reg .b32 remote;\n mapa.shared::cluster.u32 remote, %0, %1;\n"
-        " mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}"
-        ::"r"(smem_addr(bar)), "r"(cta) : "memory");
-}
-
-// mbarrier_wait with acquire at cluster scope: for a barrier that other CTAs arrive on.
-DEVICE void mbarrier_wait_cluster(uint64_t* bar, uint32_t parity) {
-    asm volatile(
-        "{\n"
-        " .reg .pred done;\n"
-        " WAIT_%=:\n"
-        " mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
-        " @!done bra WAIT_%=;\n"
-        "}" ::"r"(smem_addr(bar)), "r"(parity) : "memory");
-}
-
-// ---------------------------------------------------------------------------------------
 // TMA: one 4-D tile (64 columns x 1 head x 64 tokens x 1 page) into 128B-swizzled smem.
 DEVICE uint64_t l2_policy_evict_first() {
     uint64_t policy;
@@ -135,18 +94,6 @@ DEVICE void tma_load_4d(void* dst, const void* tensor_map, uint64_t* bar,
         " [%0], [%1, {%2, %3, %4, %5}], [%6], %7;"
         ::"r"(smem_addr(dst)), "l"(tensor_map), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
           "r"(smem_addr(bar)), "l"(l2_policy)
-        : "memory");
-}
-
-// The same tile into the same smem offset of every CTA in cta_mask (bit i: the cluster's CTA
-// of rank i), each CTA's mbarrier at bar's offset receiving the bytes: one L2 read feeds them all.
-DEVICE void tma_load_4d_multicast(void* dst, const void* tensor_map, uint64_t* bar, int c0, int c1,
-                                  int c2, int c3, uint16_t cta_mask, uint64_t l2_policy) {
-    asm volatile(
-        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
-        ".L2::cache_hint [%0], [%1, {%2, %3, %4, %5}], [%6], %7, %8;"
-        ::"r"(smem_addr(dst)), "l"(tensor_map), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
-          "r"(smem_addr(bar)), "h"(cta_mask), "l"(l2_policy)
         : "memory");
 }
 

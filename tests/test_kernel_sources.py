@@ -99,23 +99,3 @@ def test_launch_contract_of_pointer_and_producer_choice(monkeypatch: pytest.Monk
     monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(bad))
     with pytest.raises(ValueError, match="TAKES_KV_POINTER"):
         decode_launch_contract(decode_module(torch.bfloat16))
-
-
-def test_query_block_clusters_follow_the_source_and_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The shipped decode does not cluster; v27 clusters up to 4 query blocks, the largest
-    # of 4 and 2 that divides m_blocks, and FLASHMLA_BACKEND_MAX_CLUSTER lowers that.
-    from flashmla_backend.api import query_block_cluster
-    from flashmla_backend.kernel_sources import decode_launch_contract
-
-    monkeypatch.delenv("FLASHMLA_BACKEND_DECODE_FILE", raising=False)
-    shipped = decode_launch_contract(decode_module(torch.bfloat16)).query_block_cluster
-    assert shipped == 1 and [query_block_cluster(shipped, m) for m in (1, 2, 4)] == [1, 1, 1]
-    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(ARCHIVED / "mla_decode_v27_pair_multicast.cu"))
-    v27 = decode_launch_contract(decode_module(torch.bfloat16)).query_block_cluster
-    assert v27 == 4
-    assert [query_block_cluster(v27, m) for m in (1, 2, 3, 4, 6, 8)] == [1, 2, 1, 4, 2, 4]
-    monkeypatch.setenv("FLASHMLA_BACKEND_MAX_CLUSTER", "2")
-    assert [query_block_cluster(v27, m) for m in (2, 4, 8)] == [2, 2, 2]
-    monkeypatch.setenv("FLASHMLA_BACKEND_MAX_CLUSTER", "5")
-    with pytest.raises(ValueError, match="FLASHMLA_BACKEND_MAX_CLUSTER"):
-        query_block_cluster(v27, 4)

@@ -16,7 +16,7 @@ from flashmla_backend.kernel_sources import (
     DecodeLaunchContract,
     decode_signature,
 )
-from flashmla_backend.launch import KernelSignature, LaunchError, launch_kernel
+from flashmla_backend.launch import KernelSignature, LaunchError
 
 
 def _unpack(signature: KernelSignature, params: ctypes.Array) -> list[bytes]:
@@ -76,8 +76,3 @@ def test_signatures_match_the_kernels() -> None:
         check_signature(schedule, KernelSignature("mla_schedule", "Q q i i i Q Q"))
     with pytest.raises(LaunchError, match="parameters"):
         check_signature(schedule, KernelSignature("mla_schedule", "Q i i i i Q Q Q"))
-
-
-def test_cluster_launch_refuses_a_grid_it_does_not_divide() -> None:
-    with pytest.raises(LaunchError, match="not a multiple of the cluster"):
-        launch_kernel(0, SCHEDULE_SIGNATURE, (3, 1, 1), 32, (), 0, cluster_x=2)
