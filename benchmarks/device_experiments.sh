@@ -25,8 +25,6 @@
 #   softmax:  v26's softmax knobs: 2 or 4 of every 8 exponentials by polynomial on the FMA
 #             pipe, with a row's max kept until a page raises it by more than 8 (log2), and 2
 #             without: reference checks, timing-only A/B (~4 min)
-#   rowsum:   the row sums added after the P V wgmma is issued (ROW_SUM_AFTER_PV=1), alone and
-#             with 3 of 8 exponentials on the FMA pipe: reference check, timing-only A/B (~2.5 min)
 #   verify:   the shipped decode: reference check with each KV producer forced, the four
 #             sanitizers with the cp.async producer forced, GPU unit tests (~4 min)
 #   combine:  the combine with 1, 4 (shipped) and 8 partial rows in flight per warp, ours only,
@@ -120,14 +118,6 @@ for experiment in ${@:-verify}; do
       echo "== $version correctness (rc $?): $(tail -1 "$ROOT_OUT/softmax/${version//[+=]/_}.check")"
     done
     OUT=$ROOT_OUT/softmax AB_TIMING_ONLY=1 timeout 400 bash benchmarks/ab_session.sh $variants ;;
-  rowsum)
-    run rowsum
-    . benchmarks/versions.sh
-    with_version shipped+ROW_SUM_AFTER_PV=1+EXP2_ON_FMA_PER_8=3 timeout 100 python benchmarks/check_decode_version.py \
-      --max-rows 512 > "$ROOT_OUT/rowsum/check.log" 2>&1
-    echo "== row sums after P V, 3 of 8 on FMA, correctness (rc $?): $(tail -1 "$ROOT_OUT/rowsum/check.log")"
-    OUT=$ROOT_OUT/rowsum AB_TIMING_ONLY=1 timeout 200 bash benchmarks/ab_session.sh shipped+ROW_SUM_AFTER_PV=1 \
-      shipped+ROW_SUM_AFTER_PV=1+EXP2_ON_FMA_PER_8=3 ;;
   verify)
     run verify
     for producer in tma cp_async; do

@@ -30,9 +30,6 @@ constexpr int KV_STAGES = 2;
 #ifndef EXP2_ON_FMA_PER_8
 #define EXP2_ON_FMA_PER_8 2         // of every 8 exponentials, this many by polynomial on the FMA pipe
 #endif
-#ifndef ROW_SUM_AFTER_PV
-#define ROW_SUM_AFTER_PV 0          // 1: add up P's rows after the P V wgmma is issued, not before
-#endif
 constexpr float RESCALE_THRESHOLD = RESCALE_THRESHOLD_LOG2;
 constexpr int EXP2_ON_FMA = EXP2_ON_FMA_PER_8;
 static_assert(EXP2_ON_FMA >= 0 && EXP2_ON_FMA <= 8, "EXP2_ON_FMA_PER_8 must be in 0..8");
@@ -237,9 +234,9 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
                     if (((i >> 1) & 1) == half) {
                         const float x = s[i] * a.scale_log2 - m_use;
                         s[i] = (i % 8) < EXP2_ON_FMA ? exp2_on_fma_pipe(x) : exp2f(x);
-                        if (!ROW_SUM_AFTER_PV) sum += s[i];
+                        sum += s[i];
                     }
-                if (!ROW_SUM_AFTER_PV) row_sum[half] = row_sum[half] * alpha[half] + sum;
+                row_sum[half] = row_sum[half] * alpha[half] + sum;
             }
 
             // P as packed 16-bit pairs: p[2n + half] holds row row0 + 8 half, columns 8n + 2(lane%4)
@@ -258,16 +255,6 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
                 wgmma_m64n256k16_rs_bt(o, p[4 * k], p[4 * k + 1], p[4 * k + 2], p[4 * k + 3],
                                        desc_mn_major(kv_addr + k * K_STEP * 128, CHUNK_BYTES));
             wgmma_commit();
-            if (ROW_SUM_AFTER_PV) {  // off the path from the scores to the P V issue
-#pragma unroll
-                for (int half = 0; half < 2; ++half) {
-                    float sum = 0.f;
-#pragma unroll
-                    for (int i = 0; i < 32; ++i)
-                        if (((i >> 1) & 1) == half) sum += s[i];
-                    row_sum[half] = row_sum[half] * alpha[half] + sum;
-                }
-            }
 
             // While that runs: P (into this page's rope chunk) and the row scales for warpgroup 1.
 #pragma unroll
