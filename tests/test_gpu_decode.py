@@ -87,6 +87,25 @@ def test_long_context_mixed_batch() -> None:
     run_and_check(p, torch.bfloat16)
 
 
+# Scores that grow along the context: each row's max rises by ~1 log2 unit per page, so the
+# decode keeps a stale max for several pages (P up to 2^8 before normalisation) and then raises
+# it mid-piece, split or not (v26's lazy rescale; NOTES.md). A common direction in q and a
+# per-token weight on it in K make q.k grow with the token position.
+@pytest.mark.parametrize("h_q,s_q", [(16, 1), (128, 2)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_row_max_raised_along_the_context(h_q: int, s_q: int, dtype: torch.dtype) -> None:
+    lengths = [2048, 1000, 0, 4500, 64]
+    p = make_problem(lengths, s_q, h_q, dtype=dtype, causal=True, seed=h_q + s_q)
+    p.q.mul_(0.5).add_(1.0)
+    for i, n in enumerate(lengths):
+        for page in range(-(-n // 64)):
+            tokens = torch.arange(page * 64, page * 64 + 64, device="cuda", dtype=torch.float32)
+            weight = (tokens / 2048.0).to(dtype).view(64, 1, 1)
+            physical = int(p.block_table[i, page])
+            p.k_cache[physical].mul_(0.5).add_(weight)
+    run_and_check(p, dtype)
+
+
 def test_context_shorter_than_query_is_empty_row() -> None:
     # With s_q = 4 and one key, the first three query tokens see nothing: out 0, lse +inf.
     p = make_problem([1, 2, 3], 4, 16, causal=True, seed=4)
