@@ -12,6 +12,9 @@
 //                          from all 128 (load_by_cp_async; see below)            40 regs
 // Q (64 x 576) stays in smem for a whole piece. V is the first 512 columns of the K tile,
 // read MN-major by the P V wgmma straight from the same swizzled buffer.
+// The online softmax keeps a row's max until a page raises it by more than 8 (log2), so most
+// pages skip the rescale of O, and takes a quarter of its exponentials by polynomial on the FMA
+// pipe beside the SFU's ex2: the softmax is the tensor pipe's idle time (v26).
 //
 // Hand-offs between the math warpgroups: Q ready, P ready (one per stage) and the final row
 // stats are mbarriers. P and the per-row rescale factors have one slot per KV stage, so the KV
