@@ -106,7 +106,6 @@ class Timer:
         return 1000.0 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
-
 def host_us(fn: Callable[[], object], calls: int = 50, warmup: int = 5) -> float:
     """Host µs per call of ``fn``: ``calls`` back-to-back calls enqueued while the GPU sleeps,
     so that none waits on the GPU: what an eager (no CUDA graph) caller pays on the CPU."""

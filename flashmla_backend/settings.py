@@ -27,8 +27,8 @@ class Settings:
     ``_COMBINE_FILE``, a path, for A/B runs of archived versions); ``decode_defines`` /
     ``combine_defines``: their extra ``-D`` options (``_DECODE_DEFINES`` / ``_COMBINE_DEFINES``);
     ``kv_producer``: ``auto``, ``tma`` or ``cp_async`` (``_KV_PRODUCER``); ``programmatic_launch``:
-    the decode and the combine by programmatic dependent launch (default; ``_PDL=0`` turns it off); ``max_sm_parts``: a cap on the
-    scheduler's parts, or None (``_MAX_SM_PARTS``); ``split_overhead_pages``, ``no_split_slack``:
+    the decode and the combine by programmatic dependent launch (``_PDL``: 1, the default, or
+    0); ``max_sm_parts``: a cap on the scheduler's parts, or None (``_MAX_SM_PARTS``); ``split_overhead_pages``, ``no_split_slack``:
     the scheduler's cost knobs (``_SPLIT_OVERHEAD``, ``_NO_SPLIT_SLACK``); ``tma_l2_promotion``:
     the KV map's L2 promotion 0-3 (``_TMA_L2_PROMOTION``); ``check_contents``: the content checks
     of GPU tensors (``_CHECK_CONTENTS=0`` turns them off)."""
@@ -79,7 +79,7 @@ def read_settings() -> Settings:
         combine_file=os.environ.get("FLASHMLA_BACKEND_COMBINE_FILE") or "mla_combine.cu",
         combine_defines=_defines("FLASHMLA_BACKEND_COMBINE_DEFINES"),
         kv_producer=_kv_producer(),
-        programmatic_launch=os.environ.get(PROGRAMMATIC_LAUNCH_ENV, "1") != "0",
+        programmatic_launch=_int(PROGRAMMATIC_LAUNCH_ENV, 1, 0, 1) == 1,
         max_sm_parts=_int("FLASHMLA_BACKEND_MAX_SM_PARTS", None, 1),
         split_overhead_pages=_int("FLASHMLA_BACKEND_SPLIT_OVERHEAD", SPLIT_OVERHEAD_PAGES, 1),
         no_split_slack=_int("FLASHMLA_BACKEND_NO_SPLIT_SLACK", NO_SPLIT_SLACK_16THS, 0, 16),

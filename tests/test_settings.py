@@ -44,6 +44,8 @@ def test_values_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
     ("FLASHMLA_BACKEND_SPLIT_OVERHEAD", "five"),
     ("FLASHMLA_BACKEND_NO_SPLIT_SLACK", "17"),
     ("FLASHMLA_BACKEND_TMA_L2_PROMOTION", "4"),
+    ("FLASHMLA_BACKEND_PDL", "yes"),
+    ("FLASHMLA_BACKEND_PDL", "2"),
 ])
 def test_bad_values_name_their_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     monkeypatch.setenv(name, value)
