@@ -25,6 +25,11 @@
 #   softmax:  v26's softmax knobs: 2 or 4 of every 8 exponentials by polynomial on the FMA
 #             pipe, with a row's max kept until a page raises it by more than 8 (log2), and 2
 #             without: reference checks, timing-only A/B (~4 min)
+#   v28:      the softmax without a page max while a row's kept max holds (SPECULATIVE_MAX) and
+#             with tree reductions (SOFTMAX_TREE): reference checks and the GPU decode tests per
+#             variant, timing-only A/B beside v26 as shipped before v28's refactor (~6 min)
+#   clocks:   SM clock, power and clock event reasons under seconds of back-to-back calls:
+#             matmul, ours, and the peers if the vLLM bundle is installed (benchmarks/clock_probe.py; ~1-2 min)
 #   verify:   the shipped decode: reference check with each KV producer forced, the four
 #             sanitizers with the cp.async producer forced, GPU unit tests (~4 min)
 #   combine:  the combine with 1, 4 (shipped) and 8 partial rows in flight per warp, ours only,
@@ -118,6 +123,24 @@ for experiment in ${@:-verify}; do
       echo "== $version correctness (rc $?): $(tail -1 "$ROOT_OUT/softmax/${version//[+=]/_}.check")"
     done
     OUT=$ROOT_OUT/softmax AB_TIMING_ONLY=1 timeout 400 bash benchmarks/ab_session.sh $variants ;;
+  v28)
+    run v28
+    variants="shipped+SPECULATIVE_MAX=1 shipped+SOFTMAX_TREE=1 shipped+SOFTMAX_TREE=1+SPECULATIVE_MAX=1"
+    . benchmarks/versions.sh
+    for version in $variants; do
+      label=${version//[+=]/_}
+      with_version "$version" timeout 120 python benchmarks/check_decode_version.py --max-rows 512 \
+        > "$ROOT_OUT/v28/$label.check" 2>&1
+      echo "== $version correctness (rc $?): $(tail -1 "$ROOT_OUT/v28/$label.check")"
+      with_version "$version" timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py \
+        > "$ROOT_OUT/v28/$label.tests" 2>&1
+      echo "== $version GPU decode tests: $(tail -1 "$ROOT_OUT/v28/$label.tests")"
+    done
+    OUT=$ROOT_OUT/v28 AB_TIMING_ONLY=1 timeout 500 bash benchmarks/ab_session.sh mla_decode_v26 $variants ;;
+  clocks)
+    run clocks
+    timeout 200 python benchmarks/clock_probe.py --out "$ROOT_OUT/clocks" > "$ROOT_OUT/clocks/probe.log" 2>&1
+    tail -14 "$ROOT_OUT/clocks/probe.log" ;;
   verify)
     run verify
     for producer in tma cp_async; do
