@@ -25,9 +25,10 @@
 #   softmax:  v26's softmax knobs: 2 or 4 of every 8 exponentials by polynomial on the FMA
 #             pipe, with a row's max kept until a page raises it by more than 8 (log2), and 2
 #             without: reference checks, timing-only A/B (~4 min)
-#   v28:      the softmax without a page max while a row's kept max holds (SPECULATIVE_MAX) and
-#             with tree reductions (SOFTMAX_TREE): reference checks and the GPU decode tests per
-#             variant, timing-only A/B beside v26 as shipped before v28's refactor (~6 min)
+#   v28:      the shipped softmax (v28: no page max while a row's kept max holds, SPECULATIVE_MAX,
+#             and tree reductions, SOFTMAX_TREE) against each knob off and v26: reference checks
+#             and the GPU decode tests of the variants, timing-only A/B (~6 min)
+#   v28_timing: that A/B alone, no checks (~3 min)
 #   clocks:   SM clock, power and clock event reasons under seconds of back-to-back calls:
 #             matmul, ours, and the peers if the vLLM bundle is installed (benchmarks/clock_probe.py; ~1-2 min)
 #   verify:   the shipped decode: reference check with each KV producer forced, the four
@@ -125,7 +126,7 @@ for experiment in ${@:-verify}; do
     OUT=$ROOT_OUT/softmax AB_TIMING_ONLY=1 timeout 400 bash benchmarks/ab_session.sh $variants ;;
   v28)
     run v28
-    variants="shipped+SPECULATIVE_MAX=1 shipped+SOFTMAX_TREE=1 shipped+SOFTMAX_TREE=1+SPECULATIVE_MAX=1"
+    variants="shipped+SPECULATIVE_MAX=0 shipped+SOFTMAX_TREE=0"
     . benchmarks/versions.sh
     for version in $variants; do
       label=${version//[+=]/_}
@@ -137,6 +138,10 @@ for experiment in ${@:-verify}; do
       echo "== $version GPU decode tests: $(tail -1 "$ROOT_OUT/v28/$label.tests")"
     done
     OUT=$ROOT_OUT/v28 AB_TIMING_ONLY=1 timeout 500 bash benchmarks/ab_session.sh mla_decode_v26 $variants ;;
+  v28_timing)  # the same A/B without the checks (~3 min)
+    run v28_timing
+    OUT=$ROOT_OUT/v28_timing AB_TIMING_ONLY=1 timeout 500 bash benchmarks/ab_session.sh mla_decode_v26 \
+      shipped+SPECULATIVE_MAX=0 shipped+SOFTMAX_TREE=0 ;;
   clocks)
     run clocks
     timeout 200 python benchmarks/clock_probe.py --out "$ROOT_OUT/clocks" > "$ROOT_OUT/clocks/probe.log" 2>&1

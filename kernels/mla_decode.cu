@@ -14,7 +14,9 @@
 // read MN-major by the P V wgmma straight from the same swizzled buffer.
 // The online softmax keeps a row's max until a page raises it by more than 8 (log2), so most
 // pages skip the rescale of O, and takes a quarter of its exponentials by polynomial on the FMA
-// pipe beside the SFU's ex2: the softmax is the tensor pipe's idle time (v26).
+// pipe beside the SFU's ex2: the softmax is the tensor pipe's idle time (v26). It first tries a
+// page against the kept max, with no page max at all, and takes the page max only when a row's
+// P would outgrow the threshold (v28).
 //
 // Hand-offs between the math warpgroups: Q ready, P ready (one per stage) and the final row
 // stats are mbarriers. P and the per-row rescale factors have one slot per KV stage, so the KV
@@ -34,10 +36,10 @@ constexpr int KV_STAGES = 2;
 #define EXP2_ON_FMA_PER_8 2         // of every 8 exponentials, this many by polynomial on the FMA pipe
 #endif
 #ifndef SOFTMAX_TREE
-#define SOFTMAX_TREE 0              // row max and sum as trees of depth 4, not chains of 16 (v28)
+#define SOFTMAX_TREE 1              // row max and sum as trees of depth 4, not chains of 16 (v28)
 #endif
 #ifndef SPECULATIVE_MAX
-#define SPECULATIVE_MAX 0           // exponentials against the kept max first, the page max only if they overflow (v28)
+#define SPECULATIVE_MAX 1           // exponentials against the kept max first, the page max only if they overflow (v28)
 #endif
 constexpr float RESCALE_THRESHOLD = RESCALE_THRESHOLD_LOG2;
 // SPECULATIVE_MAX keeps a page's exponentials against the kept max while a thread's 16 P of each
@@ -200,16 +202,12 @@ DEVICE float exp2_row_half(float (&s)[32], int half, float scale_log2, float m) 
     return reduce_row_half(s, half, SumOp{});
 }
 
-// Online softmax of one page's scores in the log2 domain: s becomes P, row_max / row_sum are
-// updated and alpha gets each row's rescale factor for O. Row sums stay per-thread until the
-// end. A row's max moves only when a page raises it by more than RESCALE_THRESHOLD (P then stays
-// below 2^threshold), so that most pages leave alpha = 1 and skip the rescale of O.
-DEVICE void online_softmax_page(float (&s)[32], float (&row_max)[2], float (&row_sum)[2],
-                                float (&alpha)[2], float scale_log2) {
 #if SPECULATIVE_MAX
-    // Against the kept max first: no page max (16 dependent max and two shuffles before the first
-    // exponential). Kept rows whose P all stay below the limit are done; a warp with any other
-    // row (a first page, a raise, or sums near the limit) redoes its page below.
+// Exponentials against each row's kept max, with no page max (16 dependent max and two shuffles
+// before the first exponential). Returns false and leaves s as it was if a row of this warp
+// needs the page max: a raise, P summing past the limit, or a row with no key yet.
+DEVICE bool softmax_page_on_kept_max(float (&s)[32], const float (&row_max)[2], float (&row_sum)[2],
+                                     float (&alpha)[2], float scale_log2) {
     float p[32], sum[2];
     bool redo = false;
 #pragma unroll
@@ -219,16 +217,27 @@ DEVICE void online_softmax_page(float (&s)[32], float (&row_max)[2], float (&row
         sum[half] = exp2_row_half(p, half, scale_log2, row_max[half]);
         redo |= row_max[half] == NEG_INF || !(sum[half] <= KEPT_MAX_P_LIMIT);
     }
-    if (!__any_sync(0xffffffffu, redo)) {
+    if (__any_sync(0xffffffffu, redo)) return false;
 #pragma unroll
-        for (int i = 0; i < 32; ++i) s[i] = p[i];
+    for (int i = 0; i < 32; ++i) s[i] = p[i];
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            alpha[half] = 1.f;
-            row_sum[half] += sum[half];
-        }
-        return;
+    for (int half = 0; half < 2; ++half) {
+        alpha[half] = 1.f;
+        row_sum[half] += sum[half];
     }
+    return true;
+}
+#endif
+
+// Online softmax of one page's scores in the log2 domain: s becomes P, row_max / row_sum are
+// updated and alpha gets each row's rescale factor for O. Row sums stay per-thread until the
+// end. A row's max moves only when a page raises it by more than RESCALE_THRESHOLD (P then stays
+// below 2^threshold), so that most pages leave alpha = 1 and skip the rescale of O.
+DEVICE void online_softmax_page(float (&s)[32], float (&row_max)[2], float (&row_sum)[2],
+                                float (&alpha)[2], float scale_log2, bool first_page) {
+#if SPECULATIVE_MAX
+    // A piece's first page has no kept max to try.
+    if (!first_page && softmax_page_on_kept_max(s, row_max, row_sum, alpha, scale_log2)) return;
 #endif
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -304,7 +313,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
             }
 
             float alpha[2];
-            online_softmax_page(s, row_max, row_sum, alpha, a.scale_log2);
+            online_softmax_page(s, row_max, row_sum, alpha, a.scale_log2, page == piece.page_begin);
 
             // P as packed 16-bit pairs: p[2n + half] holds row row0 + 8 half, columns 8n + 2(lane%4)
             // and +1, which is also the A-fragment layout of the k16 slice n / 2.

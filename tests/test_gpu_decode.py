@@ -106,6 +106,21 @@ def test_row_max_raised_along_the_context(h_q: int, s_q: int, dtype: torch.dtype
     run_and_check(p, dtype)
 
 
+# One key far above everything before it, late in a piece: against the kept max its exponential
+# is ~2^86 (past the polynomial's clamp at 2^64) or ~2^173 (ex2 gives inf), so the page must be
+# redone with its own max, and the O accumulated so far scaled to nothing (v28; NOTES.md).
+@pytest.mark.parametrize("h_q,s_q", [(16, 1), (128, 2)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_score_spike_far_above_the_kept_max(h_q: int, s_q: int, dtype: torch.dtype) -> None:
+    lengths = [4500, 3000, 700]
+    p = make_problem(lengths, s_q, h_q, dtype=dtype, causal=True, seed=7 + h_q)
+    p.q.mul_(0.5).add_(1.0)  # q . k_spike ~ 576 * magnitude: ~35 log2 units per unit of magnitude
+    for i, (token, magnitude) in enumerate([(3001, 5.0), (2500, 2.5), (650, 5.0)]):
+        physical = int(p.block_table[i, token // 64])
+        p.k_cache[physical, token % 64].fill_(magnitude)
+    run_and_check(p, dtype)
+
+
 def test_context_shorter_than_query_is_empty_row() -> None:
     # With s_q = 4 and one key, the first three query tokens see nothing: out 0, lse +inf.
     p = make_problem([1, 2, 3], 4, 16, causal=True, seed=4)
