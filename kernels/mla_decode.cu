@@ -202,42 +202,39 @@ DEVICE float exp2_row_half(float (&s)[32], int half, float scale_log2, float m) 
     return reduce_row_half(s, half, SumOp{});
 }
 
-#if SPECULATIVE_MAX
-// Exponentials against each row's kept max, with no page max (16 dependent max and two shuffles
-// before the first exponential). Returns false and leaves s as it was if a row of this warp
-// needs the page max: a raise, P summing past the limit, or a row with no key yet.
-DEVICE bool softmax_page_on_kept_max(float (&s)[32], const float (&row_max)[2], float (&row_sum)[2],
-                                     float (&alpha)[2], float scale_log2) {
-    float p[32], sum[2];
-    bool redo = false;
-#pragma unroll
-    for (int i = 0; i < 32; ++i) p[i] = s[i];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        sum[half] = exp2_row_half(p, half, scale_log2, row_max[half]);
-        redo |= row_max[half] == NEG_INF || !(sum[half] <= KEPT_MAX_P_LIMIT);
-    }
-    if (__any_sync(0xffffffffu, redo)) return false;
-#pragma unroll
-    for (int i = 0; i < 32; ++i) s[i] = p[i];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        alpha[half] = 1.f;
-        row_sum[half] += sum[half];
-    }
-    return true;
-}
-#endif
-
 // Online softmax of one page's scores in the log2 domain: s becomes P, row_max / row_sum are
 // updated and alpha gets each row's rescale factor for O. Row sums stay per-thread until the
 // end. A row's max moves only when a page raises it by more than RESCALE_THRESHOLD (P then stays
 // below 2^threshold), so that most pages leave alpha = 1 and skip the rescale of O.
 DEVICE void online_softmax_page(float (&s)[32], float (&row_max)[2], float (&row_sum)[2],
-                                float (&alpha)[2], float scale_log2, bool first_page) {
+                                float (&alpha)[2], float scale_log2) {
 #if SPECULATIVE_MAX
-    // A piece's first page has no kept max to try.
-    if (!first_page && softmax_page_on_kept_max(s, row_max, row_sum, alpha, scale_log2)) return;
+    // First against each row's kept max, with no page max (16 dependent max and two shuffles
+    // before the first exponential). Done unless a row of this warp needs the page max: a raise,
+    // P summing past the limit, or a row with no key yet (every piece's first page). Kept as one
+    // block: in a helper, or with the first page sent straight to the page max, the compiler
+    // copied P between registers on every page, 3% slower (NOTES.md "v28").
+    {
+        float p[32], sum[2];
+        bool redo = false;
+#pragma unroll
+        for (int i = 0; i < 32; ++i) p[i] = s[i];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            sum[half] = exp2_row_half(p, half, scale_log2, row_max[half]);
+            redo |= row_max[half] == NEG_INF || !(sum[half] <= KEPT_MAX_P_LIMIT);
+        }
+        if (!__any_sync(0xffffffffu, redo)) {
+#pragma unroll
+            for (int i = 0; i < 32; ++i) s[i] = p[i];
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                alpha[half] = 1.f;
+                row_sum[half] += sum[half];
+            }
+            return;
+        }
+    }
 #endif
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -313,7 +310,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
             }
 
             float alpha[2];
-            online_softmax_page(s, row_max, row_sum, alpha, a.scale_log2, page == piece.page_begin);
+            online_softmax_page(s, row_max, row_sum, alpha, a.scale_log2);
 
             // P as packed 16-bit pairs: p[2n + half] holds row row0 + 8 half, columns 8n + 2(lane%4)
             // and +1, which is also the A-fragment layout of the k16 slice n / 2.

@@ -63,6 +63,21 @@ def test_decode_sass_uses_hopper_instructions(dtype_name: str) -> None:
     assert not re.search(r"\b(LDL|STL)\b", text), "register spills to local memory"
 
 
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_softmax_kept_max_path_keeps_p_in_place(dtype_name: str) -> None:
+    # v28: the page's try against the kept max ends in one warp vote. When the compiler put P
+    # somewhere else than the page-max path does, it copied 32 registers after that vote on every
+    # page, which cost 3% on the compute rows of an H200 (NOTES.md "v28").
+    import torch
+
+    lines = sass(decode_module(getattr(torch, dtype_name))).splitlines()
+    votes = [i for i, line in enumerate(lines) if "VOTE.ANY" in line]
+    assert len(votes) == 1, f"one warp vote expected in the softmax, found {len(votes)}"
+    after_vote = lines[votes[0]:votes[0] + 48]
+    copies = [line for line in after_vote if re.search(r"\b(IMAD\.MOV\.U32 R\d+, RZ, RZ, R\d+|MOV R\d+, R\d+)\b", line)]
+    assert len(copies) < 8, f"{len(copies)} register copies after the kept-max vote:\n" + "\n".join(copies)
+
+
 ARCHIVED_DECODE_VERSIONS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_versions").glob("mla_decode_*.cu"))
 
 
