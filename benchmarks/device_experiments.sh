@@ -29,6 +29,8 @@
 #             and tree reductions, SOFTMAX_TREE) against each knob off and v26: reference checks
 #             and the GPU decode tests of the variants, timing-only A/B (~6 min)
 #   v28_timing: that A/B alone, no checks (~3 min)
+#   v28_split: the shipped softmax with 0, 1 and 3 of every 8 exponentials on the FMA pipe
+#             instead of 2: does the split v26 chose still hold without the page max? (~2.5 min)
 #   clocks:   SM clock, power and clock event reasons under seconds of back-to-back calls:
 #             matmul, ours, and the peers if the vLLM bundle is installed (benchmarks/clock_probe.py; ~1-2 min)
 #   verify:   the shipped decode: reference check with each KV producer forced, the four
@@ -142,6 +144,10 @@ for experiment in ${@:-verify}; do
     run v28_timing
     OUT=$ROOT_OUT/v28_timing AB_TIMING_ONLY=1 timeout 500 bash benchmarks/ab_session.sh mla_decode_v26 \
       shipped+SPECULATIVE_MAX=0 shipped+SOFTMAX_TREE=0 ;;
+  v28_split)
+    run v28_split
+    OUT=$ROOT_OUT/v28_split AB_TIMING_ONLY=1 timeout 400 bash benchmarks/ab_session.sh \
+      shipped+EXP2_ON_FMA_PER_8=1 shipped+EXP2_ON_FMA_PER_8=3 shipped+EXP2_ON_FMA_PER_8=0 ;;
   clocks)
     run clocks
     timeout 200 python benchmarks/clock_probe.py --out "$ROOT_OUT/clocks" > "$ROOT_OUT/clocks/probe.log" 2>&1
