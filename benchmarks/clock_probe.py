@@ -13,6 +13,7 @@ workloads on this card are meant to be read.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import subprocess
 import sys
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|---|---|"]
     for run in (1, 2):
         for name, call in workloads:
-            log = args.out / f"{name.replace(' ', '_').replace('^', '').replace(',', '')}_run{run}.csv"
+            log = args.out / f"{re.sub(r'[^A-Za-z0-9.-]+', '_', name)}_run{run}.csv"
             sampler = start_sampler(log)
             try:
                 _, us = run_for(call, args.seconds)
