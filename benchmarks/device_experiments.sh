@@ -33,6 +33,9 @@
 #             instead of 2: does the split v26 chose still hold without the page max? (~2.5 min)
 #   clocks:   SM clock, power and clock event reasons under seconds of back-to-back calls:
 #             matmul, ours, and the peers if the vLLM bundle is installed (benchmarks/clock_probe.py; ~1-2 min)
+#   sustained: the sustained table: every anchor row but the latency ones back to back, ours and
+#             the peers if the vLLM bundle is installed, with clocks (clock_probe.py --rows
+#             anchors; ~4 min with the peers)
 #   verify:   the shipped decode: reference check with each KV producer forced, the four
 #             sanitizers with the cp.async producer forced, GPU unit tests (~4 min)
 #   combine:  the combine with 1, 4 (shipped) and 8 partial rows in flight per warp, ours only,
@@ -152,6 +155,11 @@ for experiment in ${@:-verify}; do
     run clocks
     timeout 200 python benchmarks/clock_probe.py --out "$ROOT_OUT/clocks" > "$ROOT_OUT/clocks/probe.log" 2>&1
     tail -14 "$ROOT_OUT/clocks/probe.log" ;;
+  sustained)
+    run sustained
+    timeout 500 python benchmarks/clock_probe.py --rows anchors --seconds 3 --out "$ROOT_OUT/sustained" \
+      > "$ROOT_OUT/sustained/probe.log" 2>&1
+    sed -n '/^## Sustained/,$p' "$ROOT_OUT/sustained/probe.log" ;;
   verify)
     run verify
     for producer in tma cp_async; do
