@@ -31,6 +31,10 @@
 #   v28_timing: that A/B alone, no checks (~3 min)
 #   v28_split: the shipped softmax with 0, 1 and 3 of every 8 exponentials on the FMA pipe
 #             instead of 2: does the split v26 chose still hold without the page max? (~2.5 min)
+#   v29:      wgmma operand descriptors advanced by one add from a base (WGMMA_DESC_BY_OFFSET=1;
+#             ~300 fewer uniform instructions per page in warpgroup 0): reference check and GPU
+#             decode tests with the knob, timing-only A/B, then both back to back at the power
+#             cap (clock_probe.py --rows compute) (~5 min)
 #   clocks:   SM clock, power and clock event reasons under seconds of back-to-back calls:
 #             matmul, ours, and the peers if the vLLM bundle is installed (benchmarks/clock_probe.py; ~1-2 min)
 #   sustained: the sustained table: every anchor row but the latency ones back to back, ours and
@@ -151,6 +155,22 @@ for experiment in ${@:-verify}; do
     run v28_split
     OUT=$ROOT_OUT/v28_split AB_TIMING_ONLY=1 timeout 400 bash benchmarks/ab_session.sh \
       shipped+EXP2_ON_FMA_PER_8=1 shipped+EXP2_ON_FMA_PER_8=3 shipped+EXP2_ON_FMA_PER_8=0 ;;
+  v29)
+    run v29
+    . benchmarks/versions.sh
+    version=shipped+WGMMA_DESC_BY_OFFSET=1
+    with_version "$version" timeout 120 python benchmarks/check_decode_version.py --max-rows 512 \
+      > "$ROOT_OUT/v29/check.log" 2>&1
+    echo "== $version correctness (rc $?): $(tail -1 "$ROOT_OUT/v29/check.log")"
+    with_version "$version" timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py \
+      tests/test_programmatic_launch.py > "$ROOT_OUT/v29/tests.log" 2>&1
+    echo "== $version GPU decode tests: $(tail -1 "$ROOT_OUT/v29/tests.log")"
+    OUT=$ROOT_OUT/v29 AB_TIMING_ONLY=1 timeout 300 bash benchmarks/ab_session.sh $version
+    for v in shipped $version shipped $version; do
+      with_version "$v" timeout 60 python benchmarks/clock_probe.py --rows compute --seconds 3 \
+        --out "$ROOT_OUT/v29/sustained" > "$ROOT_OUT/v29/sustained_${v//[+=]/_}.log" 2>&1
+      echo "sustained $v: $(grep '^| ours' "$ROOT_OUT/v29/sustained_${v//[+=]/_}.log" | tail -2 | cut -d'|' -f4,5 | tr '\n' ' ')"
+    done ;;
   clocks)
     run clocks
     timeout 200 python benchmarks/clock_probe.py --out "$ROOT_OUT/clocks" > "$ROOT_OUT/clocks/probe.log" 2>&1

@@ -255,7 +255,7 @@ DEVICE void online_softmax_page(float (&s)[32], float (&row_max)[2], float (&row
 DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
     const int warp = tid / 32, lane = tid % 32;
     const int row0 = warp * 16 + lane / 4;  // this thread's rows: row0 and row0 + 8
-    const uint32_t q_addr = smem_addr(sm.q());
+    const SmemOperand<> q_tile(smem_addr(sm.q()));
     int it = 0, pieces = 0;
     for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
         const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
@@ -279,7 +279,8 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
         for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
             const int stage = it % KV_STAGES;
             uint8_t* kv_tile = sm.kv(stage);
-            const uint32_t kv_addr = smem_addr(kv_tile);
+            const SmemOperand<> kv_tile_k(smem_addr(kv_tile));             // K for the scores
+            const SmemOperand<CHUNK_BYTES> kv_tile_v(smem_addr(kv_tile));  // V for P V
             mbarrier_wait(&sm.full_bar()[stage], (it / KV_STAGES) & 1);
 
             float s[32];
@@ -290,9 +291,8 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
             for (int c = 0; c < QK_CHUNKS; ++c)
 #pragma unroll
                 for (int k = 0; k < CHUNK_COLS / K_STEP; ++k)
-                    wgmma_m64n64k16_ss(s, desc_k_major(q_addr + c * CHUNK_BYTES + k * K_STEP * 2),
-                                       desc_k_major(kv_addr + c * CHUNK_BYTES + k * K_STEP * 2),
-                                       (c | k) != 0);
+                    wgmma_m64n64k16_ss(s, q_tile.at(c * CHUNK_BYTES + k * K_STEP * 2),
+                                       kv_tile_k.at(c * CHUNK_BYTES + k * K_STEP * 2), (c | k) != 0);
             wgmma_commit();
             wgmma_wait<0>();
             fence_accumulators(s);
@@ -326,7 +326,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
 #pragma unroll
             for (int k = 0; k < PAGE_SIZE / K_STEP; ++k)
                 wgmma_m64n256k16_rs_bt(o, p[4 * k], p[4 * k + 1], p[4 * k + 2], p[4 * k + 3],
-                                       desc_mn_major(kv_addr + k * K_STEP * 128, CHUNK_BYTES));
+                                       kv_tile_v.at(k * K_STEP * 128));
             wgmma_commit();
 
             // While that runs: P (into this page's rope chunk) and the row scales for warpgroup 1.

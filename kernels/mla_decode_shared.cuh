@@ -152,11 +152,12 @@ DEVICE float exp2_on_fma_pipe(float x) {
 
 // O[:, col_base:col_base+256] += P V for one page.
 DEVICE void pv_gemm(float (&o)[128], uint32_t p_addr, uint32_t v_addr) {
+    const SmemOperand<> p_tile(p_addr);
+    const SmemOperand<CHUNK_BYTES> v_tile(v_addr);
     wgmma_fence();
 #pragma unroll
     for (int k = 0; k < PAGE_SIZE / K_STEP; ++k)
-        wgmma_m64n256k16_ss_bt(o, desc_k_major(p_addr + k * K_STEP * 2),
-                               desc_mn_major(v_addr + k * K_STEP * 128, CHUNK_BYTES));
+        wgmma_m64n256k16_ss_bt(o, p_tile.at(k * K_STEP * 2), v_tile.at(k * K_STEP * 128));
     wgmma_commit();
     wgmma_wait<0>();
     fence_accumulators(o);

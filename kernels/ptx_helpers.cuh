@@ -179,6 +179,31 @@ DEVICE uint64_t desc_mn_major(uint32_t addr, uint32_t chunk_bytes) {
     return make_smem_desc(addr, chunk_bytes, SWIZZLE_ATOM_BYTES);
 }
 
+// The descriptor of an operand `bytes` past one whose descriptor is known. The start address
+// field is the low 14 bits (addr >> 4), and no shared-memory address reaches 2^18, so the add
+// never carries out of it: one add per wgmma operand instead of rebuilding (and, shift, or) the
+// descriptor from the address (v29).
+DEVICE uint64_t desc_advance(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
+
+#ifndef WGMMA_DESC_BY_OFFSET
+#define WGMMA_DESC_BY_OFFSET 0  // v29 knob: operand descriptors by desc_advance from a base
+#endif
+
+// A swizzled shared-memory operand tile; at(bytes) is the descriptor of the K slice `bytes` in.
+// MN_CHUNK_BYTES = 0: K-major; otherwise MN-major with 64-element MN blocks that far apart.
+template <uint32_t MN_CHUNK_BYTES = 0>
+struct SmemOperand {
+    uint32_t addr;
+    uint64_t desc;
+    DEVICE static uint64_t desc_of(uint32_t a) {
+        return MN_CHUNK_BYTES == 0 ? desc_k_major(a) : desc_mn_major(a, MN_CHUNK_BYTES);
+    }
+    DEVICE explicit SmemOperand(uint32_t a) : addr(a), desc(desc_of(a)) {}
+    DEVICE uint64_t at(uint32_t bytes) const {
+        return WGMMA_DESC_BY_OFFSET ? desc_advance(desc, bytes) : desc_of(addr + bytes);
+    }
+};
+
 // ---------------------------------------------------------------------------------------
 // wgmma issue / ordering
 DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }

@@ -78,6 +78,37 @@ def test_softmax_kept_max_path_keeps_p_in_place(dtype_name: str) -> None:
     assert len(copies) < 8, f"{len(copies)} register copies after the kept-max vote:\n" + "\n".join(copies)
 
 
+def test_descriptors_by_offset_cut_the_uniform_work_and_spill_nothing() -> None:
+    # v29 knob (off until it is timed on a GPU): operand descriptors advanced by one add from a
+    # base instead of rebuilt per wgmma. Same HGMMAs, far fewer uniform-datapath instructions.
+    import torch
+
+    base = decode_module(torch.bfloat16)
+    knob = KernelModule(base.source_file, base.entry_points, base.dtype,
+                        base.extra_defines + ("-DWGMMA_DESC_BY_OFFSET=1",))
+    cubin, log = compiled(knob)
+    assert "warning" not in log.lower(), log
+    shipped_text, knob_text = sass(base), sass(knob)
+    uniform = lambda text: len(re.findall(r"\bU(LOP3|IADD3|SHF|MOV)\b", text))
+    assert knob_text.count("HGMMA") == shipped_text.count("HGMMA")
+    assert uniform(knob_text) < 0.6 * uniform(shipped_text), (uniform(knob_text), uniform(shipped_text))
+    assert not re.search(r"\b(LDL|STL)\b", knob_text), "register spills to local memory"
+
+
+def test_descriptor_advance_equals_rebuilding_over_the_whole_smem_window() -> None:
+    # desc_advance(desc(a), b) == desc(a + b) for 16-byte aligned a, b inside the launch's shared
+    # memory: the 14-bit start field never carries into the fields above it (ptx_helpers.cuh).
+    def make_smem_desc(addr: int, leading: int, stride: int) -> int:
+        return ((addr & 0x3FFFF) >> 4) | (((leading & 0x3FFFF) >> 4) << 16) | (((stride & 0x3FFFF) >> 4) << 32) | (1 << 62)
+
+    window = C.DECODE_SMEM_BYTES + 1024  # the dynamic window, and room for a reserved base offset
+    assert window < 1 << 18
+    for leading in (16, 8192):
+        for base in range(0, window, 1024):
+            for offset in range(0, window - base, 16 * 37):
+                assert make_smem_desc(base, leading, 1024) + (offset >> 4) == make_smem_desc(base + offset, leading, 1024)
+
+
 ARCHIVED_DECODE_VERSIONS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_versions").glob("mla_decode_*.cu"))
 
 
