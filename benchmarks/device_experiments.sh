@@ -31,10 +31,12 @@
 #   v28_timing: that A/B alone, no checks (~3 min)
 #   v28_split: the shipped softmax with 0, 1 and 3 of every 8 exponentials on the FMA pipe
 #             instead of 2: does the split v26 chose still hold without the page max? (~2.5 min)
-#   v29:      wgmma operand descriptors advanced by one add from a base (WGMMA_DESC_BY_OFFSET=1;
-#             ~300 fewer uniform instructions per page in warpgroup 0): reference check and GPU
-#             decode tests with the knob, timing-only A/B, then both back to back at the power
-#             cap (clock_probe.py --rows compute) (~5 min)
+#   v29:      two knobs, alone and together: wgmma operand descriptors advanced by one add from a
+#             base (WGMMA_DESC_BY_OFFSET=1, v29: ~300 fewer uniform instructions per page in
+#             warpgroup 0) and Q's rope chunk from registers (Q_ROPE_IN_REGISTERS=1, v30: 8 KB
+#             less smem read per page): reference checks and GPU decode tests per variant, a
+#             timing-only A/B, then each back to back at the power cap (clock_probe.py --rows
+#             compute) (~8 min)
 #   clocks:   SM clock, power and clock event reasons under seconds of back-to-back calls:
 #             matmul, ours, and the peers if the vLLM bundle is installed (benchmarks/clock_probe.py; ~1-2 min)
 #   sustained: the sustained table: every anchor row but the latency ones back to back, ours and
@@ -158,18 +160,23 @@ for experiment in ${@:-verify}; do
   v29)
     run v29
     . benchmarks/versions.sh
-    version=shipped+WGMMA_DESC_BY_OFFSET=1
-    with_version "$version" timeout 120 python benchmarks/check_decode_version.py --max-rows 512 \
-      > "$ROOT_OUT/v29/check.log" 2>&1
-    echo "== $version correctness (rc $?): $(tail -1 "$ROOT_OUT/v29/check.log")"
-    with_version "$version" timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py \
-      tests/test_programmatic_launch.py > "$ROOT_OUT/v29/tests.log" 2>&1
-    echo "== $version GPU decode tests: $(tail -1 "$ROOT_OUT/v29/tests.log")"
-    OUT=$ROOT_OUT/v29 AB_TIMING_ONLY=1 timeout 300 bash benchmarks/ab_session.sh $version
-    for v in shipped $version shipped $version; do
-      with_version "$v" timeout 60 python benchmarks/clock_probe.py --rows compute --seconds 3 \
-        --out "$ROOT_OUT/v29/sustained" > "$ROOT_OUT/v29/sustained_${v//[+=]/_}.log" 2>&1
-      echo "sustained $v: $(grep '^| ours' "$ROOT_OUT/v29/sustained_${v//[+=]/_}.log" | tail -2 | cut -d'|' -f4,5 | tr '\n' ' ')"
+    variants="shipped+WGMMA_DESC_BY_OFFSET=1 shipped+Q_ROPE_IN_REGISTERS=1
+      shipped+WGMMA_DESC_BY_OFFSET=1+Q_ROPE_IN_REGISTERS=1"
+    for version in $variants; do
+      label=${version//[+=]/_}
+      with_version "$version" timeout 120 python benchmarks/check_decode_version.py --max-rows 512 \
+        > "$ROOT_OUT/v29/$label.check" 2>&1
+      echo "== $version correctness (rc $?): $(tail -1 "$ROOT_OUT/v29/$label.check")"
+      with_version "$version" timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py \
+        > "$ROOT_OUT/v29/$label.tests" 2>&1
+      echo "== $version GPU decode tests: $(tail -1 "$ROOT_OUT/v29/$label.tests")"
+    done
+    OUT=$ROOT_OUT/v29 AB_TIMING_ONLY=1 timeout 400 bash benchmarks/ab_session.sh $variants
+    for version in shipped $variants; do
+      label=${version//[+=]/_}
+      with_version "$version" timeout 60 python benchmarks/clock_probe.py --rows compute --seconds 3 \
+        --out "$ROOT_OUT/v29/sustained_$label" > "$ROOT_OUT/v29/sustained_$label.log" 2>&1
+      echo "sustained $version: $(grep '^| ours' "$ROOT_OUT/v29/sustained_$label.log" | tail -2 | cut -d'|' -f4,5 | tr '\n' ' ')"
     done ;;
   clocks)
     run clocks

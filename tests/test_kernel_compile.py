@@ -95,6 +95,23 @@ def test_descriptors_by_offset_cut_the_uniform_work_and_spill_nothing() -> None:
     assert not re.search(r"\b(LDL|STL)\b", knob_text), "register spills to local memory"
 
 
+def test_q_rope_from_registers_feeds_four_score_wgmma_from_registers() -> None:
+    # v30 knob (off until it is timed on a GPU): the rope chunk's 4 score wgmma take Q from
+    # registers; the other 32 keep both operands in shared memory.
+    import torch
+
+    base = decode_module(torch.bfloat16)
+    knob = KernelModule(base.source_file, base.entry_points, base.dtype,
+                        base.extra_defines + ("-DQ_ROPE_IN_REGISTERS=1",))
+    cubin, log = compiled(knob)
+    assert "warning" not in log.lower(), log
+    text = sass(knob)
+    register_a = re.findall(r"HGMMA\.64x64x16\.F32(?:\.\w+)? R\d+, R\d+, gdesc", text)
+    smem_a = re.findall(r"HGMMA\.64x64x16\.F32(?:\.\w+)? R\d+, gdesc\[UR\d+\], ", text)
+    assert len(register_a) == 4 and len(smem_a) == 32, (len(register_a), len(smem_a))
+    assert not re.search(r"\b(LDL|STL)\b", sass(base)), "the shipped build must not spill"
+
+
 def test_descriptor_advance_equals_rebuilding_over_the_whole_smem_window() -> None:
     # desc_advance(desc(a), b) == desc(a + b) for 16-byte aligned a, b inside the launch's shared
     # memory: the 14-bit start field never carries into the fields above it (ptx_helpers.cuh).
