@@ -62,6 +62,20 @@ set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
 ROOT_OUT=${OUT:-/tmp/out}
 run() { mkdir -p "$ROOT_OUT/$1"; echo "=== $1"; }
+# check_variants EXPERIMENT VERSION...: each version's reference check and GPU decode tests.
+check_variants() {
+  local experiment=$1 version label; shift
+  . benchmarks/versions.sh
+  for version in "$@"; do
+    label=${version//[+=]/_}
+    with_version "$version" timeout 120 python benchmarks/check_decode_version.py --max-rows 512 \
+      > "$ROOT_OUT/$experiment/$label.check" 2>&1
+    echo "== $version correctness (rc $?): $(tail -1 "$ROOT_OUT/$experiment/$label.check")"
+    with_version "$version" timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py \
+      > "$ROOT_OUT/$experiment/$label.tests" 2>&1
+    echo "== $version GPU decode tests: $(tail -1 "$ROOT_OUT/$experiment/$label.tests")"
+  done
+}
 for experiment in ${@:-verify}; do
   case $experiment in
   pipeline)
@@ -138,16 +152,7 @@ for experiment in ${@:-verify}; do
   v28)
     run v28
     variants="shipped+SPECULATIVE_MAX=0 shipped+SOFTMAX_TREE=0"
-    . benchmarks/versions.sh
-    for version in $variants; do
-      label=${version//[+=]/_}
-      with_version "$version" timeout 120 python benchmarks/check_decode_version.py --max-rows 512 \
-        > "$ROOT_OUT/v28/$label.check" 2>&1
-      echo "== $version correctness (rc $?): $(tail -1 "$ROOT_OUT/v28/$label.check")"
-      with_version "$version" timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py \
-        > "$ROOT_OUT/v28/$label.tests" 2>&1
-      echo "== $version GPU decode tests: $(tail -1 "$ROOT_OUT/v28/$label.tests")"
-    done
+    check_variants v28 $variants
     OUT=$ROOT_OUT/v28 AB_TIMING_ONLY=1 timeout 500 bash benchmarks/ab_session.sh mla_decode_v26 $variants ;;
   v28_timing)  # the same A/B without the checks (~3 min)
     run v28_timing
@@ -159,19 +164,11 @@ for experiment in ${@:-verify}; do
       shipped+EXP2_ON_FMA_PER_8=1 shipped+EXP2_ON_FMA_PER_8=3 shipped+EXP2_ON_FMA_PER_8=0 ;;
   v29)
     run v29
-    . benchmarks/versions.sh
     variants="shipped+WGMMA_DESC_BY_OFFSET=1 shipped+Q_ROPE_IN_REGISTERS=1
       shipped+WGMMA_DESC_BY_OFFSET=1+Q_ROPE_IN_REGISTERS=1"
-    for version in $variants; do
-      label=${version//[+=]/_}
-      with_version "$version" timeout 120 python benchmarks/check_decode_version.py --max-rows 512 \
-        > "$ROOT_OUT/v29/$label.check" 2>&1
-      echo "== $version correctness (rc $?): $(tail -1 "$ROOT_OUT/v29/$label.check")"
-      with_version "$version" timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py \
-        > "$ROOT_OUT/v29/$label.tests" 2>&1
-      echo "== $version GPU decode tests: $(tail -1 "$ROOT_OUT/v29/$label.tests")"
-    done
+    check_variants v29 $variants
     OUT=$ROOT_OUT/v29 AB_TIMING_ONLY=1 timeout 400 bash benchmarks/ab_session.sh $variants
+    . benchmarks/versions.sh
     for version in shipped $variants; do
       label=${version//[+=]/_}
       with_version "$version" timeout 60 python benchmarks/clock_probe.py --rows compute --seconds 3 \

@@ -78,16 +78,21 @@ def test_softmax_kept_max_path_keeps_p_in_place(dtype_name: str) -> None:
     assert len(copies) < 8, f"{len(copies)} register copies after the kept-max vote:\n" + "\n".join(copies)
 
 
-def test_descriptors_by_offset_cut_the_uniform_work_and_spill_nothing() -> None:
-    # v29 knob (off until it is timed on a GPU): operand descriptors advanced by one add from a
-    # base instead of rebuilt per wgmma. Same HGMMAs, far fewer uniform-datapath instructions.
+def shipped_decode_with(*defines: str) -> tuple[KernelModule, KernelModule]:
+    """(the shipped bf16 decode, the same with extra -D knobs), the latter compiled without warnings."""
     import torch
 
     base = decode_module(torch.bfloat16)
-    knob = KernelModule(base.source_file, base.entry_points, base.dtype,
-                        base.extra_defines + ("-DWGMMA_DESC_BY_OFFSET=1",))
-    cubin, log = compiled(knob)
+    knob = KernelModule(base.source_file, base.entry_points, base.dtype, base.extra_defines + defines)
+    log = compiled(knob)[1]
     assert "warning" not in log.lower(), log
+    return base, knob
+
+
+def test_descriptors_by_offset_cut_the_uniform_work_and_spill_nothing() -> None:
+    # v29 knob (off until it is timed on a GPU): operand descriptors advanced by one add from a
+    # base instead of rebuilt per wgmma. Same HGMMAs, far fewer uniform-datapath instructions.
+    base, knob = shipped_decode_with("-DWGMMA_DESC_BY_OFFSET=1")
     shipped_text, knob_text = sass(base), sass(knob)
     uniform = lambda text: len(re.findall(r"\bU(LOP3|IADD3|SHF|MOV)\b", text))
     assert knob_text.count("HGMMA") == shipped_text.count("HGMMA")
@@ -98,13 +103,7 @@ def test_descriptors_by_offset_cut_the_uniform_work_and_spill_nothing() -> None:
 def test_q_rope_from_registers_feeds_four_score_wgmma_from_registers() -> None:
     # v30 knob (off until it is timed on a GPU): the rope chunk's 4 score wgmma take Q from
     # registers; the other 32 keep both operands in shared memory.
-    import torch
-
-    base = decode_module(torch.bfloat16)
-    knob = KernelModule(base.source_file, base.entry_points, base.dtype,
-                        base.extra_defines + ("-DQ_ROPE_IN_REGISTERS=1",))
-    cubin, log = compiled(knob)
-    assert "warning" not in log.lower(), log
+    base, knob = shipped_decode_with("-DQ_ROPE_IN_REGISTERS=1")
     text = sass(knob)
     register_a = re.findall(r"HGMMA\.64x64x16\.F32(?:\.\w+)? R\d+, R\d+, gdesc", text)
     smem_a = re.findall(r"HGMMA\.64x64x16\.F32(?:\.\w+)? R\d+, gdesc\[UR\d+\], ", text)
