@@ -37,6 +37,9 @@
 #             less smem read per page): reference checks and GPU decode tests per variant, a
 #             timing-only A/B, then each back to back at the power cap (clock_probe.py --rows
 #             compute) (~8 min)
+#   v31a:     the KV ring refilled by its consumers (no producer warpgroup; chunks 0-3 by warpgroup
+#             0, 4-8 by warpgroup 1, each group with its own full barrier): the full A/B
+#             (reference check, timing, four sanitizers, GPU unit tests) (~6 min)
 #   clocks:   SM clock, power and clock event reasons under seconds of back-to-back calls:
 #             matmul, ours, and the peers if the vLLM bundle is installed (benchmarks/clock_probe.py; ~1-2 min)
 #   sustained: the sustained table: every anchor row but the latency ones back to back, ours and
@@ -175,6 +178,9 @@ for experiment in ${@:-verify}; do
         --out "$ROOT_OUT/v29/sustained_$label" > "$ROOT_OUT/v29/sustained_$label.log" 2>&1
       echo "sustained $version: $(grep '^| ours' "$ROOT_OUT/v29/sustained_$label.log" | tail -2 | cut -d'|' -f4,5 | tr '\n' ' ')"
     done ;;
+  v31a)
+    run v31a
+    OUT=$ROOT_OUT/v31a timeout 580 bash benchmarks/ab_session.sh mla_decode_v31a_consumer_refills ;;
   clocks)
     run clocks
     timeout 200 python benchmarks/clock_probe.py --out "$ROOT_OUT/clocks" > "$ROOT_OUT/clocks/probe.log" 2>&1

@@ -16,7 +16,7 @@
 // pages skip the rescale of O, and takes a quarter of its exponentials by polynomial on the FMA
 // pipe beside the SFU's ex2: the softmax is the tensor pipe's idle time (v26). It first tries a
 // page against the kept max, with no page max at all, and takes the page max only when a row's
-// P would outgrow the threshold (v28).
+// P would outgrow the threshold (v28). The softmax is in mla_softmax.cuh.
 //
 // Hand-offs between the math warpgroups: Q ready, P ready (one per stage) and the final row
 // stats are mbarriers. P and the per-row rescale factors have one slot per KV stage, so the KV
@@ -24,32 +24,13 @@
 // page's scores, which are done): warpgroup 0 never waits for warpgroup 1 to free a P tile
 // (+1-3% on the compute rows of both cards, NOTES.md "v16", "v21").
 #include "mla_decode_shared.cuh"
+#include "mla_softmax.cuh"
 
 constexpr int KV_STAGES = 2;
 
-// Softmax knobs (A/B by -D; the defaults are what ships, NOTES.md "v26": together +3-4% on the
-// compute rows of an H200; the polynomial alone -1%, since the rescale then fills the FMA pipe).
-#ifndef RESCALE_THRESHOLD_LOG2
-#define RESCALE_THRESHOLD_LOG2 8.f  // keep a row's running max until a page raises it by more
-#endif
-#ifndef EXP2_ON_FMA_PER_8
-#define EXP2_ON_FMA_PER_8 2         // of every 8 exponentials, this many by polynomial on the FMA pipe
-#endif
-#ifndef SOFTMAX_TREE
-#define SOFTMAX_TREE 1              // row max and sum as trees of depth 4, not chains of 16 (v28)
-#endif
-#ifndef SPECULATIVE_MAX
-#define SPECULATIVE_MAX 1           // exponentials against the kept max first, the page max only if they overflow (v28)
-#endif
 #ifndef Q_ROPE_IN_REGISTERS
 #define Q_ROPE_IN_REGISTERS 0       // Q's rope chunk as the A operand of its 4 score wgmma, from registers (v30)
 #endif
-constexpr float RESCALE_THRESHOLD = RESCALE_THRESHOLD_LOG2;
-// SPECULATIVE_MAX keeps a page's exponentials against the kept max while a thread's 16 P of each
-// row sum to at most this: every P then stays within the bound a raise keeps (fp16 ends at 2^16).
-constexpr float KEPT_MAX_P_LIMIT = float(1 << int(RESCALE_THRESHOLD_LOG2));
-constexpr int EXP2_ON_FMA = EXP2_ON_FMA_PER_8;
-static_assert(EXP2_ON_FMA >= 0 && EXP2_ON_FMA <= 8, "EXP2_ON_FMA_PER_8 must be in 0..8");
 constexpr int SOFTMAX_WG_REGS = 240;
 constexpr int PV_WG_REGS = 224;
 constexpr int PRODUCER_WG_REGS = 40;
@@ -169,91 +150,6 @@ DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int req, i
     fence_proxy_async_smem();
     mbarrier_arrive(sm.handoff_bar(HB_Q_READY));
     if (waits) mbarrier_wait(sm.handoff_bar(HB_Q_READY), q_phase & 1);
-}
-
-// This thread's 16 scores of row half `half` (0: row0, 1: row0 + 8) are s[4n + 2 half + j],
-// n < 8, j < 2 (the accumulator fragment layout, frag_col).
-template <typename Op>
-DEVICE float reduce_row_half(const float (&s)[32], int half, Op op) {
-#if SOFTMAX_TREE
-    float t[8];
-#pragma unroll
-    for (int n = 0; n < 8; ++n) t[n] = op(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]);
-#pragma unroll
-    for (int width = 4; width >= 1; width /= 2)
-#pragma unroll
-        for (int n = 0; n < width; ++n) t[n] = op(t[n], t[n + width]);
-    return t[0];
-#else
-    float r = op(s[2 * half], s[2 * half + 1]);
-#pragma unroll
-    for (int n = 1; n < 8; ++n) r = op(op(r, s[4 * n + 2 * half]), s[4 * n + 2 * half + 1]);
-    return r;
-#endif
-}
-
-struct MaxOp { DEVICE float operator()(float x, float y) const { return fmaxf(x, y); } };
-struct SumOp { DEVICE float operator()(float x, float y) const { return x + y; } };
-
-// s[i] <- 2^(s[i] * scale_log2 - m) for this thread's 16 scores of row half `half`; returns their sum.
-DEVICE float exp2_row_half(float (&s)[32], int half, float scale_log2, float m) {
-#pragma unroll
-    for (int i = 0; i < 32; ++i)
-        if (((i >> 1) & 1) == half) {
-            const float x = s[i] * scale_log2 - m;
-            // The polynomial is exact only to 2^127; a kept max can sit far below a new score.
-            s[i] = (i % 8) < EXP2_ON_FMA ? exp2_on_fma_pipe(SPECULATIVE_MAX ? fminf(x, 64.f) : x) : exp2f(x);
-        }
-    return reduce_row_half(s, half, SumOp{});
-}
-
-// Online softmax of one page's scores in the log2 domain: s becomes P, row_max / row_sum are
-// updated and alpha gets each row's rescale factor for O. Row sums stay per-thread until the
-// end. A row's max moves only when a page raises it by more than RESCALE_THRESHOLD (P then stays
-// below 2^threshold), so that most pages leave alpha = 1 and skip the rescale of O.
-DEVICE void online_softmax_page(float (&s)[32], float (&row_max)[2], float (&row_sum)[2],
-                                float (&alpha)[2], float scale_log2) {
-#if SPECULATIVE_MAX
-    // First against each row's kept max, with no page max (16 dependent max and two shuffles
-    // before the first exponential). Done unless a row of this warp needs the page max: a raise,
-    // P summing past the limit, or a row with no key yet (every piece's first page). Kept as one
-    // block: in a helper, or with the first page sent straight to the page max, the compiler
-    // copied P between registers on every page, 3% slower (NOTES.md "v28").
-    {
-        float p[32], sum[2];
-        bool redo = false;
-#pragma unroll
-        for (int i = 0; i < 32; ++i) p[i] = s[i];
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            sum[half] = exp2_row_half(p, half, scale_log2, row_max[half]);
-            redo |= row_max[half] == NEG_INF || !(sum[half] <= KEPT_MAX_P_LIMIT);
-        }
-        if (!__any_sync(0xffffffffu, redo)) {
-#pragma unroll
-            for (int i = 0; i < 32; ++i) s[i] = p[i];
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                alpha[half] = 1.f;
-                row_sum[half] += sum[half];
-            }
-            return;
-        }
-    }
-#endif
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        float mx = reduce_row_half(s, half, MaxOp{});
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float page_max = mx * scale_log2;
-        const bool raise = page_max > row_max[half] + RESCALE_THRESHOLD;
-        const float m_new = raise ? page_max : row_max[half];
-        const float m_use = m_new == NEG_INF ? 0.f : m_new;
-        alpha[half] = raise ? exp2f(row_max[half] - m_use) : 1.f;
-        row_max[half] = m_new;
-        row_sum[half] = row_sum[half] * alpha[half] + exp2_row_half(s, half, scale_log2, m_use);
-    }
 }
 
 // Byte offset, in a 128B-swizzled 64-column chunk, of the 16-bit pair (row r, columns

@@ -54,12 +54,12 @@ def test_clamp_gives_a_negligible_value() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# v28's page softmax (``online_softmax_page`` in kernels/mla_decode.cu), modelled in float32 for
+# v28's page softmax (``online_softmax_page`` in kernels/mla_softmax.cuh), modelled in float32 for
 # one warp's 16 rows: every page first tries the row's kept max with no page max; the warp redoes
 # the page with its page max if any row has no max yet or a thread's 16 P of a row sum past 2^T.
 
 def _decode_knobs() -> dict[str, float]:
-    source = (kernel_dir() / "mla_decode.cu").read_text()
+    source = (kernel_dir() / "mla_softmax.cuh").read_text()
     threshold = float(re.search(r"#define RESCALE_THRESHOLD_LOG2 ([0-9.]+)f", source).group(1))
     per_8 = int(re.search(r"#define EXP2_ON_FMA_PER_8 (\d+)", source).group(1))
     clamp = float(re.search(r"fminf\(x, ([0-9.]+)f\)", source).group(1))
