@@ -5,15 +5,15 @@ event (throttle) reasons every 100 ms (GPU machine).
     python benchmarks/clock_probe.py [--seconds 6] [--rows compute memory | anchors | 8x1x128x2048 ...] [--out DIR]
 
 Rows are the benchmark's anchor rows by ``b x s_q x h_q x s_k`` (``v`` appended for varlen),
-``anchors`` for all but the latency rows (host-bound back to back), or the aliases ``compute`` (128x1x128x4096) and ``memory``
-(32x1x16x32768). Besides the per-workload table it writes a sustained table: per row, each
-kernel's µs per call back to back (the median of the rounds) and ours ÷ the best peer, the
-counterpart of the bench's burst table.
+``anchors`` for all but the latency rows (host-bound back to back), or the aliases ``compute``
+(128x1x128x4096) and ``memory`` (32x1x16x32768). Besides the per-workload table it writes a
+sustained table: per row, each kernel's µs per call back to back (the median of the rounds) and
+ours ÷ the best peer, the counterpart of the bench's burst table.
 
-Question it answers (NOTES.md, "card-to-card spread"): on a given H200, does our kernel run at a
-lower SM clock than FA3-MLA's on the same problem, so that the two cards' ratios differ? Times
-here are steady-state GPU times (CUDA events around batches of 20 calls, no L2 flush): only the
-clocks and the ratios between workloads on this card are meant to be read.
+Questions it answers (NOTES.md, "Run 16"): at what SM clock and power does each kernel run on
+this card under sustained load (an H200 sits at its 700 W cap on every row), and how do the
+kernels rank there? Times are steady-state GPU times (CUDA events around batches of 20 calls,
+no L2 flush); compare them only with other workloads of the same run.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -66,9 +67,12 @@ def sustained_table(per_call: dict[tuple[str, str], list[float]], rows: list[str
         ratio = f"{min(peers) / us['ours']:.2f}x" if peers and "ours" in us else "n/a"
         lines.append(f"| {row} | " + " | ".join(f"{us[k]:.1f}" if k in us else "n/a" for k in kernels) + f" | {ratio} |")
     return lines
+
+
 QUERY_FIELDS = ["clocks.sm", "clocks.mem", "power.draw", "temperature.gpu", "clocks_event_reasons.active"]
 
 
+@lru_cache(maxsize=1)
 def query_fields() -> list[str]:
     """QUERY_FIELDS, with the reasons under their pre-2023 name where nvidia-smi lacks the new one."""
     probe = subprocess.run(["nvidia-smi", f"--query-gpu={QUERY_FIELDS[-1]}", "--format=csv"], capture_output=True)
