@@ -57,7 +57,8 @@ DEVICE float exp2_row_half(float (&s)[32], int half, float scale_log2, float m) 
     for (int i = 0; i < 32; ++i)
         if (((i >> 1) & 1) == half) {
             const float x = s[i] * scale_log2 - m;
-            // The polynomial is exact only to 2^127; a kept max can sit far below a new score.
+            // The polynomial's exponent field wraps past 2^127, and a kept max can sit far
+            // below a new score: clamped, such a P still fails the sum test.
             s[i] = (i % 8) < EXP2_ON_FMA ? exp2_on_fma_pipe(SPECULATIVE_MAX ? fminf(x, 64.f) : x) : exp2f(x);
         }
     return reduce_row_half(s, half, SumOp{});
@@ -70,7 +71,7 @@ DEVICE float exp2_row_half(float (&s)[32], int half, float scale_log2, float m) 
 DEVICE void online_softmax_page(float (&s)[32], float (&row_max)[2], float (&row_sum)[2],
                                 float (&alpha)[2], float scale_log2) {
 #if SPECULATIVE_MAX
-    // First against each row's kept max, with no page max (16 dependent max and two shuffles
+    // First against each row's kept max, with no page max (a reduction and two shuffle rounds
     // before the first exponential). Done unless a row of this warp needs the page max: a raise,
     // P summing past the limit, or a row with no key yet (every piece's first page). Kept as one
     // block: in a helper, or with the first page sent straight to the page max, the compiler
