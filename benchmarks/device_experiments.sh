@@ -37,6 +37,9 @@
 #             less smem read per page): reference checks and GPU decode tests per variant, a
 #             timing-only A/B, then each back to back at the power cap (clock_probe.py --rows
 #             compute) (~8 min)
+#   split_sustained: 2 of 8 exponentials on the FMA pipe (shipped) against none, back to back at
+#             the power cap (clock_probe.py on the two 128-head rows, alternated twice): the split
+#             was tuned in bursts, and a polynomial spends more energy than one ex2 (~2 min)
 #   v31a:     the KV ring refilled by its consumers (no producer warpgroup; chunks 0-3 by warpgroup
 #             0, 4-8 by warpgroup 1, each group with its own full barrier): the full A/B
 #             (reference check, timing, four sanitizers, GPU unit tests) (~6 min)
@@ -177,6 +180,18 @@ for experiment in ${@:-verify}; do
       with_version "$version" timeout 60 python benchmarks/clock_probe.py --rows compute --seconds 3 \
         --out "$ROOT_OUT/v29/sustained_$label" > "$ROOT_OUT/v29/sustained_$label.log" 2>&1
       echo "sustained $version: $(grep '^| ours' "$ROOT_OUT/v29/sustained_$label.log" | tail -2 | cut -d'|' -f4,5 | tr '\n' ' ')"
+    done ;;
+  split_sustained)
+    run split_sustained
+    . benchmarks/versions.sh
+    for round in 1 2; do
+      for version in shipped shipped+EXP2_ON_FMA_PER_8=0; do
+        label=${version//[+=]/_}_round$round
+        with_version "$version" timeout 90 python benchmarks/clock_probe.py --rows 128x1x128x4096 \
+          128x2x128x4096 --seconds 3 --out "$ROOT_OUT/split_sustained/$label" \
+          > "$ROOT_OUT/split_sustained/$label.log" 2>&1
+        echo "$version round $round: $(sed -n '/^## Sustained/,$p' "$ROOT_OUT/split_sustained/$label.log" | grep '^| 128' | cut -d'|' -f2,3 | tr '\n' ' ')"
+      done
     done ;;
   v31a)
     run v31a
