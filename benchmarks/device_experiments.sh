@@ -40,6 +40,9 @@
 #   split_sustained: 2 of 8 exponentials on the FMA pipe (shipped) against none, back to back at
 #             the power cap (clock_probe.py on the two 128-head rows, alternated twice): the split
 #             was tuned in bursts, and a polynomial spends more energy than one ex2 (~2 min)
+#   v32:      split partials in the 16-bit element type (PARTIAL_16BIT=1 in the decode and the
+#             combine): reference check and GPU decode tests (the worst error shows the precision
+#             cost), timing-only A/B (~4 min)
 #   v31a:     the KV ring refilled by its consumers (no producer warpgroup; chunks 0-3 by warpgroup
 #             0, 4-8 by warpgroup 1, each group with its own full barrier): the full A/B
 #             (reference check, timing, four sanitizers, GPU unit tests) (~6 min)
@@ -193,6 +196,11 @@ for experiment in ${@:-verify}; do
         echo "$version round $round: $(sed -n '/^## Sustained/,$p' "$ROOT_OUT/split_sustained/$label.log" | grep '^| 128' | cut -d'|' -f2,3 | tr '\n' ' ')"
       done
     done ;;
+  v32)
+    run v32
+    version=shipped+PARTIAL_16BIT=1+FLASHMLA_BACKEND_COMBINE_DEFINES=-DPARTIAL_16BIT=1
+    check_variants v32 $version
+    OUT=$ROOT_OUT/v32 AB_TIMING_ONLY=1 timeout 300 bash benchmarks/ab_session.sh $version ;;
   v31a)
     run v31a
     OUT=$ROOT_OUT/v31a timeout 580 bash benchmarks/ab_session.sh mla_decode_v31a_consumer_refills ;;
