@@ -25,10 +25,6 @@
 #   softmax:  v26's softmax knobs: 2 or 4 of every 8 exponentials by polynomial on the FMA
 #             pipe, with a row's max kept until a page raises it by more than 8 (log2), and 2
 #             without: reference checks, timing-only A/B (~4 min)
-#   v28:      the shipped softmax (v28: no page max while a row's kept max holds, SPECULATIVE_MAX,
-#             and tree reductions, SOFTMAX_TREE) against each knob off and v26: reference checks
-#             and the GPU decode tests of the variants, timing-only A/B (~6 min)
-#   v28_timing: that A/B alone, no checks (~3 min)
 #   v28_split: the shipped softmax with 0, 1 and 3 of every 8 exponentials on the FMA pipe
 #             instead of 2: does the split v26 chose still hold without the page max? (~2.5 min)
 #   v29:      two knobs, alone and together: wgmma operand descriptors advanced by one add from a
@@ -158,15 +154,6 @@ for experiment in ${@:-verify}; do
       echo "== $version correctness (rc $?): $(tail -1 "$ROOT_OUT/softmax/${version//[+=]/_}.check")"
     done
     OUT=$ROOT_OUT/softmax AB_TIMING_ONLY=1 timeout 400 bash benchmarks/ab_session.sh $variants ;;
-  v28)
-    run v28
-    variants="shipped+SPECULATIVE_MAX=0 shipped+SOFTMAX_TREE=0"
-    check_variants v28 $variants
-    OUT=$ROOT_OUT/v28 AB_TIMING_ONLY=1 timeout 500 bash benchmarks/ab_session.sh mla_decode_v26 $variants ;;
-  v28_timing)  # the same A/B without the checks (~3 min)
-    run v28_timing
-    OUT=$ROOT_OUT/v28_timing AB_TIMING_ONLY=1 timeout 500 bash benchmarks/ab_session.sh mla_decode_v26 \
-      shipped+SPECULATIVE_MAX=0 shipped+SOFTMAX_TREE=0 ;;
   v28_split)
     run v28_split
     OUT=$ROOT_OUT/v28_split AB_TIMING_ONLY=1 timeout 400 bash benchmarks/ab_session.sh \
