@@ -42,6 +42,9 @@
 #   v31a:     the KV ring refilled by its consumers (no producer warpgroup; chunks 0-3 by warpgroup
 #             0, 4-8 by warpgroup 1, each group with its own full barrier): the full A/B
 #             (reference check, timing, four sanitizers, GPU unit tests) (~6 min)
+#   small_schedule: the one-warp scheduler for batches of at most 32 requests against the
+#             CTA-wide one (FLASHMLA_BACKEND_SMALL_SCHEDULE=0): the GPU scheduler tests, then the
+#             latency rows' whole call and their anatomy, alternated twice (~2 min)
 #   clocks:   SM clock, power and clock event reasons under seconds of back-to-back calls:
 #             matmul, ours, and the peers if the vLLM bundle is installed (benchmarks/clock_probe.py; ~1-2 min)
 #   sustained: the sustained table: every anchor row but the latency ones back to back, ours and
@@ -191,6 +194,22 @@ for experiment in ${@:-verify}; do
   v31a)
     run v31a
     OUT=$ROOT_OUT/v31a timeout 580 bash benchmarks/ab_session.sh mla_decode_v31a_consumer_refills ;;
+  small_schedule)
+    run small_schedule
+    timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py -k "schedule" \
+      > "$ROOT_OUT/small_schedule/tests.log" 2>&1
+    echo "GPU scheduler tests: $(tail -1 "$ROOT_OUT/small_schedule/tests.log")"
+    for round in 1 2; do
+      for small in 1 0; do
+        label=small${small}_round$round
+        FLASHMLA_BACKEND_SMALL_SCHEDULE=$small timeout 120 python -m flashmla_backend.bench --no-peers --no-plots \
+          --rows latency --out "$ROOT_OUT/small_schedule/$label" > "$ROOT_OUT/small_schedule/$label.md" 2>&1
+        echo "$label: $(grep -E "^Whole" "$ROOT_OUT/small_schedule/$label.md")"
+        FLASHMLA_BACKEND_SMALL_SCHEDULE=$small timeout 120 python benchmarks/latency_anatomy.py \
+          --out "$ROOT_OUT/small_schedule/anatomy_$label" > "$ROOT_OUT/small_schedule/anatomy_$label.log" 2>&1
+        grep "ours+schedule" "$ROOT_OUT/small_schedule/anatomy_$label.log"
+      done
+    done ;;
   clocks)
     run clocks
     timeout 200 python benchmarks/clock_probe.py --out "$ROOT_OUT/clocks" > "$ROOT_OUT/clocks/probe.log" 2>&1

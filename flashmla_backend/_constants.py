@@ -16,6 +16,9 @@ MAX_HEADS_PER_KV_HEAD = 128  # h_q / h_k: the query rows folded into one M block
 
 DECODE_THREADS = 384
 SCHEDULE_THREADS = 1024
+#: The one-warp scheduler (``mla_schedule_small``): threads, and the largest batch it takes.
+SMALL_SCHEDULE_THREADS = 256
+SMALL_SCHEDULE_MAX_BATCH = 32
 #: Largest batch the one-CTA scheduler holds in shared memory (int32 per request).
 MAX_BATCH = 48 * 1024
 COMBINE_WARPS = 8

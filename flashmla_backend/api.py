@@ -16,6 +16,8 @@ from ._constants import (
     HEAD_DIM_V,
     MAX_BATCH,
     SCHEDULE_THREADS,
+    SMALL_SCHEDULE_MAX_BATCH,
+    SMALL_SCHEDULE_THREADS,
 )
 from .kernel_sources import (
     COMBINE_SIGNATURE,
@@ -110,10 +112,15 @@ def get_mla_metadata(
     parts = num_sm_parts(sm_count(index), num_q_tokens_per_head_k, num_heads_k)
     metadata = torch.empty((parts, 8), dtype=torch.int32, device=cache_seqlens.device)
     num_splits = torch.empty((batch + 1,), dtype=torch.int32, device=cache_seqlens.device)
-    launch_kernel(get_kernel(SCHEDULE_MODULE, "mla_schedule", index), SCHEDULE_SIGNATURE, (1, 1, 1),
-                  SCHEDULE_THREADS, (cache_seqlens.data_ptr(), batch, parts, split_overhead_pages(),
-                                     no_split_slack(), metadata.data_ptr(), num_splits.data_ptr()),
-                  index, shared_mem=4 * (batch + 1))
+    args = (cache_seqlens.data_ptr(), batch, parts, split_overhead_pages(), no_split_slack(),
+            metadata.data_ptr(), num_splits.data_ptr())
+    if batch <= SMALL_SCHEDULE_MAX_BATCH and settings().small_schedule:
+        # One warp holds the whole batch: no shared memory, no CTA barrier (the latency rows).
+        launch_kernel(get_kernel(SCHEDULE_MODULE, "mla_schedule_small", index), SCHEDULE_SIGNATURE, (1, 1, 1),
+                      SMALL_SCHEDULE_THREADS, args, index)
+    else:
+        launch_kernel(get_kernel(SCHEDULE_MODULE, "mla_schedule", index), SCHEDULE_SIGNATURE, (1, 1, 1),
+                      SCHEDULE_THREADS, args, index, shared_mem=4 * (batch + 1))
     return metadata, num_splits
 
 

@@ -45,7 +45,7 @@ class KernelModule:
 
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
 
-SCHEDULE_MODULE = KernelModule("mla_schedule.cu", ("mla_schedule",), torch.bfloat16)
+SCHEDULE_MODULE = KernelModule("mla_schedule.cu", ("mla_schedule", "mla_schedule_small"), torch.bfloat16)
 
 
 def decode_launch_defines() -> tuple[str, ...]:

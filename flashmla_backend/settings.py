@@ -30,7 +30,9 @@ class Settings:
     the decode and the combine by programmatic dependent launch (``_PDL``: 1, the default, or
     0); ``max_sm_parts``: a cap on the scheduler's parts, or None (``_MAX_SM_PARTS``); ``split_overhead_pages``, ``no_split_slack``:
     the scheduler's cost knobs (``_SPLIT_OVERHEAD``, ``_NO_SPLIT_SLACK``); ``tma_l2_promotion``:
-    the KV map's L2 promotion 0-3 (``_TMA_L2_PROMOTION``); ``check_contents``: the content checks
+    the KV map's L2 promotion 0-3 (``_TMA_L2_PROMOTION``); ``small_schedule``: batches of at most
+    32 requests take the one-warp scheduler (``_SMALL_SCHEDULE``: 1, the default, or 0 for the
+    CTA-wide one); ``check_contents``: the content checks
     of GPU tensors (``_CHECK_CONTENTS=0`` turns them off)."""
 
     decode_file: str = "mla_decode.cu"
@@ -43,6 +45,7 @@ class Settings:
     split_overhead_pages: int = SPLIT_OVERHEAD_PAGES
     no_split_slack: int = NO_SPLIT_SLACK_16THS
     tma_l2_promotion: int = L2_PROMOTION_256B
+    small_schedule: bool = True
     check_contents: bool = True
 
 
@@ -84,6 +87,7 @@ def read_settings() -> Settings:
         split_overhead_pages=_int("FLASHMLA_BACKEND_SPLIT_OVERHEAD", SPLIT_OVERHEAD_PAGES, 1),
         no_split_slack=_int("FLASHMLA_BACKEND_NO_SPLIT_SLACK", NO_SPLIT_SLACK_16THS, 0, 16),
         tma_l2_promotion=_int("FLASHMLA_BACKEND_TMA_L2_PROMOTION", L2_PROMOTION_256B, 0, 3),
+        small_schedule=_int("FLASHMLA_BACKEND_SMALL_SCHEDULE", 1, 0, 1) == 1,
         check_contents=os.environ.get("FLASHMLA_BACKEND_CHECK_CONTENTS", "1") != "0",
     )
 

@@ -127,14 +127,30 @@ def test_context_shorter_than_query_is_empty_row() -> None:
     run_and_check(p, torch.bfloat16)
 
 
-@pytest.mark.parametrize("lengths", [[4096] * 128, [8192] * 120, [0] * 5, [1, 0, 100000],
-                                     list(range(0, 4000, 37)), [64 * (i % 7) for i in range(2000)]])
+#: Batches for the scheduler: large ones (the CTA-wide kernel) and ones of at most 32 requests
+#: (the one-warp kernel): a single request, 32 lanes all busy, zero lengths among them.
+SCHEDULE_LENGTHS = [[4096] * 128, [8192] * 120, [0] * 5, [1, 0, 100000], list(range(0, 4000, 37)),
+                    [64 * (i % 7) for i in range(2000)], [8192], [1], [0], [2048] * 8, [4096] * 31,
+                    [64 * i + 1 for i in range(32)], [0, 70000, 0, 5, 64, 65, 0] + [3000] * 25,
+                    [131072] * 2 + [1] * 30, [0] * 32]
+
+
+@pytest.mark.parametrize("lengths", SCHEDULE_LENGTHS)
 @pytest.mark.parametrize("rows", [16, 128, 512])
 @pytest.mark.parametrize("slack", ["0", "", "4"])
-def test_gpu_schedule_matches_python_mirror(lengths: list[int], rows: int, slack: str,
+@pytest.mark.parametrize("small_schedule", ["1", "0"])
+def test_gpu_schedule_matches_python_mirror(lengths: list[int], rows: int, slack: str, small_schedule: str,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    if small_schedule == "0" and len(lengths) > 32:
+        pytest.skip("batches over 32 requests always take the CTA-wide scheduler")
     monkeypatch.setenv("FLASHMLA_BACKEND_NO_SPLIT_SLACK", slack)
+    monkeypatch.setenv("FLASHMLA_BACKEND_SMALL_SCHEDULE", small_schedule)
     seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    # Poison what the caching allocator is about to hand out again, so that a row the kernel
+    # leaves unwritten cannot pass with an earlier call's values.
+    for stale in get_mla_metadata(seqlens, rows, 1):
+        stale.fill_(-7)
+    del stale
     md, ns = get_mla_metadata(seqlens, rows, 1)
     ref_md, ref_ns = schedule_reference(seqlens.cpu(), md.shape[0])
     assert torch.equal(md.cpu(), ref_md)

@@ -175,6 +175,19 @@ def test_pipeline_diagnostic_knobs_compile_within_the_launch(knobs: tuple[str, .
     if any("HOLD" in k for k in knobs):
         assert "GLOBALTIMER" in text.upper()
 
+def test_small_scheduler_has_no_barrier_and_no_shared_memory() -> None:
+    # The one-warp scheduler exists to keep CTA barriers and shared-memory round trips off the
+    # path from the seqlens load to the metadata stores (the latency rows' first kernel).
+    from flashmla_backend.kernel_sources import SCHEDULE_MODULE
+
+    text = sass(SCHEDULE_MODULE)
+    small = text[text.index(".text.mla_schedule_small:"):]
+    small = small[:small.index(".text.", 1)] if ".text." in small[1:] else small
+    assert re.search(r"\bSHFL\.", small), "the small scheduler scans by shuffles"
+    for opcode in ("BAR", "LDS", "STS", "ATOMS"):
+        assert not re.search(rf"\b{opcode}\b", small), f"{opcode} in mla_schedule_small"
+
+
 def test_fp16_variant_differs_from_bf16() -> None:
     import torch
 
@@ -224,5 +237,7 @@ def test_python_constants_mirror_the_cuda_sources() -> None:
     tile = C.PAGE_SIZE * C.HEAD_DIM_QK * 2
     needed = (1 + stages) * tile + C.PAGE_SIZE * 64 * 2 + 3 * C.BLOCK_M * 4 + 2 * stages * 8 + 1024
     assert needed <= C.DECODE_SMEM_BYTES <= 227 * 1024
-    assert int(_constexpr(assembled_source("mla_schedule.cu"), "SCHEDULE_THREADS")) == C.SCHEDULE_THREADS
+    schedule = assembled_source("mla_schedule.cu")
+    for name in ("SCHEDULE_THREADS", "SMALL_SCHEDULE_THREADS", "SMALL_SCHEDULE_MAX_BATCH"):
+        assert int(_constexpr(schedule, name)) == getattr(C, name), name
     assert int(_constexpr(assembled_source("mla_combine.cu"), "COMBINE_WARPS")) == C.COMBINE_WARPS
