@@ -45,6 +45,9 @@
 #   small_schedule: the one-warp scheduler for batches of at most 32 requests against the
 #             CTA-wide one (FLASHMLA_BACKEND_SMALL_SCHEDULE=0): the GPU scheduler tests, then the
 #             latency rows' whole call and their anatomy, alternated twice (~2 min)
+#   prologue: the decode's mbarrier init and KV descriptor prefetch before the grid dependency
+#             wait (PROLOGUE_BEFORE_WAIT=1): reference check, GPU decode tests, the latency rows
+#             and their whole call alternated twice, then racecheck and synccheck (~2.5 min)
 #   clocks:   SM clock, power and clock event reasons under seconds of back-to-back calls:
 #             matmul, ours, and the peers if the vLLM bundle is installed (benchmarks/clock_probe.py; ~1-2 min)
 #   sustained: the sustained table: every anchor row but the latency ones back to back, ours and
@@ -210,6 +213,21 @@ for experiment in ${@:-verify}; do
         grep "ours+schedule" "$ROOT_OUT/small_schedule/anatomy_$label.log"
       done
     done ;;
+  prologue)
+    run prologue
+    version=shipped+PROLOGUE_BEFORE_WAIT=1
+    check_variants prologue $version
+    . benchmarks/versions.sh
+    for round in 1 2; do
+      for v in shipped $version; do
+        label=${v//[+=]/_}_round$round
+        with_version "$v" timeout 90 python -m flashmla_backend.bench --no-peers --no-plots --rows latency \
+          --out "$ROOT_OUT/prologue/$label" > "$ROOT_OUT/prologue/$label.md" 2>&1
+        echo "$label: $(grep -E '^\| latency|^Whole' "$ROOT_OUT/prologue/$label.md" | cut -d'|' -f2,3 | tr '\n' ' ')"
+      done
+    done
+    with_version $version env SANITIZER_TOOLS="racecheck synccheck" OUT=$ROOT_OUT/prologue \
+      timeout 150 bash benchmarks/run_sanitizers.sh ;;
   clocks)
     run clocks
     timeout 200 python benchmarks/clock_probe.py --out "$ROOT_OUT/clocks" > "$ROOT_OUT/clocks/probe.log" 2>&1

@@ -28,6 +28,9 @@
 
 constexpr int KV_STAGES = 2;
 
+#ifndef PROLOGUE_BEFORE_WAIT
+#define PROLOGUE_BEFORE_WAIT 0      // barrier init and the KV descriptor's prefetch before the grid dependency wait
+#endif
 #ifndef Q_ROPE_IN_REGISTERS
 #define Q_ROPE_IN_REGISTERS 0       // Q's rope chunk as the A operand of its 4 score wgmma, from registers (v30)
 #endif
@@ -91,6 +94,19 @@ struct SharedTiles {
 DEVICE void setmaxnreg_inc_240() { asm volatile("setmaxnreg.inc.sync.aligned.u32 240;"); }
 DEVICE void setmaxnreg_inc_224() { asm volatile("setmaxnreg.inc.sync.aligned.u32 224;"); }
 DEVICE void setmaxnreg_dec_40() { asm volatile("setmaxnreg.dec.sync.aligned.u32 40;"); }
+
+// Thread 0: the KV ring's and the hand-offs' mbarriers, fenced for the async proxy.
+DEVICE void init_ring_barriers(const SharedTiles& sm, int load_by_cp_async) {
+    for (int s = 0; s < KV_STAGES; ++s) {
+        // cp.async: one arrival per producer thread; TMA: the issuing thread's expect_tx.
+        mbarrier_init(&sm.full_bar()[s], load_by_cp_async ? WG_THREADS : 1);
+        mbarrier_init(&sm.empty_bar()[s], CONSUMER_THREADS);
+    }
+    mbarrier_init(sm.handoff_bar(HB_Q_READY), CONSUMER_THREADS);
+    for (int s = 0; s < KV_STAGES; ++s) mbarrier_init(sm.handoff_bar(HB_P_READY + s), WG_THREADS);
+    mbarrier_init(sm.handoff_bar(HB_STATS), WG_THREADS);
+    fence_barrier_init();
+}
 
 // Walks every page of every piece in ring order: waits until the page's stage is free, then
 // hands (stage, page id) to fill_stage, which must make the full barrier complete.
@@ -357,6 +373,12 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     DecodeArgs a = gather_decode_args(&kv_map, q, q_stride_b, q_stride_s, q_stride_h, block_table, bt_stride,
                                       seqlens, num_splits, out, lse, o_part, lse_part, s_q, h_q, h_k, causal,
                                       scale_log2, kv_evict_first);
+    // The mbarriers and the KV descriptor depend on nothing the previous kernel writes: with
+    // PROLOGUE_BEFORE_WAIT they are set up while a programmatic launch still waits for it.
+    if (PROLOGUE_BEFORE_WAIT) {
+        if (threadIdx.x == 0) init_ring_barriers(sm, load_by_cp_async);
+        if (threadIdx.x == 2 * WG_THREADS) prefetch_tensor_map(&kv_map);
+    }
 #ifdef MLA_PROGRAMMATIC_LAUNCH
     allow_dependent_launch();  // the combine may take idle SMs and wait there for this grid
     // Launched programmatically behind the stream's previous kernel (the scheduler, or whatever
@@ -365,20 +387,10 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     grid_dependency_wait();
 #endif
     a.work = load_part(metadata, blockIdx.z);
-    if (a.work.end_req < a.work.begin_req) return;  // idle part
+    if (a.work.end_req < a.work.begin_req) return;  // idle part (the whole CTA)
 
     const int tid = threadIdx.x;
-    if (tid == 0) {
-        for (int s = 0; s < KV_STAGES; ++s) {
-            // cp.async: one arrival per producer thread; TMA: the issuing thread's expect_tx.
-            mbarrier_init(&sm.full_bar()[s], load_by_cp_async ? WG_THREADS : 1);
-            mbarrier_init(&sm.empty_bar()[s], CONSUMER_THREADS);
-        }
-        mbarrier_init(sm.handoff_bar(HB_Q_READY), CONSUMER_THREADS);
-        for (int s = 0; s < KV_STAGES; ++s) mbarrier_init(sm.handoff_bar(HB_P_READY + s), WG_THREADS);
-        mbarrier_init(sm.handoff_bar(HB_STATS), WG_THREADS);
-        fence_barrier_init();
-    }
+    if (!PROLOGUE_BEFORE_WAIT && tid == 0) init_ring_barriers(sm, load_by_cp_async);
     __syncthreads();
 
     const int wg = tid / WG_THREADS;
