@@ -27,18 +27,14 @@
 #             without: reference checks, timing-only A/B (~4 min)
 #   v28_split: the shipped softmax with 0, 1 and 3 of every 8 exponentials on the FMA pipe
 #             instead of 2: does the split v26 chose still hold without the page max? (~2.5 min)
-#   v29:      two knobs, alone and together: wgmma operand descriptors advanced by one add from a
-#             base (WGMMA_DESC_BY_OFFSET=1, v29: ~300 fewer uniform instructions per page in
-#             warpgroup 0) and Q's rope chunk from registers (Q_ROPE_IN_REGISTERS=1, v30: 8 KB
-#             less smem read per page): reference checks and GPU decode tests per variant, a
-#             timing-only A/B, then each back to back at the power cap (clock_probe.py --rows
-#             compute) (~8 min)
+#   v29:      wgmma operand descriptors advanced by one add from a base (WGMMA_DESC_BY_OFFSET=1:
+#             ~300 fewer uniform instructions per page in warpgroup 0): reference check and GPU
+#             decode tests, a timing-only A/B, then back to back at the power cap
+#             (clock_probe.py --rows compute) (~4 min; v30, Q's rope chunk from registers, ran
+#             beside it in run 17 and was removed)
 #   split_sustained: 2 of 8 exponentials on the FMA pipe (shipped) against none, back to back at
 #             the power cap (clock_probe.py on the two 128-head rows, alternated twice): the split
 #             was tuned in bursts, and a polynomial spends more energy than one ex2 (~2 min)
-#   v32:      split partials in the 16-bit element type (PARTIAL_16BIT=1 in the decode and the
-#             combine): reference check and GPU decode tests (the worst error shows the precision
-#             cost), timing-only A/B (~4 min)
 #   v31a:     the KV ring refilled by its consumers (no producer warpgroup; chunks 0-3 by warpgroup
 #             0, 4-8 by warpgroup 1, each group with its own full barrier): the full A/B
 #             (reference check, timing, four sanitizers, GPU unit tests) (~6 min)
@@ -183,8 +179,7 @@ for experiment in ${@:-verify}; do
       shipped+EXP2_ON_FMA_PER_8=1 shipped+EXP2_ON_FMA_PER_8=3 shipped+EXP2_ON_FMA_PER_8=0 ;;
   v29)
     run v29
-    variants="shipped+WGMMA_DESC_BY_OFFSET=1 shipped+Q_ROPE_IN_REGISTERS=1
-      shipped+WGMMA_DESC_BY_OFFSET=1+Q_ROPE_IN_REGISTERS=1"
+    variants="shipped+WGMMA_DESC_BY_OFFSET=1"
     check_variants v29 $variants
     OUT=$ROOT_OUT/v29 AB_TIMING_ONLY=1 timeout 400 bash benchmarks/ab_session.sh $variants
     . benchmarks/versions.sh
@@ -206,11 +201,6 @@ for experiment in ${@:-verify}; do
         echo "$version round $round: $(sed -n '/^## Sustained/,$p' "$ROOT_OUT/split_sustained/$label.log" | grep '^| 128' | cut -d'|' -f2,3 | tr '\n' ' ')"
       done
     done ;;
-  v32)
-    run v32
-    version=shipped+PARTIAL_16BIT=1+FLASHMLA_BACKEND_COMBINE_DEFINES=-DPARTIAL_16BIT=1
-    check_variants v32 $version
-    OUT=$ROOT_OUT/v32 AB_TIMING_ONLY=1 timeout 300 bash benchmarks/ab_session.sh $version ;;
   v31a)
     run v31a
     OUT=$ROOT_OUT/v31a timeout 580 bash benchmarks/ab_session.sh mla_decode_v31a_consumer_refills ;;

@@ -1,4 +1,4 @@
-// Combine: merges the float32 (or, with PARTIAL_16BIT, 16-bit) partial outputs of a split request, weighting each split by
+// Combine: merges the float32 partial outputs of a split request, weighting each split by
 // exp(lse_split - lse_total). A CTA of 8 warps serves 8 / warps_per_row output rows of one
 // request; the warps of a row share its splits and reduce through shared memory. Requests with
 // one split were written directly by the decode kernel and are skipped.
@@ -51,19 +51,9 @@ DEVICE void load_group(SplitGroup<VECS, IN_FLIGHT>& g, const float* o_part, cons
         if (i < count) {
             const size_t prow = base + i * split_stride;
             g.lse[u] = lse_part[prow];
-            if (PARTIAL_16BIT) {  // 4 elements per lane and vector: one 8-byte load
-                const uint2* src = reinterpret_cast<const uint2*>(reinterpret_cast<const uint16_t*>(o_part) + prow * HEAD_DIM_V) + vec0;
+            const float4* src = reinterpret_cast<const float4*>(o_part + prow * HEAD_DIM_V) + vec0;
 #pragma unroll
-                for (int j = 0; j < VECS; ++j) {
-                    const uint2 bits = src[j * 32 + lane];
-                    const float2 lo = unpack_half2(bits.x), hi = unpack_half2(bits.y);
-                    g.v[u][j] = make_float4(lo.x, lo.y, hi.x, hi.y);
-                }
-            } else {
-                const float4* src = reinterpret_cast<const float4*>(o_part + prow * HEAD_DIM_V) + vec0;
-#pragma unroll
-                for (int j = 0; j < VECS; ++j) g.v[u][j] = src[j * 32 + lane];
-            }
+            for (int j = 0; j < VECS; ++j) g.v[u][j] = src[j * 32 + lane];
         }
     }
 }

@@ -7,14 +7,6 @@ constexpr int HEAD_DIM_V = 512;         // V = first 512 columns of each cache r
 constexpr int PAGE_SIZE = 64;           // tokens per KV-cache page = keys per tile
 constexpr int BLOCK_M = 64;             // query rows (s_q x heads of one KV head) per CTA
 
-// Split partials (o_part) in the 16-bit element type instead of float32: half the bytes the
-// decode stores and the combine reads back, for one more 16-bit rounding of each normalised
-// partial. An A/B knob, off: the decode and the combine must both be built with it
-// (FLASHMLA_BACKEND_DECODE_DEFINES and _COMBINE_DEFINES; NOTES.md "v32").
-#ifndef PARTIAL_16BIT
-#define PARTIAL_16BIT 0
-#endif
-
 
 // One row of tile_scheduler_metadata (int32 [num_sm_parts, METADATA_FIELDS]).
 constexpr int METADATA_FIELDS = 8;

@@ -31,9 +31,6 @@ constexpr int KV_STAGES = 2;
 #ifndef PROLOGUE_BEFORE_WAIT
 #define PROLOGUE_BEFORE_WAIT 0      // barrier init and the KV descriptor's prefetch before the grid dependency wait
 #endif
-#ifndef Q_ROPE_IN_REGISTERS
-#define Q_ROPE_IN_REGISTERS 0       // Q's rope chunk as the A operand of its 4 score wgmma, from registers (v30)
-#endif
 constexpr int SOFTMAX_WG_REGS = 240;
 constexpr int PV_WG_REGS = 224;
 constexpr int PRODUCER_WG_REGS = 40;
@@ -56,8 +53,6 @@ constexpr int HB_STATS = 1;      // WG0 stored row max/sum  (128 arrivals, WG1 w
 constexpr int HB_P_READY = 2;    // + stage: WG0 stored P and scales of that stage (128 arrivals)
 constexpr int HANDOFF_BARRIERS = 2 + KV_STAGES;
 constexpr int ROPE_CHUNK = QK_CHUNKS - 1;  // a page's chunk that holds its P after its scores
-// Score chunks whose Q operand is read from shared memory (the rest from registers, v30).
-constexpr int QK_SMEM_Q_CHUNKS = Q_ROPE_IN_REGISTERS ? QK_CHUNKS - 1 : QK_CHUNKS;
 // Named barriers (0 is __syncthreads).
 constexpr int BAR_WG0 = 2;       // WG0's V-tail zeroes, before its P V wgmma
 
@@ -168,20 +163,6 @@ DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int req, i
     if (waits) mbarrier_wait(sm.handoff_bar(HB_Q_READY), q_phase & 1);
 }
 
-// Byte offset, in a 128B-swizzled 64-column chunk, of the 16-bit pair (row r, columns
-// 8n + 2(lane%4) and +1): register 2n + half of the k16 A-fragment layout for rows row0 and
-// row0 + 8 (the layout of P in registers).
-DEVICE int a_fragment_pair_offset(int r, int n, int lane) { return r * 128 + ((n ^ (r & 7)) << 4) + (lane % 4) * 4; }
-
-// A 64-column chunk (4 k16 slices) as A fragments: f[4k .. 4k + 3] feed the RS wgmma of slice k.
-DEVICE void load_a_fragments(uint32_t (&f)[16], const uint8_t* chunk, int row0, int lane) {
-#pragma unroll
-    for (int n = 0; n < 8; ++n)
-#pragma unroll
-        for (int half = 0; half < 2; ++half)
-            f[2 * n + half] = *reinterpret_cast<const uint32_t*>(chunk + a_fragment_pair_offset(row0 + 8 * half, n, lane));
-}
-
 // Warpgroup 0: scores, softmax, P, and the left half of O.
 DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
     const int warp = tid / 32, lane = tid % 32;
@@ -193,8 +174,6 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
         const bool has_pages = piece.page_end > piece.page_begin;
         const int seqlen = a.seqlens[req];
         if (has_pages) stage_q_block(a, sm, req, tid, true, pieces);
-        uint32_t q_rope[16];  // Q's rope chunk as A fragments (Q_ROPE_IN_REGISTERS): 8 KB less smem read per page
-        if (Q_ROPE_IN_REGISTERS && has_pages) load_a_fragments(q_rope, sm.q() + ROPE_CHUNK * CHUNK_BYTES, row0, lane);
 
         // Key limit of each of this thread's rows (bottom-right causal alignment).
         int limit[2];
@@ -221,21 +200,14 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
             for (int i = 0; i < 32; ++i) s[i] = 0.f;
             wgmma_fence();
 #pragma unroll
-            for (int c = 0; c < QK_SMEM_Q_CHUNKS; ++c)
+            for (int c = 0; c < QK_CHUNKS; ++c)
 #pragma unroll
                 for (int k = 0; k < CHUNK_COLS / K_STEP; ++k)
                     wgmma_m64n64k16_ss(s, q_tile.at(c * CHUNK_BYTES + k * K_STEP * 2),
                                        kv_tile_k.at(c * CHUNK_BYTES + k * K_STEP * 2), (c | k) != 0);
-            if (Q_ROPE_IN_REGISTERS) {
-#pragma unroll
-                for (int k = 0; k < CHUNK_COLS / K_STEP; ++k)
-                    wgmma_m64n64k16_rs(s, q_rope[4 * k], q_rope[4 * k + 1], q_rope[4 * k + 2], q_rope[4 * k + 3],
-                                       kv_tile_k.at(ROPE_CHUNK * CHUNK_BYTES + k * K_STEP * 2), 1);
-            }
             wgmma_commit();
             wgmma_wait<0>();
             fence_accumulators(s);
-            if (Q_ROPE_IN_REGISTERS) fence_fragments(q_rope);  // read by the wgmma until the wait
 
             const int tok0 = page * PAGE_SIZE;
             if (tok0 + PAGE_SIZE > min_limit) {
@@ -269,9 +241,9 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
                                        kv_tile_v.at(k * K_STEP * 128));
             wgmma_commit();
 
-            // While that runs: P (into this page's rope chunk) and the row scales for warpgroup 1.
-            // The address is a_fragment_pair_offset's, written out: through the call, ptxas
-            // spilled 12 bytes in this warpgroup (v30).
+            // While that runs: P (into this page's rope chunk, in the A-fragment layout, 128B
+            // swizzle) and the row scales for warpgroup 1. Written out here: through a helper,
+            // ptxas spilled 12 bytes in this warpgroup (v30).
 #pragma unroll
             for (int n = 0; n < 8; ++n)
 #pragma unroll

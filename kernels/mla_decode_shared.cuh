@@ -192,11 +192,7 @@ DEVICE void store_output(const float (&o)[128], const float (&row_sum)[2], const
             for (int n = 0; n < V_COLS_PER_WG / 8; ++n) {
                 const int c = 8 * n + 2 * (lane % 4);
                 const float lo = o[4 * n + 2 * half] * inv, hi = o[4 * n + 2 * half + 1] * inv;
-                if (PARTIAL_16BIT)
-                    *reinterpret_cast<uint32_t*>(reinterpret_cast<uint16_t*>(o_part) + prow * HEAD_DIM_V + col_base + c) =
-                        pack_half2(lo, hi);
-                else
-                    *reinterpret_cast<float2*>(o_part + prow * HEAD_DIM_V + col_base + c) = make_float2(lo, hi);
+                *reinterpret_cast<float2*>(o_part + prow * HEAD_DIM_V + col_base + c) = make_float2(lo, hi);
             }
             if (write_lse && lane % 4 == 0)
                 lse_part[prow] = row_sum[half] > 0.f ? row_lse[half] : NEG_INF;

@@ -353,18 +353,6 @@ DEVICE uint32_t pack_half2(float lo, float hi) {
     return packed;
 }
 
-// Two packed 16-bit elements -> two floats (exact), low half first.
-DEVICE float2 unpack_half2(uint32_t packed) {
-#ifdef MLA_FP16
-    float lo, hi;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(lo) : "h"(static_cast<uint16_t>(packed & 0xffffu)));
-    asm("cvt.f32.f16 %0, %1;" : "=f"(hi) : "h"(static_cast<uint16_t>(packed >> 16)));
-    return make_float2(lo, hi);
-#else
-    return make_float2(__uint_as_float(packed << 16), __uint_as_float(packed & 0xffff0000u));
-#endif
-}
-
 DEVICE float warp_reduce_max(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));

@@ -100,33 +100,6 @@ def test_descriptors_by_offset_cut_the_uniform_work_and_spill_nothing() -> None:
     assert not re.search(r"\b(LDL|STL)\b", knob_text), "register spills to local memory"
 
 
-def test_q_rope_from_registers_feeds_four_score_wgmma_from_registers() -> None:
-    # v30 knob (off until it is timed on a GPU): the rope chunk's 4 score wgmma take Q from
-    # registers; the other 32 keep both operands in shared memory.
-    base, knob = shipped_decode_with("-DQ_ROPE_IN_REGISTERS=1")
-    text = sass(knob)
-    register_a = re.findall(r"HGMMA\.64x64x16\.F32(?:\.\w+)? R\d+, R\d+, gdesc", text)
-    smem_a = re.findall(r"HGMMA\.64x64x16\.F32(?:\.\w+)? R\d+, gdesc\[UR\d+\], ", text)
-    assert len(register_a) == 4 and len(smem_a) == 32, (len(register_a), len(smem_a))
-    assert not re.search(r"\b(LDL|STL)\b", sass(base)), "the shipped build must not spill"
-
-
-def test_16bit_partials_halve_the_split_stores_and_loads() -> None:
-    # v32 knob (off until it is timed on a GPU): the decode stores each split partial pair as one
-    # 4-byte word instead of an 8-byte float2, and the combine loads 8 bytes per lane and vector
-    # instead of a 16-byte float4.
-    import torch
-
-    base, knob = shipped_decode_with("-DPARTIAL_16BIT=1")
-    assert "STG.E.64" in sass(base) and "STG.E.64" not in sass(knob)
-    combine = combine_module(torch.bfloat16)
-    combine_knob = KernelModule(combine.source_file, combine.entry_points, combine.dtype,
-                                combine.extra_defines + ("-DPARTIAL_16BIT=1",))
-    assert "warning" not in compiled(combine_knob)[1].lower()
-    assert "LDG.E.128" in sass(combine) and "LDG.E.128" not in sass(combine_knob)
-    assert "LDG.E.64" in sass(combine_knob)
-
-
 def test_descriptor_advance_equals_rebuilding_over_the_whole_smem_window() -> None:
     # desc_advance(desc(a), b) == desc(a + b) for 16-byte aligned a, b inside the launch's shared
     # memory: the 14-bit start field never carries into the fields above it (ptx_helpers.cuh).
