@@ -47,6 +47,9 @@
 #   latency_knobs: prologue, and the combine built with 2 or 4 column slices per row
 #             (COMBINE_COLUMN_SLICES, used where whole rows leave SMs idle: b = 1), and slices +
 #             prologue; checks and the latency A/B of each (~5 min)
+#   v33:      each piece's Q block loaded ahead by the producer warpgroup (warps 1-3), released
+#             by warpgroup 0 after the piece's last scores: the full A/B (reference check,
+#             timing, four sanitizers, GPU unit tests) (~6 min)
 #   clocks:   SM clock, power and clock event reasons under seconds of back-to-back calls:
 #             matmul, ours, and the peers if the vLLM bundle is installed (benchmarks/clock_probe.py; ~1-2 min)
 #   sustained: the sustained table: every anchor row but the latency ones back to back, ours and
@@ -232,6 +235,9 @@ for experiment in ${@:-verify}; do
     . benchmarks/versions.sh
     with_version shipped+PROLOGUE_BEFORE_WAIT=1 env SANITIZER_TOOLS="racecheck synccheck" OUT=$ROOT_OUT/$experiment \
       timeout 150 bash benchmarks/run_sanitizers.sh ;;
+  v33)
+    run v33
+    OUT=$ROOT_OUT/v33 timeout 580 bash benchmarks/ab_session.sh mla_decode_v33_q_by_producer ;;
   clocks)
     run clocks
     timeout 200 python benchmarks/clock_probe.py --out "$ROOT_OUT/clocks" > "$ROOT_OUT/clocks/probe.log" 2>&1
