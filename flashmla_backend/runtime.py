@@ -23,6 +23,7 @@ os.environ.setdefault("CUPY_CACHE_DIR", str(Path.home() / ".cache" / "flashmla_b
 _lock = threading.Lock()
 _functions: dict[tuple[int, str, tuple[str, ...], str], Any] = {}
 _handles: dict[tuple[int, str, tuple[str, ...], str], int] = {}
+_raw_modules: dict[tuple[int, str, tuple[str, ...], str], Any] = {}  # the cupy.RawModule of each function
 _checked_devices: set[int] = set()
 _sm_counts: dict[int, int] = {}
 
@@ -82,8 +83,18 @@ def get_function(module: KernelModule, name: str, device_index: int) -> Any:
                 fn.max_dynamic_shared_size_bytes = smem
             fn.compile()
             _handles[key] = fn.kernel.ptr  # read on its own device: CuPy resolves .kernel per device
+            _raw_modules[key] = raw
             _functions[key] = fn
     return fn
+
+
+def module_global(module: KernelModule, name: str, device_index: int, symbol: str) -> int:
+    """Device address of the ``__device__`` variable ``symbol`` in the loaded module of entry
+    point ``name`` (a diagnostic's table, e.g. the decode's phase trace)."""
+    get_function(module, name, device_index)
+    raw = _raw_modules[(device_index, module.source_file, module.options, name)]
+    with _cupy().cuda.Device(device_index):
+        return int(raw.get_global(symbol).ptr)
 
 
 def get_kernel(module: KernelModule, name: str, device_index: int) -> int:

@@ -24,6 +24,39 @@ struct __align__(64) TensorMap { uint64_t opaque[16]; };
 
 
 // One (request, page range) of a part's work.
+// Phase trace (an off-by-default diagnostic, -DTRACE_PHASES=1; benchmarks/phase_trace.py reads
+// it): one thread per role stamps the global timer at fixed events into a module-global table,
+// one row per CTA. Off, trace_phase compiles to nothing.
+#ifndef TRACE_PHASES
+#define TRACE_PHASES 0
+#endif
+constexpr int TRACE_MAX_CTAS = 1024;
+constexpr int TRACE_EVENTS = 16;
+constexpr int TRACE_PIECES = 3;          // pieces of a CTA that get their own events
+enum TraceEvent {
+    EV_ENTRY = 0,                        // thread 0 enters the kernel
+    EV_DEPENDENCY_DONE = 1,              // thread 0 is past the grid dependency wait
+    EV_PIECE0 = 2,                       // + 4 p + one of the PIECE_* offsets below (warpgroup 0)
+    EV_MATH1_DONE = 14,                  // warpgroup 1 stored its last output
+    EV_FIRST_KV_ISSUED = 15,             // the producer issued the first page's loads
+};
+enum PieceEvent { PIECE_Q_READY = 0, PIECE_FIRST_PAGE = 1, PIECE_PAGES_DONE = 2, PIECE_STORED = 3 };
+#if TRACE_PHASES
+__device__ unsigned long long g_phase_trace[TRACE_MAX_CTAS][TRACE_EVENTS];
+#endif
+
+DEVICE void trace_phase(int event) {
+#if TRACE_PHASES
+    const int cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    if (cta < TRACE_MAX_CTAS && event >= 0 && event < TRACE_EVENTS) g_phase_trace[cta][event] = global_timer_ns();
+#endif
+}
+
+// Warpgroup 0's event `which` of its `piece`-th piece with pages (the first TRACE_PIECES only).
+DEVICE void trace_piece(int piece, PieceEvent which) {
+    if (piece < TRACE_PIECES) trace_phase(EV_PIECE0 + 4 * piece + which);
+}
+
 struct Piece {
     int req, page_begin, page_end, split;
     bool is_split;  // the request has several splits: write partials for the combine

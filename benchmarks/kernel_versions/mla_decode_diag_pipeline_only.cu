@@ -37,11 +37,6 @@ constexpr bool LOAD_BY_CP_ASYNC = DIAG_CP_ASYNC != 0;
 constexpr int KV_STAGES = DIAG_STAGES;
 constexpr long long HOLD_NS = DIAG_HOLD_NS;
 
-DEVICE unsigned long long global_timer_ns() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
-    return t;
-}
 constexpr int SOFTMAX_WG_REGS = 240;
 constexpr int PV_WG_REGS = 224;
 constexpr int PRODUCER_WG_REGS = 40;
@@ -122,7 +117,7 @@ DEVICE void run_drain_wg(const DecodeArgs& a, const SharedTiles& sm, int tid, in
             const int stage = it % KV_STAGES;
             mbarrier_wait(&sm.full_bar()[stage], (it / KV_STAGES) & 1);
             if (HOLD_NS > 0) {
-                const unsigned long long t0 = global_timer_ns();
+                const uint64_t t0 = global_timer_ns();  // ptx_helpers.cuh
                 while ((long long)(global_timer_ns() - t0) < HOLD_NS) {
                 }
             }
