@@ -13,10 +13,15 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_
 OUT=${OUT:-/tmp/out}/ncu; mkdir -p "$OUT"
 NCU=$(find_ncu) || { echo "ncu not found"; exit 1; }
 "$NCU" --query-metrics > "$OUT/metric_names.txt" 2>&1
+# The tensor-pipe metric's name differs between ncu versions: keep what this one offers.
+grep -i -E "tensor|gmma" "$OUT/metric_names.txt" > "$OUT/tensor_metric_names.txt"
 python -c "import flashmla_backend as f; f.precompile()"
 # Only the candidates this ncu knows (an unknown name fails the whole run).
 METRICS=""
 for m in sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active \
+         sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active \
+         sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active \
+         sm__inst_executed_pipe_tensor_op_gmma.sum \
          sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active \
          l1tex__data_pipe_lsu_wavefronts_mem_shared.sum \
          l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum \
