@@ -52,7 +52,7 @@
 #             timing, four sanitizers, GPU unit tests) (~6 min)
 #   trace:    the decode's phase trace (benchmarks/phase_trace.py, -DTRACE_PHASES=1): per event the
 #             median and slowest CTA's time since the first CTA entered, latency rows (reused
-#             schedule, then whole call) and the memory varlen row (~1.5 min)
+#             schedule, then whole call), the memory varlen row, and v33 on the latency rows (~2 min)
 #   clocks:   SM clock, power and clock event reasons under seconds of back-to-back calls:
 #             matmul, ours, and the peers if the vLLM bundle is installed (benchmarks/clock_probe.py; ~1-2 min)
 #   sustained: the sustained table: every anchor row but the latency ones back to back, ours and
@@ -243,14 +243,17 @@ for experiment in ${@:-verify}; do
     OUT=$ROOT_OUT/v33 timeout 580 bash benchmarks/ab_session.sh mla_decode_v33_q_by_producer ;;
   trace)
     run trace
-    trace_rows() {  # LABEL ARGS...
-      local label=$1; shift
-      timeout 150 python benchmarks/phase_trace.py "$@" --out "$ROOT_OUT/trace/$label" > "$ROOT_OUT/trace/$label.log" 2>&1
-      cat "$ROOT_OUT/trace/$label.log"
+    . benchmarks/versions.sh
+    trace_rows() {  # LABEL VERSION ARGS...
+      local label=$1 version=$2; shift 2
+      with_version "$version" timeout 150 python benchmarks/phase_trace.py "$@" --out "$ROOT_OUT/trace/$label" \
+        > "$ROOT_OUT/trace/$label.log" 2>&1
+      echo "== $label ($version)"; cat "$ROOT_OUT/trace/$label.log"
     }
-    trace_rows latency --rows latency
-    trace_rows latency_whole_call --rows latency --whole-call
-    trace_rows memory_varlen --rows "varlen 4096" ;;
+    trace_rows latency shipped --rows latency
+    trace_rows latency_whole_call shipped --rows latency --whole-call
+    trace_rows memory_varlen shipped --rows "varlen 4096"
+    trace_rows latency_v33 mla_decode_v33_q_by_producer --rows latency ;;
   clocks)
     run clocks
     timeout 200 python benchmarks/clock_probe.py --out "$ROOT_OUT/clocks" > "$ROOT_OUT/clocks/probe.log" 2>&1

@@ -137,12 +137,15 @@ DEVICE void for_each_ring_page(const DecodeArgs& a, const SharedTiles& sm, FillS
 DEVICE void run_tma_producer(const DecodeArgs& a, const SharedTiles& sm) {
     // One query block streams each page once; several blocks re-read it from L2.
     const uint64_t policy = a.kv_evict_first ? l2_policy_evict_first() : l2_policy_evict_last();
+    bool first = true;
     for_each_ring_page(a, sm, [&](int stage, int page_id) {
         mbarrier_arrive_expect_tx(&sm.full_bar()[stage], TILE_BYTES);
 #pragma unroll
         for (int c = 0; c < QK_CHUNKS; ++c)
             tma_load_4d(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, &sm.full_bar()[stage],
                         c * CHUNK_COLS, a.kh, 0, page_id, policy);
+        if (TRACE_PHASES && first) trace_phase(EV_FIRST_KV_ISSUED);
+        first = false;
     });
 }
 
@@ -174,6 +177,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
         const bool has_pages = piece.page_end > piece.page_begin;
         const int seqlen = a.seqlens[req];
         if (has_pages) mbarrier_wait(sm.handoff_bar(HB_Q_READY), pieces & 1);
+        if (TRACE_PHASES && has_pages && tid == 0) trace_piece(pieces, PIECE_Q_READY);
 
         // Key limit of each of this thread's rows (bottom-right causal alignment).
         int limit[2];
@@ -194,6 +198,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
             const SmemOperand<> kv_tile_k(smem_addr(kv_tile));             // K for the scores
             const SmemOperand<CHUNK_BYTES> kv_tile_v(smem_addr(kv_tile));  // V for P V
             mbarrier_wait(&sm.full_bar()[stage], (it / KV_STAGES) & 1);
+            if (TRACE_PHASES && tid == 0 && page == piece.page_begin) trace_piece(pieces, PIECE_FIRST_PAGE);
 
             float s[32];
 #pragma unroll
@@ -266,6 +271,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
             mbarrier_arrive(&sm.empty_bar()[stage]);
         }
 
+        if (TRACE_PHASES && has_pages && tid == 0) trace_piece(pieces, PIECE_PAGES_DONE);
         float row_lse[2];
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
@@ -288,6 +294,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
         }
         store_output(o, row_sum, row_lse, 0, warp, lane, piece, a.kh, a.row_base, a.rows, a.s_q,
                      a.h_q, a.h_k, a.out, a.lse, a.o_part, a.lse_part, true);
+        if (TRACE_PHASES && has_pages && tid == 0) trace_piece(pieces - 1, PIECE_STORED);
     }
 }
 
@@ -323,6 +330,7 @@ DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
         store_output(o, row_sum, row_lse, V_COLS_PER_WG, warp, lane, piece, a.kh, a.row_base, a.rows,
                      a.s_q, a.h_q, a.h_k, a.out, a.lse, a.o_part, a.lse_part, false);
     }
+    if (TRACE_PHASES && tid == 0) trace_phase(EV_MATH1_DONE);
 }
 
 // q: [b, s_q, h_q, 576] with the given element strides; block_table: [b, *] int32 with row
@@ -344,6 +352,7 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     DecodeArgs a = gather_decode_args(&kv_map, q, q_stride_b, q_stride_s, q_stride_h, block_table, bt_stride,
                                       seqlens, num_splits, out, lse, o_part, lse_part, s_q, h_q, h_k, causal,
                                       scale_log2, kv_evict_first);
+    if (TRACE_PHASES && threadIdx.x == 0) trace_phase(EV_ENTRY);
     // The mbarriers and the KV descriptor depend on nothing the previous kernel writes: with
     // PROLOGUE_BEFORE_WAIT they are set up while a programmatic launch still waits for it.
     if (PROLOGUE_BEFORE_WAIT) {
@@ -357,6 +366,7 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     // every global read comes after this wait.
     grid_dependency_wait();
 #endif
+    if (TRACE_PHASES && threadIdx.x == 0) trace_phase(EV_DEPENDENCY_DONE);
     a.work = load_part(metadata, blockIdx.z);
     if (a.work.end_req < a.work.begin_req) return;  // idle part (the whole CTA)
 
