@@ -23,7 +23,6 @@ constexpr int K_STEP = 16;                              // wgmma K per instructi
 struct __align__(64) TensorMap { uint64_t opaque[16]; };
 
 
-// One (request, page range) of a part's work.
 // Phase trace (an off-by-default diagnostic, -DTRACE_PHASES=1; benchmarks/phase_trace.py reads
 // it): one thread per role stamps the global timer at fixed events into a module-global table,
 // one row per CTA. Off, trace_phase compiles to nothing.
@@ -57,6 +56,7 @@ DEVICE void trace_piece(int piece, PieceEvent which) {
     if (piece < TRACE_PIECES) trace_phase(EV_PIECE0 + 4 * piece + which);
 }
 
+// One (request, page range) of a part's work.
 struct Piece {
     int req, page_begin, page_end, split;
     bool is_split;  // the request has several splits: write partials for the combine
@@ -223,11 +223,12 @@ DEVICE void store_output(const float (&o)[128], const float (&row_sum)[2], const
                 lse[((size_t)piece.req * h_q + head) * s_q + s_idx] = row_sum[half] > 0.f ? row_lse[half] : POS_INF;
         } else {
             const size_t prow = ((size_t)piece.split * h_k + kh) * rows.rows + grow;
+            float* dst = o_part + prow * HEAD_DIM_V + col_base;
 #pragma unroll
             for (int n = 0; n < V_COLS_PER_WG / 8; ++n) {
                 const int c = 8 * n + 2 * (lane % 4);
-                const float lo = o[4 * n + 2 * half] * inv, hi = o[4 * n + 2 * half + 1] * inv;
-                *reinterpret_cast<float2*>(o_part + prow * HEAD_DIM_V + col_base + c) = make_float2(lo, hi);
+                *reinterpret_cast<float2*>(dst + c) =
+                    make_float2(o[4 * n + 2 * half] * inv, o[4 * n + 2 * half + 1] * inv);
             }
             if (write_lse && lane % 4 == 0)
                 lse_part[prow] = row_sum[half] > 0.f ? row_lse[half] : NEG_INF;

@@ -73,8 +73,6 @@ DEVICE void mbarrier_wait(uint64_t* bar, uint32_t parity) {
         "}" ::"r"(smem_addr(bar)), "r"(parity) : "memory");
 }
 
-// ---------------------------------------------------------------------------------------
-// TMA: one 4-D tile (64 columns x 1 head x 64 tokens x 1 page) into 128B-swizzled smem.
 // The GPU's global nanosecond timer (the same on every SM): for phase traces across CTAs.
 DEVICE uint64_t global_timer_ns() {
     uint64_t t;
@@ -82,6 +80,8 @@ DEVICE uint64_t global_timer_ns() {
     return t;
 }
 
+// ---------------------------------------------------------------------------------------
+// TMA: one 4-D tile (64 columns x 1 head x 64 tokens x 1 page) into 128B-swizzled smem.
 DEVICE uint64_t l2_policy_evict_first() {
     uint64_t policy;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
