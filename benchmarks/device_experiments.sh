@@ -50,6 +50,10 @@
 #   v33:      each piece's Q block loaded ahead by the producer warpgroup (warps 1-3), released
 #             by warpgroup 0 after the piece's last scores: the full A/B (reference check,
 #             timing, four sanitizers, GPU unit tests) (~6 min)
+#   quad_store: the output and partial stores by quad exchange (STORE_BY_QUAD_EXCHANGE=1: 16 bytes
+#             a lane, half the partial stores and a quarter of the output ones): its phase trace on
+#             the latency rows, then the full A/B (reference check, timing with it and with
+#             PROLOGUE_BEFORE_WAIT too, four sanitizers, GPU unit tests) (~7 min)
 #   trace:    the decode's phase trace (benchmarks/phase_trace.py, -DTRACE_PHASES=1): per event the
 #             median and slowest CTA's time since the first CTA entered, latency rows (reused
 #             schedule, then whole call), the memory varlen row, and v33 on the latency rows (~2 min)
@@ -241,6 +245,15 @@ for experiment in ${@:-verify}; do
   v33)
     run v33
     OUT=$ROOT_OUT/v33 timeout 580 bash benchmarks/ab_session.sh mla_decode_v33_q_by_producer ;;
+  quad_store)
+    run quad_store
+    . benchmarks/versions.sh
+    mkdir -p "$ROOT_OUT/trace"
+    with_version shipped+STORE_BY_QUAD_EXCHANGE=1 timeout 150 python benchmarks/phase_trace.py --rows latency \
+      --out "$ROOT_OUT/trace/latency_quad_store" > "$ROOT_OUT/trace/latency_quad_store.log" 2>&1
+    grep -E "^## |stored|pages done|warpgroup 1" "$ROOT_OUT/trace/latency_quad_store.log"
+    OUT=$ROOT_OUT/quad_store timeout 540 bash benchmarks/ab_session.sh shipped+STORE_BY_QUAD_EXCHANGE=1 \
+      shipped+STORE_BY_QUAD_EXCHANGE=1+PROLOGUE_BEFORE_WAIT=1 ;;
   trace)
     run trace
     . benchmarks/versions.sh
