@@ -47,16 +47,9 @@
 #   latency_knobs: prologue, and the combine built with 2 or 4 column slices per row
 #             (COMBINE_COLUMN_SLICES, used where whole rows leave SMs idle: b = 1), and slices +
 #             prologue; checks and the latency A/B of each (~5 min)
-#   v33:      each piece's Q block loaded ahead by the producer warpgroup (warps 1-3), released
-#             by warpgroup 0 after the piece's last scores: the full A/B (reference check,
-#             timing, four sanitizers, GPU unit tests) (~6 min)
-#   quad_store: the output and partial stores by quad exchange (STORE_BY_QUAD_EXCHANGE=1: 16 bytes
-#             a lane, half the partial stores and a quarter of the output ones): its phase trace on
-#             the latency rows, then the full A/B (reference check, timing with it and with
-#             PROLOGUE_BEFORE_WAIT too, four sanitizers, GPU unit tests) (~7 min)
 #   trace:    the decode's phase trace (benchmarks/phase_trace.py, -DTRACE_PHASES=1): per event the
 #             median and slowest CTA's time since the first CTA entered, latency rows (reused
-#             schedule, then whole call), the memory varlen row, and v33 on the latency rows (~2 min)
+#             schedule, then whole call) and the memory varlen row (~1.5 min)
 #   clocks:   SM clock, power and clock event reasons under seconds of back-to-back calls:
 #             matmul, ours, and the peers if the vLLM bundle is installed (benchmarks/clock_probe.py; ~1-2 min)
 #   sustained: the sustained table: every anchor row but the latency ones back to back, ours and
@@ -242,18 +235,6 @@ for experiment in ${@:-verify}; do
     . benchmarks/versions.sh
     with_version shipped+PROLOGUE_BEFORE_WAIT=1 env SANITIZER_TOOLS="racecheck synccheck" OUT=$ROOT_OUT/$experiment \
       timeout 150 bash benchmarks/run_sanitizers.sh ;;
-  v33)
-    run v33
-    OUT=$ROOT_OUT/v33 timeout 580 bash benchmarks/ab_session.sh mla_decode_v33_q_by_producer ;;
-  quad_store)
-    run quad_store
-    . benchmarks/versions.sh
-    mkdir -p "$ROOT_OUT/trace"
-    with_version shipped+STORE_BY_QUAD_EXCHANGE=1 timeout 150 python benchmarks/phase_trace.py --rows latency \
-      --out "$ROOT_OUT/trace/latency_quad_store" > "$ROOT_OUT/trace/latency_quad_store.log" 2>&1
-    grep -E "^## |stored|pages done|warpgroup 1" "$ROOT_OUT/trace/latency_quad_store.log"
-    OUT=$ROOT_OUT/quad_store timeout 540 bash benchmarks/ab_session.sh shipped+STORE_BY_QUAD_EXCHANGE=1 \
-      shipped+STORE_BY_QUAD_EXCHANGE=1+PROLOGUE_BEFORE_WAIT=1 ;;
   trace)
     run trace
     . benchmarks/versions.sh
@@ -265,8 +246,7 @@ for experiment in ${@:-verify}; do
     }
     trace_rows latency shipped --rows latency
     trace_rows latency_whole_call shipped --rows latency --whole-call
-    trace_rows memory_varlen shipped --rows "varlen 4096"
-    trace_rows latency_v33 mla_decode_v33_q_by_producer --rows latency ;;
+    trace_rows memory_varlen shipped --rows "varlen 4096" ;;
   clocks)
     run clocks
     timeout 200 python benchmarks/clock_probe.py --out "$ROOT_OUT/clocks" > "$ROOT_OUT/clocks/probe.log" 2>&1

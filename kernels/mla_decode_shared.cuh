@@ -198,14 +198,11 @@ DEVICE void pv_gemm(float (&o)[128], uint32_t p_addr, uint32_t v_addr) {
     fence_accumulators(o);
 }
 
-// Output stores by quad exchange (an A/B knob, STORE_BY_QUAD_EXCHANGE=1): in the accumulator
-// layout the 4 lanes of a quad own one row, lane t holding columns 8n + 2t and + 1 of each
-// 8-column group n, so a direct store writes 8 (float32) or 4 (16-bit) bytes a lane and a warp
-// store touches 8 rows at 32 or 16 bytes each. Exchanging within the quad first gives every lane
-// 16 contiguous bytes: half the stores for the partials, a quarter for the final output.
-#ifndef STORE_BY_QUAD_EXCHANGE
-#define STORE_BY_QUAD_EXCHANGE 0
-#endif
+// Output stores by quad exchange: in the accumulator layout the 4 lanes of a quad own one row,
+// lane t holding columns 8n + 2t and + 1 of each 8-column group n, so a direct store would write
+// 8 (float32) or 4 (16-bit) bytes a lane. Exchanging within the quad first gives every lane 16
+// contiguous bytes: half the stores for the partials, a quarter for the final output (run 18:
+// the epilogue 3.1 -> 2.4 us at b = 8, the latency rows -3 to -8%, mixed -2%).
 
 // One exchange with the neighbour lane (xor `bit`) over two groups: the lane whose `bit` is
 // clear keeps `lo`'s values and gets its neighbour's `lo`, the other keeps `hi` and gets the
@@ -225,6 +222,7 @@ DEVICE void exchange_halves(uint32_t lo, uint32_t hi, int bit, bool set, uint32_
 
 // Writes this warpgroup's 64 x 256 half of O for rows row0 and row0 + 8, normalised by the
 // row sums; final output if the request is not split, else a float32 partial for the combine.
+// Every lane of the warp must call it (the stores exchange values across lanes).
 DEVICE void store_output(const float (&o)[128], const float (&row_sum)[2], const float (&row_lse)[2],
                          int col_base, int warp, int lane, const Piece& piece, int kh,
                          int row_base, const RowMap& rows, int s_q, int h_q, int h_k,
@@ -234,65 +232,46 @@ DEVICE void store_output(const float (&o)[128], const float (&row_sum)[2], const
     for (int half = 0; half < 2; ++half) {
         const int r = warp * 16 + lane / 4 + 8 * half;
         const int grow = row_base + r;
-        // A quad shares its row, so `valid` is uniform per quad; with the exchange every lane
-        // takes part in the shuffles and only the stores are skipped.
+        // A quad shares its row, so `valid` is uniform per quad: every lane takes part in the
+        // exchanges and only the stores are skipped.
         const bool valid = grow < rows.rows;
-        if (!STORE_BY_QUAD_EXCHANGE && !valid) continue;
         const float inv = row_sum[half] > 0.f ? 1.f / row_sum[half] : 0.f;
         const int s_idx = rows.s_idx(grow), head = rows.head(grow, kh);
         if (!piece.is_split) {
             uint16_t* dst = out + ((size_t)(piece.req * s_q + s_idx) * h_q + head) * HEAD_DIM_V + col_base;
-            if (STORE_BY_QUAD_EXCHANGE) {
-                // Two exchanges over groups n..n+3: the neighbour lane's (xor 1) gives every lane 4
-                // columns of group n + (t & 1) and of n + 2 + (t & 1); the next one's (xor 2) gives
-                // lane t all 8 columns of group n + t.
-                uint16_t* lane_dst = dst + 8 * t;
+            // Two exchanges over groups n..n+3: the neighbour lane's (xor 1) gives every lane 4
+            // columns of group n + (t & 1) and of n + 2 + (t & 1); the next one's (xor 2) gives
+            // lane t all 8 columns of group n + t. One lane base and constant offsets: per-n lane
+            // offsets were hoisted out of the page loop and spilled.
+            uint16_t* lane_dst = dst + 8 * t;
 #pragma unroll
-                for (int n = 0; n < V_COLS_PER_WG / 8; n += 4) {
-                    uint32_t w[4];
+            for (int n = 0; n < V_COLS_PER_WG / 8; n += 4) {
+                uint32_t w[4];
 #pragma unroll
-                    for (int g = 0; g < 4; ++g)
-                        w[g] = pack_half2(o[4 * (n + g) + 2 * half] * inv, o[4 * (n + g) + 2 * half + 1] * inv);
-                    uint32_t a0, a1, b0, b1;  // 4 columns of group n (+1), of group n + 2 (+1)
-                    exchange_halves(w[0], w[1], 1, t & 1, a0, a1);
-                    exchange_halves(w[2], w[3], 1, t & 1, b0, b1);
-                    uint32_t c0, c1, c2, c3;
-                    exchange_halves(a0, b0, 2, t & 2, c0, c2);
-                    exchange_halves(a1, b1, 2, t & 2, c1, c3);
-                    if (valid) *reinterpret_cast<uint4*>(lane_dst + 8 * n) = make_uint4(c0, c1, c2, c3);
-                }
-            } else {
-#pragma unroll
-                for (int n = 0; n < V_COLS_PER_WG / 8; ++n) {
-                    const int c = 8 * n + 2 * t;
-                    *reinterpret_cast<uint32_t*>(dst + c) =
-                        pack_half2(o[4 * n + 2 * half] * inv, o[4 * n + 2 * half + 1] * inv);
-                }
+                for (int g = 0; g < 4; ++g)
+                    w[g] = pack_half2(o[4 * (n + g) + 2 * half] * inv, o[4 * (n + g) + 2 * half + 1] * inv);
+                uint32_t a0, a1, b0, b1;  // 4 columns of group n (+1), of group n + 2 (+1)
+                exchange_halves(w[0], w[1], 1, t & 1, a0, a1);
+                exchange_halves(w[2], w[3], 1, t & 1, b0, b1);
+                uint32_t c0, c1, c2, c3;
+                exchange_halves(a0, b0, 2, t & 2, c0, c2);
+                exchange_halves(a1, b1, 2, t & 2, c1, c3);
+                if (valid) *reinterpret_cast<uint4*>(lane_dst + 8 * n) = make_uint4(c0, c1, c2, c3);
             }
             if (valid && write_lse && t == 0)
                 lse[((size_t)piece.req * h_q + head) * s_q + s_idx] = row_sum[half] > 0.f ? row_lse[half] : POS_INF;
         } else {
             const size_t prow = ((size_t)piece.split * h_k + kh) * rows.rows + grow;
             float* dst = o_part + prow * HEAD_DIM_V + col_base;
-            if (STORE_BY_QUAD_EXCHANGE) {
-                // Over groups n and n + 1, even lanes take group n's columns 2t..2t+3 and odd
-                // lanes group n + 1's columns 2(t-1)..2t+1: one exchange with the neighbour lane.
-                // One lane base and constant offsets: per-n lane offsets were hoisted and spilled.
-                float* lane_dst = dst + 2 * t + 6 * (t & 1);
+            // Over groups n and n + 1, even lanes take group n's columns 2t..2t+3 and odd lanes
+            // group n + 1's columns 2(t-1)..2t+1: one exchange with the neighbour lane.
+            float* lane_dst = dst + 2 * t + 6 * (t & 1);
 #pragma unroll
-                for (int n = 0; n < V_COLS_PER_WG / 8; n += 2) {
-                    float v0, v1, v2, v3;
-                    exchange_halves(o[4 * n + 2 * half] * inv, o[4 * (n + 1) + 2 * half] * inv, 1, t & 1, v0, v2);
-                    exchange_halves(o[4 * n + 2 * half + 1] * inv, o[4 * (n + 1) + 2 * half + 1] * inv, 1, t & 1, v1, v3);
-                    if (valid) *reinterpret_cast<float4*>(lane_dst + 8 * n) = make_float4(v0, v1, v2, v3);
-                }
-            } else {
-#pragma unroll
-                for (int n = 0; n < V_COLS_PER_WG / 8; ++n) {
-                    const int c = 8 * n + 2 * t;
-                    *reinterpret_cast<float2*>(dst + c) =
-                        make_float2(o[4 * n + 2 * half] * inv, o[4 * n + 2 * half + 1] * inv);
-                }
+            for (int n = 0; n < V_COLS_PER_WG / 8; n += 2) {
+                float v0, v1, v2, v3;
+                exchange_halves(o[4 * n + 2 * half] * inv, o[4 * (n + 1) + 2 * half] * inv, 1, t & 1, v0, v2);
+                exchange_halves(o[4 * n + 2 * half + 1] * inv, o[4 * (n + 1) + 2 * half + 1] * inv, 1, t & 1, v1, v3);
+                if (valid) *reinterpret_cast<float4*>(lane_dst + 8 * n) = make_float4(v0, v1, v2, v3);
             }
             if (valid && write_lse && t == 0)
                 lse_part[prow] = row_sum[half] > 0.f ? row_lse[half] : NEG_INF;
