@@ -28,9 +28,6 @@ constexpr int SLICE_VEC_PER_LANE = VEC_PER_LANE / COLUMN_SLICES;
 // Sliced warps hold fewer columns, so more splits: 8 covers b = 1 (64 splits, 8 warps a row) in
 // one round trip; 16 took the kernel from 124 to 179 registers, full-row path included.
 constexpr int SLICE_SPLITS_IN_FLIGHT = 2 * SPLITS_IN_FLIGHT;
-#ifndef SPLITS_BEFORE_WAIT  // A/B knob, with the decode's DEPENDENTS_AFTER_WAIT (both 0 or both 1)
-#define SPLITS_BEFORE_WAIT 1
-#endif
 constexpr int LSE_CHUNK = 4;  // LSEs per lane loaded at once: 128 splits per round trip
 
 // A group of SPLITS_IN_FLIGHT partial rows of one warp: rows i0, i0 + step, ... (zero rows and
@@ -72,13 +69,14 @@ DEVICE void load_lse_chunk(float (&l)[LSE_CHUNK], const float* lse_part, size_t 
 }
 
 // One CTA's rows of request blockIdx.y, columns [slice * VECS * 128, (slice + 1) * VECS * 128).
-// Splits first .. first + count - 1 of num_splits belong to request blockIdx.y (count > 1).
 template <int VECS, int IN_FLIGHT>
 DEVICE void combine_rows(const float* __restrict__ o_part, const float* __restrict__ lse_part,
-                         int first, int count, uint16_t* __restrict__ out,
+                         const int* __restrict__ num_splits, uint16_t* __restrict__ out,
                          float* __restrict__ lse, int s_q, int h_q, int h_k, int warps_per_row, int slice,
                          float4 (&partial)[COMBINE_WARPS][HEAD_DIM_V / 4]) {
     const int req = blockIdx.y;
+    const int first = num_splits[req], count = num_splits[req + 1] - first;
+    if (count <= 1) return;  // the same for the whole CTA
 
     const int group = h_q / h_k, rows = s_q * group;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -169,24 +167,16 @@ mla_combine(const float* __restrict__ o_part, const float* __restrict__ lse_part
             const int* __restrict__ num_splits, uint16_t* __restrict__ out,
             float* __restrict__ lse, int s_q, int h_q, int h_k, int warps_per_row) {
     __shared__ float4 partial[COMBINE_WARPS][HEAD_DIM_V / 4];
-    const int req = blockIdx.y;
-    int first = 0, count = 0;
-    // num_splits comes from the scheduler, not the decode: the decode lets this grid launch only
-    // once its own dependency wait has seen the scheduler complete, so the split range is read
-    // before the wait and the wait is followed by one round trip (the LSEs and partials), not two.
-    if (SPLITS_BEFORE_WAIT) first = num_splits[req], count = num_splits[req + 1] - first;
 #ifdef MLA_PROGRAMMATIC_LAUNCH
     // Launched behind the decode with programmatic stream serialization: the partials come
     // from the decode, which may still be running. Every CTA waits, the idle ones too, so that
     // this grid never completes (and releases the stream's next kernel) before the decode has.
     grid_dependency_wait();
 #endif
-    if (!SPLITS_BEFORE_WAIT) first = num_splits[req], count = num_splits[req + 1] - first;
-    if (count <= 1) return;  // one split: the decode wrote the output (the same for the whole CTA)
     if (COLUMN_SLICES > 1 && gridDim.z == COLUMN_SLICES)
-        combine_rows<SLICE_VEC_PER_LANE, SLICE_SPLITS_IN_FLIGHT>(o_part, lse_part, first, count, out, lse, s_q, h_q,
+        combine_rows<SLICE_VEC_PER_LANE, SLICE_SPLITS_IN_FLIGHT>(o_part, lse_part, num_splits, out, lse, s_q, h_q,
                                                                  h_k, warps_per_row, blockIdx.z, partial);
     else
-        combine_rows<VEC_PER_LANE, SPLITS_IN_FLIGHT>(o_part, lse_part, first, count, out, lse, s_q, h_q, h_k,
+        combine_rows<VEC_PER_LANE, SPLITS_IN_FLIGHT>(o_part, lse_part, num_splits, out, lse, s_q, h_q, h_k,
                                                      warps_per_row, 0, partial);
 }

@@ -31,9 +31,6 @@ constexpr int KV_STAGES = 2;
 #ifndef PROLOGUE_BEFORE_WAIT
 #define PROLOGUE_BEFORE_WAIT 0      // barrier init and the KV descriptor's prefetch before the grid dependency wait
 #endif
-#ifndef DEPENDENTS_AFTER_WAIT       // A/B knob, with the combine's SPLITS_BEFORE_WAIT (both 0 or both 1)
-#define DEPENDENTS_AFTER_WAIT 1     // the combine may launch once every CTA is past the dependency wait
-#endif
 constexpr int SOFTMAX_WG_REGS = 240;
 constexpr int PV_WG_REGS = 224;
 constexpr int PRODUCER_WG_REGS = 40;
@@ -364,15 +361,11 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
         if (threadIdx.x == 2 * WG_THREADS) prefetch_tensor_map(&kv_map);
     }
 #ifdef MLA_PROGRAMMATIC_LAUNCH
-    if (!DEPENDENTS_AFTER_WAIT) allow_dependent_launch();
+    allow_dependent_launch();  // the combine may take idle SMs and wait there for this grid
     // Launched programmatically behind the stream's previous kernel (the scheduler, or whatever
     // wrote q, the cache or the block table): this CTA's launch and setup overlapped its tail;
     // every global read comes after this wait.
     grid_dependency_wait();
-    // The combine may now take idle SMs and wait there for this grid. Triggered after the wait,
-    // so that once the combine runs, the scheduler's results (num_splits) are complete: the
-    // combine reads them before its own wait.
-    if (DEPENDENTS_AFTER_WAIT) allow_dependent_launch();
 #endif
     if (TRACE_PHASES && threadIdx.x == 0) trace_phase(EV_DEPENDENCY_DONE);
     a.work = load_part(metadata, blockIdx.z);

@@ -377,10 +377,10 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
                                       seqlens, num_splits, out, lse, o_part, lse_part, s_q, h_q, h_k, causal,
                                       scale_log2, kv_evict_first);
 #ifdef MLA_PROGRAMMATIC_LAUNCH
-    // As the shipped decode: every global read after the dependency wait, and the combine
-    // (which reads num_splits before its own wait) launched only after it.
+    allow_dependent_launch();  // the combine may take idle SMs and wait there for this grid
+    // As the shipped decode: launched programmatically behind the scheduler, every global read
+    // comes after this wait.
     grid_dependency_wait();
-    allow_dependent_launch();
 #endif
     a.work = load_part(metadata, blockIdx.z);
     if (a.work.end_req < a.work.begin_req) return;  // idle part
