@@ -41,12 +41,6 @@
 #   small_schedule: the one-warp scheduler for batches of at most 32 requests against the
 #             CTA-wide one (FLASHMLA_BACKEND_SMALL_SCHEDULE=0): the GPU scheduler tests, then the
 #             latency rows' whole call and their anatomy, alternated twice (~2 min)
-#   prologue: the decode's mbarrier init and KV descriptor prefetch before the grid dependency
-#             wait (PROLOGUE_BEFORE_WAIT=1): reference check, GPU decode tests, the latency rows
-#             and their whole call alternated twice, then racecheck and synccheck (~2.5 min)
-#   latency_knobs: prologue, and the combine built with 2 or 4 column slices per row
-#             (COMBINE_COLUMN_SLICES, used where whole rows leave SMs idle: b = 1), and slices +
-#             prologue; checks and the latency A/B of each (~5 min)
 #   trace:    the decode's phase trace (benchmarks/phase_trace.py, -DTRACE_PHASES=1): per event the
 #             median and slowest CTA's time since the first CTA entered, latency rows (reused
 #             schedule, then whole call) and the memory varlen row (~1.5 min)
@@ -87,20 +81,6 @@ check_variants() {
     with_version "$version" timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py \
       > "$ROOT_OUT/$experiment/$label.tests" 2>&1
     echo "== $version GPU decode tests: $(tail -1 "$ROOT_OUT/$experiment/$label.tests")"
-  done
-}
-# latency_ab EXPERIMENT VERSION...: the latency rows and their whole call, shipped and each
-# version alternated twice (bench --no-peers), one line per run.
-latency_ab() {
-  local experiment=$1 round v label; shift
-  . benchmarks/versions.sh
-  for round in 1 2; do
-    for v in shipped "$@"; do
-      label=${v//[+=]/_}_round$round
-      with_version "$v" timeout 90 python -m flashmla_backend.bench --no-peers --no-plots --rows latency \
-        --out "$ROOT_OUT/$experiment/$label" > "$ROOT_OUT/$experiment/$label.md" 2>&1
-      echo "$label: $(grep -E '^\| latency|^Whole' "$ROOT_OUT/$experiment/$label.md" | cut -d'|' -f2,3 | tr '\n' ' ')"
-    done
   done
 }
 for experiment in ${@:-verify}; do
@@ -223,18 +203,6 @@ for experiment in ${@:-verify}; do
         grep "ours+schedule" "$ROOT_OUT/small_schedule/anatomy_$label.log"
       done
     done ;;
-  prologue | latency_knobs)
-    # prologue: the decode knob alone; latency_knobs: it, the combine's column slices (2 and 4)
-    # and both, against shipped on the latency rows.
-    run $experiment
-    variants="shipped+PROLOGUE_BEFORE_WAIT=1"
-    slices=shipped+FLASHMLA_BACKEND_COMBINE_DEFINES=-DCOMBINE_COLUMN_SLICES
-    [ $experiment = latency_knobs ] && variants="$variants ${slices}=4 ${slices}=2 ${slices}=4+PROLOGUE_BEFORE_WAIT=1"
-    check_variants $experiment $variants
-    latency_ab $experiment $variants
-    . benchmarks/versions.sh
-    with_version shipped+PROLOGUE_BEFORE_WAIT=1 env SANITIZER_TOOLS="racecheck synccheck" OUT=$ROOT_OUT/$experiment \
-      timeout 150 bash benchmarks/run_sanitizers.sh ;;
   trace)
     run trace
     . benchmarks/versions.sh

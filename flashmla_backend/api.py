@@ -24,7 +24,6 @@ from .kernel_sources import (
     SCHEDULE_MODULE,
     SCHEDULE_SIGNATURE,
     DecodeLaunchContract,
-    combine_column_slices,
     combine_module,
     decode_launch_contract,
     decode_module,
@@ -51,7 +50,6 @@ class _CallKernels:
     contract: DecodeLaunchContract
     decode_signature: KernelSignature
     combine: int
-    combine_column_slices: int  # what the combine was built for (1: whole rows only)
 
 
 _call_kernels_cache: dict[tuple[int, torch.dtype], _CallKernels] = {}
@@ -68,7 +66,7 @@ def _call_kernels(index: int, dtype: torch.dtype) -> _CallKernels:
     contract = decode_launch_contract(module)
     combine = combine_module(dtype, programmatic)
     cached = _CallKernels(current, get_kernel(module, "mla_decode", index), contract, decode_signature(contract),
-                          get_kernel(combine, "mla_combine", index), combine_column_slices(combine))
+                          get_kernel(combine, "mla_combine", index))
     _call_kernels_cache[(index, dtype)] = cached
     return cached
 
@@ -259,10 +257,7 @@ def flash_mla_with_kvcache(
                   index, shared_mem=DECODE_SMEM_BYTES, programmatic=kernels.settings.programmatic_launch)
     warps_per_row = _combine_warps_per_row(shape.batch, parts)
     rows_per_cta = COMBINE_WARPS // warps_per_row
-    combine_grid = (-(-shape.h_k * rows // rows_per_cta), shape.batch)
-    # Too few CTAs of whole rows for the SMs (b = 1): each takes one column slice instead.
-    slices = kernels.combine_column_slices if combine_grid[0] * combine_grid[1] < sms else 1
-    launch_kernel(kernels.combine, COMBINE_SIGNATURE, (*combine_grid, slices),
+    launch_kernel(kernels.combine, COMBINE_SIGNATURE, (-(-shape.h_k * rows // rows_per_cta), shape.batch, 1),
                   COMBINE_WARPS * 32, (o_part.data_ptr(), lse_part.data_ptr(), num_splits.data_ptr(), out.data_ptr(),
                                        lse.data_ptr(), shape.s_q, shape.h_q, shape.h_k, warps_per_row),
                   index, programmatic=kernels.settings.programmatic_launch)

@@ -100,23 +100,6 @@ def decode_launch_contract(module: KernelModule) -> DecodeLaunchContract:
     return DecodeLaunchContract(int(box.group(1)) if box else PAGE_SIZE, takes_pointer, selects)
 
 
-_COLUMN_SLICES_DEFAULT = re.compile(r"#define\s+COMBINE_COLUMN_SLICES\s+(\d+)")
-_COLUMN_SLICES_DEFINE = re.compile(r"-DCOMBINE_COLUMN_SLICES=(\d+)$")
-
-
-@lru_cache(maxsize=None)
-def combine_column_slices(module: KernelModule) -> int:
-    """Column slices per output row that ``module``'s combine was built for (``COMBINE_COLUMN_SLICES``:
-    its ``-D`` option, else the source's default; 1 when the source has none): a launch with that
-    many CTAs along z splits each row's 512 columns among them."""
-    for define in module.defines:
-        m = _COLUMN_SLICES_DEFINE.match(define)
-        if m:
-            return int(m.group(1))
-    m = _COLUMN_SLICES_DEFAULT.search(assembled_source(module.source_file))
-    return int(m.group(1)) if m else 1
-
-
 #: Parameters of ``mla_schedule``: seqlens, batch, parts, overhead, slack, metadata, num_splits.
 SCHEDULE_SIGNATURE = KernelSignature("mla_schedule", "Q i i i i Q Q")
 #: Parameters of ``mla_combine``: o_part, lse_part, num_splits, out, lse, s_q, h_q, h_k, warps_per_row.

@@ -5,10 +5,6 @@
 // A warp requests its first SPLITS_IN_FLIGHT partial rows, their LSEs and LSE_CHUNK lane-strided
 // LSEs for the max before reducing anything: one L2 round trip before the first FMA, not three
 // (NOTES.md, c2: -0.5 to -0.7 us on the latency rows, H200).
-// With COMBINE_COLUMN_SLICES > 1 a launch with gridDim.z == COMBINE_COLUMN_SLICES gives each CTA
-// one column slice of its rows: the API does so when the full-row grid would leave most SMs idle
-// (a small batch with many splits, b = 1), so that more SMs pull the partials and each warp
-// holds all its splits in flight at once.
 #include "ptx_helpers.cuh"
 #include "mla_common.cuh"
 
@@ -19,41 +15,29 @@ constexpr int VEC_PER_LANE = COLS_PER_LANE / 4;
 #define COMBINE_SPLITS_IN_FLIGHT 4
 #endif
 constexpr int SPLITS_IN_FLIGHT = COMBINE_SPLITS_IN_FLIGHT;
-#ifndef COMBINE_COLUMN_SLICES  // an A/B knob: 1 (off) or 2, 4 (column slices per row when launched so)
-#define COMBINE_COLUMN_SLICES 1
-#endif
-constexpr int COLUMN_SLICES = COMBINE_COLUMN_SLICES;
-static_assert(VEC_PER_LANE % COLUMN_SLICES == 0, "a slice is whole float4 columns of every lane");
-constexpr int SLICE_VEC_PER_LANE = VEC_PER_LANE / COLUMN_SLICES;
-// Sliced warps hold fewer columns, so more splits: 8 covers b = 1 (64 splits, 8 warps a row) in
-// one round trip; 16 took the kernel from 124 to 179 registers, full-row path included.
-constexpr int SLICE_SPLITS_IN_FLIGHT = 2 * SPLITS_IN_FLIGHT;
 constexpr int LSE_CHUNK = 4;  // LSEs per lane loaded at once: 128 splits per round trip
 
 // A group of SPLITS_IN_FLIGHT partial rows of one warp: rows i0, i0 + step, ... (zero rows and
-// -inf LSEs past count).
-// VECS float4 columns per lane, from float4 column vec0 on (a row is 128 float4 columns).
-template <int VECS, int IN_FLIGHT>
+// -inf LSEs past count), VEC_PER_LANE float4 columns per lane (a row is 128 float4 columns).
 struct SplitGroup {
-    float lse[IN_FLIGHT];
-    float4 v[IN_FLIGHT][VECS];
+    float lse[SPLITS_IN_FLIGHT];
+    float4 v[SPLITS_IN_FLIGHT][VEC_PER_LANE];
 };
 
-template <int VECS, int IN_FLIGHT>
-DEVICE void load_group(SplitGroup<VECS, IN_FLIGHT>& g, const float* o_part, const float* lse_part, size_t base,
-                       size_t split_stride, int i0, int step, int count, int vec0, int lane) {
+DEVICE void load_group(SplitGroup& g, const float* o_part, const float* lse_part, size_t base,
+                       size_t split_stride, int i0, int step, int count, int lane) {
 #pragma unroll
-    for (int u = 0; u < IN_FLIGHT; ++u) {
+    for (int u = 0; u < SPLITS_IN_FLIGHT; ++u) {
         const int i = i0 + u * step;
         g.lse[u] = NEG_INF;
 #pragma unroll
-        for (int j = 0; j < VECS; ++j) g.v[u][j] = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int j = 0; j < VEC_PER_LANE; ++j) g.v[u][j] = make_float4(0.f, 0.f, 0.f, 0.f);
         if (i < count) {
             const size_t prow = base + i * split_stride;
             g.lse[u] = lse_part[prow];
-            const float4* src = reinterpret_cast<const float4*>(o_part + prow * HEAD_DIM_V) + vec0;
+            const float4* src = reinterpret_cast<const float4*>(o_part + prow * HEAD_DIM_V);
 #pragma unroll
-            for (int j = 0; j < VECS; ++j) g.v[u][j] = src[j * 32 + lane];
+            for (int j = 0; j < VEC_PER_LANE; ++j) g.v[u][j] = src[j * 32 + lane];
         }
     }
 }
@@ -68,11 +52,10 @@ DEVICE void load_lse_chunk(float (&l)[LSE_CHUNK], const float* lse_part, size_t 
     }
 }
 
-// One CTA's rows of request blockIdx.y, columns [slice * VECS * 128, (slice + 1) * VECS * 128).
-template <int VECS, int IN_FLIGHT>
+// One CTA's rows of request blockIdx.y.
 DEVICE void combine_rows(const float* __restrict__ o_part, const float* __restrict__ lse_part,
                          const int* __restrict__ num_splits, uint16_t* __restrict__ out,
-                         float* __restrict__ lse, int s_q, int h_q, int h_k, int warps_per_row, int slice,
+                         float* __restrict__ lse, int s_q, int h_q, int h_k, int warps_per_row,
                          float4 (&partial)[COMBINE_WARPS][HEAD_DIM_V / 4]) {
     const int req = blockIdx.y;
     const int first = num_splits[req], count = num_splits[req + 1] - first;
@@ -87,16 +70,15 @@ DEVICE void combine_rows(const float* __restrict__ o_part, const float* __restri
     const size_t split_stride = (size_t)h_k * rows;
     const size_t base = (size_t)first * split_stride + (size_t)kh * rows + row;
     const int step = warps_per_row;  // this warp's splits: sub, sub + step, ...
-    const int vec0 = slice * VECS * 32;  // the slice's first float4 column
 
     float lse_max = NEG_INF, lse_total = NEG_INF;
-    float4 acc[VECS];
+    float4 acc[VEC_PER_LANE];
 #pragma unroll
-    for (int j = 0; j < VECS; ++j) acc[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int j = 0; j < VEC_PER_LANE; ++j) acc[j] = make_float4(0.f, 0.f, 0.f, 0.f);
     if (active) {
         // Everything the first group needs is requested before anything is reduced.
-        SplitGroup<VECS, IN_FLIGHT> g;
-        load_group(g, o_part, lse_part, base, split_stride, sub, step, count, vec0, lane);
+        SplitGroup g;
+        load_group(g, o_part, lse_part, base, split_stride, sub, step, count, lane);
         float l[LSE_CHUNK];
         load_lse_chunk(l, lse_part, base, split_stride, lane, count);
         float lane_max = NEG_INF;
@@ -122,46 +104,46 @@ DEVICE void combine_rows(const float* __restrict__ o_part, const float* __restri
             lse_total = lse_max + __logf(warp_reduce_sum(sum));
             for (int i0 = sub;;) {
 #pragma unroll
-                for (int u = 0; u < IN_FLIGHT; ++u) {
+                for (int u = 0; u < SPLITS_IN_FLIGHT; ++u) {
                     const float w = __expf(g.lse[u] - lse_total);
 #pragma unroll
-                    for (int j = 0; j < VECS; ++j) {
+                    for (int j = 0; j < VEC_PER_LANE; ++j) {
                         acc[j].x += w * g.v[u][j].x; acc[j].y += w * g.v[u][j].y;
                         acc[j].z += w * g.v[u][j].z; acc[j].w += w * g.v[u][j].w;
                     }
                 }
-                i0 += step * IN_FLIGHT;
+                i0 += step * SPLITS_IN_FLIGHT;
                 if (i0 >= count) break;
-                load_group(g, o_part, lse_part, base, split_stride, i0, step, count, vec0, lane);
+                load_group(g, o_part, lse_part, base, split_stride, i0, step, count, lane);
             }
         }
     }
     if (warps_per_row > 1) {
 #pragma unroll
-        for (int j = 0; j < VECS; ++j) partial[warp][j * 32 + lane] = acc[j];
+        for (int j = 0; j < VEC_PER_LANE; ++j) partial[warp][j * 32 + lane] = acc[j];
         __syncthreads();
         if (sub != 0) return;
         for (int w = 1; w < warps_per_row; ++w)
 #pragma unroll
-            for (int j = 0; j < VECS; ++j) {
+            for (int j = 0; j < VEC_PER_LANE; ++j) {
                 const float4 v = partial[warp + w][j * 32 + lane];
                 acc[j].x += v.x; acc[j].y += v.y; acc[j].z += v.z; acc[j].w += v.w;
             }
     }
     if (!active) return;
     const int s_idx = row / group, head = kh * group + row % group;
-    uint16_t* dst = out + ((size_t)(req * s_q + s_idx) * h_q + head) * HEAD_DIM_V + vec0 * 4;
+    uint16_t* dst = out + ((size_t)(req * s_q + s_idx) * h_q + head) * HEAD_DIM_V;
 #pragma unroll
-    for (int j = 0; j < VECS; ++j)  // all-masked rows: acc stays 0
+    for (int j = 0; j < VEC_PER_LANE; ++j)  // all-masked rows: acc stays 0
         *reinterpret_cast<uint2*>(dst + (j * 32 + lane) * 4) =
             make_uint2(pack_half2(acc[j].x, acc[j].y), pack_half2(acc[j].z, acc[j].w));
-    if (lane == 0 && slice == 0)  // every key masked or absent: lse = +inf
+    if (lane == 0)  // every key masked or absent: lse = +inf
         lse[((size_t)(req) * h_q + head) * s_q + s_idx] = lse_max == NEG_INF ? POS_INF : lse_total;
 }
 
 // o_part: [splits, h_k, rows, 512] f32; lse_part: [splits, h_k, rows] f32 with rows = s_q*G.
 // out: contiguous [b, s_q, h_q, 512]; lse: contiguous [b, h_q, s_q].
-// Grid (ceil(h_k * rows / (8 / warps_per_row)), b, 1 or COLUMN_SLICES); warps_per_row in {1, 2, 4, 8}.
+// Grid (ceil(h_k * rows / (8 / warps_per_row)), b); warps_per_row in {1, 2, 4, 8}.
 extern "C" __global__ void __launch_bounds__(COMBINE_WARPS * 32)
 mla_combine(const float* __restrict__ o_part, const float* __restrict__ lse_part,
             const int* __restrict__ num_splits, uint16_t* __restrict__ out,
@@ -173,10 +155,5 @@ mla_combine(const float* __restrict__ o_part, const float* __restrict__ lse_part
     // this grid never completes (and releases the stream's next kernel) before the decode has.
     grid_dependency_wait();
 #endif
-    if (COLUMN_SLICES > 1 && gridDim.z == COLUMN_SLICES)
-        combine_rows<SLICE_VEC_PER_LANE, SLICE_SPLITS_IN_FLIGHT>(o_part, lse_part, num_splits, out, lse, s_q, h_q,
-                                                                 h_k, warps_per_row, blockIdx.z, partial);
-    else
-        combine_rows<VEC_PER_LANE, SPLITS_IN_FLIGHT>(o_part, lse_part, num_splits, out, lse, s_q, h_q, h_k,
-                                                     warps_per_row, 0, partial);
+    combine_rows(o_part, lse_part, num_splits, out, lse, s_q, h_q, h_k, warps_per_row, partial);
 }

@@ -28,9 +28,6 @@
 
 constexpr int KV_STAGES = 2;
 
-#ifndef PROLOGUE_BEFORE_WAIT
-#define PROLOGUE_BEFORE_WAIT 0      // barrier init and the KV descriptor's prefetch before the grid dependency wait
-#endif
 constexpr int SOFTMAX_WG_REGS = 240;
 constexpr int PV_WG_REGS = 224;
 constexpr int PRODUCER_WG_REGS = 40;
@@ -354,12 +351,6 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
                                       seqlens, num_splits, out, lse, o_part, lse_part, s_q, h_q, h_k, causal,
                                       scale_log2, kv_evict_first);
     if (TRACE_PHASES && threadIdx.x == 0) trace_phase(EV_ENTRY);
-    // The mbarriers and the KV descriptor depend on nothing the previous kernel writes: with
-    // PROLOGUE_BEFORE_WAIT they are set up while a programmatic launch still waits for it.
-    if (PROLOGUE_BEFORE_WAIT) {
-        if (threadIdx.x == 0) init_ring_barriers(sm, load_by_cp_async);
-        if (threadIdx.x == 2 * WG_THREADS) prefetch_tensor_map(&kv_map);
-    }
 #ifdef MLA_PROGRAMMATIC_LAUNCH
     allow_dependent_launch();  // the combine may take idle SMs and wait there for this grid
     // Launched programmatically behind the stream's previous kernel (the scheduler, or whatever
@@ -372,7 +363,7 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     if (a.work.end_req < a.work.begin_req) return;  // idle part (the whole CTA)
 
     const int tid = threadIdx.x;
-    if (!PROLOGUE_BEFORE_WAIT && tid == 0) init_ring_barriers(sm, load_by_cp_async);
+    if (tid == 0) init_ring_barriers(sm, load_by_cp_async);
     __syncthreads();
 
     const int wg = tid / WG_THREADS;

@@ -104,12 +104,6 @@ DEVICE void tma_load_4d(void* dst, const void* tensor_map, uint64_t* bar,
         : "memory");
 }
 
-// Fetches a TMA descriptor (a __grid_constant__ kernel parameter) into the descriptor cache, so
-// that the first TMA issue does not wait for it.
-DEVICE void prefetch_tensor_map(const void* tensor_map) {
-    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(tensor_map)) : "memory");
-}
-
 // TMA prefetch of the same 4-D tile into L2 only (no smem, no barrier): a page can be on its
 // way from DRAM before a ring stage is free for it.
 DEVICE void tma_prefetch_l2_4d(const void* tensor_map, int c0, int c1, int c2, int c3) {

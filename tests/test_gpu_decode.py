@@ -82,24 +82,6 @@ def test_both_kv_producers(producer: str, h_q: int, h_k: int, s_q: int, dtype: t
     run_and_check(p, dtype)
 
 
-# The combine built with column slices (COMBINE_COLUMN_SLICES): small batches whose whole-row
-# grid leaves SMs idle take the sliced path (b = 1: 16 or 2 CTAs of rows); odd heads, s_q > 1,
-# two KV heads, empty sequences; a batch large enough for whole rows takes the other path.
-@pytest.mark.parametrize("slices", [2, 4])
-@pytest.mark.parametrize("lengths,s_q,h_q,h_k", [([8192], 1, 16, 1), ([30000], 2, 3, 1), ([0, 5000, 0], 4, 16, 1),
-                                                 ([4096, 1], 1, 32, 2), ([2048] * 8, 1, 128, 1),
-                                                 ([3000] * 64, 2, 128, 1)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_combine_column_slices(slices: int, lengths: list[int], s_q: int, h_q: int, h_k: int, dtype: torch.dtype,
-                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from flashmla_backend.api import _call_kernels
-
-    monkeypatch.setenv("FLASHMLA_BACKEND_COMBINE_DEFINES", f"-DCOMBINE_COLUMN_SLICES={slices}")
-    assert _call_kernels(0, dtype).combine_column_slices == slices
-    p = make_problem(lengths, s_q, h_q, h_k, dtype, causal=True, seed=slices + h_q + len(lengths))
-    run_and_check(p, dtype)
-
-
 def test_long_context_mixed_batch() -> None:
     p = make_problem([1, 65536, 0, 70000, 63], 2, 16, causal=True, seed=3)
     run_and_check(p, torch.bfloat16)

@@ -161,23 +161,6 @@ def test_small_scheduler_has_no_barrier_and_no_shared_memory() -> None:
         assert not re.search(rf"\b{opcode}\b", small), f"{opcode} in mla_schedule_small"
 
 
-@pytest.mark.parametrize("slices", [2, 4])
-def test_combine_column_slices_keep_the_whole_row_occupancy(slices: int) -> None:
-    # The sliced path shares the kernel with the whole-row one: it must not push the combine past
-    # 128 registers (two CTAs of 256 threads per SM), nor spill.
-    import torch
-
-    from flashmla_backend.kernel_sources import combine_column_slices, combine_module
-    from flashmla_backend.offline_compile import compile_to_cubin
-
-    base = combine_module(torch.bfloat16, True)
-    module = KernelModule(base.source_file, base.entry_points, base.dtype,
-                          base.extra_defines + (f"-DCOMBINE_COLUMN_SLICES={slices}",))
-    assert combine_column_slices(module) == slices and combine_column_slices(base) == 1
-    _, log = compile_to_cubin(module, module.options + ("--ptxas-options=-v",))
-    regs = int(re.search(r"Used (\d+) registers", log).group(1))
-    assert regs <= 128, log
-    assert "0 bytes spill stores" in log, log
 
 
 def test_fp16_variant_differs_from_bf16() -> None:
