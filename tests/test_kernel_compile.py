@@ -78,6 +78,22 @@ def test_softmax_kept_max_path_keeps_p_in_place(dtype_name: str) -> None:
     assert len(copies) < 8, f"{len(copies)} register copies after the kept-max vote:\n" + "\n".join(copies)
 
 
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_output_and_partial_stores_are_16_bytes_a_lane(dtype_name: str) -> None:
+    # v34: O and the float32 partials leave by quad exchange, 16 bytes a lane. Narrower stores
+    # (8 bytes of a partial or 4 of the output a lane, the accumulator layout as is) took the
+    # b = 8 epilogue from 2.4 back to 3.1 us on an H200 (NOTES.md "v34"); only the LSEs are 4-byte.
+    import torch
+
+    text = sass(decode_module(getattr(torch, dtype_name)))
+    widths = re.findall(r"\bSTG\.E(\.\w+)?", text)
+    wide = sum(1 for w in widths if w == ".128")
+    narrow = [w for w in widths if w not in (".128", "")]
+    assert wide >= 64, f"{wide} 16-byte stores: the quad-exchanged O / partial stores are missing"
+    assert not narrow, f"narrow global stores in the decode: {narrow}"
+    assert widths.count("") <= 4, f"{widths.count('')} 4-byte stores (the LSE writes are 4)"
+
+
 def shipped_decode_with(*defines: str) -> tuple[KernelModule, KernelModule]:
     """(the shipped bf16 decode, the same with extra -D knobs), the latter compiled without warnings."""
     import torch
