@@ -104,13 +104,6 @@ DEVICE void tma_load_4d(void* dst, const void* tensor_map, uint64_t* bar,
         : "memory");
 }
 
-// TMA prefetch of the same 4-D tile into L2 only (no smem, no barrier): a page can be on its
-// way from DRAM before a ring stage is free for it.
-DEVICE void tma_prefetch_l2_4d(const void* tensor_map, int c0, int c1, int c2, int c3) {
-    asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];"
-                 ::"l"(tensor_map), "r"(c0), "r"(c1), "r"(c2), "r"(c3) : "memory");
-}
-
 // cp.async: 16 bytes global -> shared, cached in L2 only (pages are read once per CTA).
 DEVICE void cp_async_16(void* dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
@@ -271,7 +264,8 @@ DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) {
 }
 
 // D[64x16] / D[64x32] (+)= A[64x16] * B[16xN] with the query rows on N, for few rows per KV
-// head (benchmarks/kernel_versions/mla_decode_v5_heads_on_n.cu). B is K-major; A is K-major
+// head (v5, rejected: `git show efdf8d6^:benchmarks/kernel_versions/mla_decode_v5_heads_on_n.cu`;
+// kept for the heads-on-N designs in NOTES.md). B is K-major; A is K-major
 // (TRANS_A = 0: scores S^T = K Q^T) or MN-major (TRANS_A = 1: O^T += V^T P^T, V read
 // straight from the K tile).
 template <int TRANS_A>
