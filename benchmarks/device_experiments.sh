@@ -41,6 +41,10 @@
 #   small_schedule: the one-warp scheduler for batches of at most 32 requests against the
 #             CTA-wide one (FLASHMLA_BACKEND_SMALL_SCHEDULE=0): the GPU scheduler tests, then the
 #             latency rows' whole call and their anatomy, alternated twice (~2 min)
+#   v35a:     warpgroup 0 publishes P(k) only after its scores of page k + 1 (DEFER_P_READY=1), so
+#             warpgroup 1's half of P V runs during the next softmax instead of beside the
+#             scores: the full A/B (reference check, timing, four sanitizers, GPU unit tests)
+#             (~6 min)
 #   trace:    the decode's phase trace (benchmarks/phase_trace.py, -DTRACE_PHASES=1): per event the
 #             median and slowest CTA's time since the first CTA entered, latency rows (reused
 #             schedule, then whole call) and the memory varlen row (~1.5 min)
@@ -203,6 +207,9 @@ for experiment in ${@:-verify}; do
         grep "ours+schedule" "$ROOT_OUT/small_schedule/anatomy_$label.log"
       done
     done ;;
+  v35a)
+    run v35a
+    OUT=$ROOT_OUT/v35a timeout 580 bash benchmarks/ab_session.sh shipped+DEFER_P_READY=1 ;;
   trace)
     run trace
     . benchmarks/versions.sh

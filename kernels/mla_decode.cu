@@ -27,6 +27,12 @@
 #include "mla_softmax.cuh"
 
 constexpr int KV_STAGES = 2;
+// A/B knob (v35a, off): warpgroup 0 publishes P(k) to warpgroup 1 only once its scores of page
+// k + 1 (same piece) are done, so warpgroup 1's half of P V(k) runs during the softmax of k + 1,
+// when the tensor pipe is otherwise idle, instead of sharing it with those scores.
+#ifndef DEFER_P_READY
+#define DEFER_P_READY 0
+#endif
 
 constexpr int SOFTMAX_WG_REGS = 240;
 constexpr int PV_WG_REGS = 224;
@@ -210,6 +216,8 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
             wgmma_commit();
             wgmma_wait<0>();
             fence_accumulators(s);
+            if (DEFER_P_READY && page > piece.page_begin)  // the previous page's P, held back until now
+                mbarrier_arrive(sm.handoff_bar(HB_P_READY + (it - 1) % KV_STAGES));
 
             const int tok0 = page * PAGE_SIZE;
             if (tok0 + PAGE_SIZE > min_limit) {
@@ -259,7 +267,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
                 sm.row_scale(stage)[row0 + 8] = alpha[1];
             }
             fence_proxy_async_smem();
-            mbarrier_arrive(sm.handoff_bar(HB_P_READY + stage));
+            if (!DEFER_P_READY || page + 1 == piece.page_end) mbarrier_arrive(sm.handoff_bar(HB_P_READY + stage));
             wgmma_wait<0>();
             fence_accumulators(o);
             fence_fragments(p);  // the P V wgmma read p until the wait
