@@ -48,6 +48,9 @@
 #   trace:    the decode's phase trace (benchmarks/phase_trace.py, -DTRACE_PHASES=1): per event the
 #             median and slowest CTA's time since the first CTA entered, latency rows (reused
 #             schedule, then whole call) and the memory varlen row (~1.5 min)
+#   pages:    the page anatomy (phase_trace.py --pages: scores, softmax, each warpgroup's P V and
+#             the waits, in SM cycles) of 128,1,128 and 128,1,16,4096, shipped and with
+#             DEFER_P_READY=1 (v35a) (~1.5 min)
 #   clocks:   SM clock, power and clock event reasons under seconds of back-to-back calls:
 #             matmul, ours, and the peers if the vLLM bundle is installed (benchmarks/clock_probe.py; ~1-2 min)
 #   sustained: the sustained table: every anchor row but the latency ones back to back, ours and
@@ -222,6 +225,17 @@ for experiment in ${@:-verify}; do
     trace_rows latency shipped --rows latency
     trace_rows latency_whole_call shipped --rows latency --whole-call
     trace_rows memory_varlen shipped --rows "varlen 4096" ;;
+  pages)
+    run pages
+    . benchmarks/versions.sh
+    for version in shipped shipped+DEFER_P_READY=1; do
+      label=${version//[+=]/_}
+      with_version "$version" timeout 150 python benchmarks/phase_trace.py --pages --rows "128, 1, 128" \
+        --out "$ROOT_OUT/pages/compute_$label" > "$ROOT_OUT/pages/compute_$label.log" 2>&1
+      with_version "$version" timeout 150 python benchmarks/phase_trace.py --pages --rows "128, 1, 16, 4096" \
+        --out "$ROOT_OUT/pages/memory_$label" > "$ROOT_OUT/pages/memory_$label.log" 2>&1
+      echo "== $version"; sed -n '/page anatomy/,$p' "$ROOT_OUT/pages/compute_$label.log" "$ROOT_OUT/pages/memory_$label.log"
+    done ;;
   clocks)
     run clocks
     timeout 200 python benchmarks/clock_probe.py --out "$ROOT_OUT/clocks" > "$ROOT_OUT/clocks/probe.log" 2>&1

@@ -202,6 +202,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
             const SmemOperand<CHUNK_BYTES> kv_tile_v(smem_addr(kv_tile));  // V for P V
             mbarrier_wait(&sm.full_bar()[stage], (it / KV_STAGES) & 1);
             if (TRACE_PHASES && tid == 0 && page == piece.page_begin) trace_piece(pieces, PIECE_FIRST_PAGE);
+            if (TRACE_PHASES && tid == 0) trace_page(pieces == 0, page - piece.page_begin, PG_READY);
 
             float s[32];
 #pragma unroll
@@ -216,6 +217,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
             wgmma_commit();
             wgmma_wait<0>();
             fence_accumulators(s);
+            if (TRACE_PHASES && tid == 0) trace_page(pieces == 0, page - piece.page_begin, PG_SCORES_DONE);
             if (DEFER_P_READY && page > piece.page_begin)  // the previous page's P, held back until now
                 mbarrier_arrive(sm.handoff_bar(HB_P_READY + (it - 1) % KV_STAGES));
 
@@ -268,9 +270,11 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
             }
             fence_proxy_async_smem();
             if (!DEFER_P_READY || page + 1 == piece.page_end) mbarrier_arrive(sm.handoff_bar(HB_P_READY + stage));
+            if (TRACE_PHASES && tid == 0) trace_page(pieces == 0, page - piece.page_begin, PG_P_STORED);
             wgmma_wait<0>();
             fence_accumulators(o);
             fence_fragments(p);  // the P V wgmma read p until the wait
+            if (TRACE_PHASES && tid == 0) trace_page(pieces == 0, page - piece.page_begin, PG_PV0_DONE);
             mbarrier_arrive(&sm.empty_bar()[stage]);
         }
 
@@ -317,8 +321,10 @@ DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
         for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
             const int stage = it % KV_STAGES;
             mbarrier_wait(sm.handoff_bar(HB_P_READY + stage), (it / KV_STAGES) & 1);
+            if (TRACE_PHASES && tid == 0) trace_page(pieces == 0, page - piece.page_begin, PG_P_RECEIVED);
             rescale_rows_if_needed(o, sm.row_scale(stage)[row0], sm.row_scale(stage)[row0 + 8]);
             pv_gemm(o, smem_addr(sm.p(stage)), smem_addr(sm.kv(stage)) + RIGHT_HALF_BYTES);
+            if (TRACE_PHASES && tid == 0) trace_page(pieces == 0, page - piece.page_begin, PG_PV1_DONE);
             mbarrier_arrive(&sm.empty_bar()[stage]);
         }
         float row_sum[2] = {0.f, 0.f}, row_lse[2] = {0.f, 0.f};

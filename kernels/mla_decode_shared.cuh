@@ -56,6 +56,31 @@ DEVICE void trace_piece(int piece, PieceEvent which) {
     if (piece < TRACE_PIECES) trace_phase(EV_PIECE0 + 4 * piece + which);
 }
 
+// Page anatomy: the first TRACE_PAGES pages of a CTA's first piece with pages, stamped by thread
+// 0 of each math warpgroup with the SM's cycle counter (the global timer is too coarse for
+// sub-microsecond phases; both warpgroups share the SM, so their cycles compare).
+constexpr int TRACE_PAGES = 8;
+enum PageEvent {
+    PG_READY = 0,        // warpgroup 0: the page's full barrier passed
+    PG_SCORES_DONE = 1,  // warpgroup 0: S = Q K^T waited for
+    PG_P_STORED = 2,     // warpgroup 0: P and the row scales stored for warpgroup 1
+    PG_PV0_DONE = 3,     // warpgroup 0: its half of P V waited for
+    PG_P_RECEIVED = 4,   // warpgroup 1: P_READY passed
+    PG_PV1_DONE = 5,     // warpgroup 1: its half of P V done
+    PAGE_EVENTS = 6,
+};
+#if TRACE_PHASES
+__device__ long long g_page_trace[TRACE_MAX_CTAS][TRACE_PAGES][PAGE_EVENTS];
+#endif
+
+// `page` counts from the piece's first page; `first_piece`: no earlier piece of this CTA had pages.
+DEVICE void trace_page(bool first_piece, int page, PageEvent which) {
+#if TRACE_PHASES
+    const int cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    if (first_piece && page < TRACE_PAGES && cta < TRACE_MAX_CTAS) g_page_trace[cta][page][which] = clock64();
+#endif
+}
+
 // One (request, page range) of a part's work.
 struct Piece {
     int req, page_begin, page_end, split;

@@ -41,6 +41,36 @@ def test_event_table_mirrors_the_source() -> None:
     assert names[piece0 + 4 * 2 + int(offsets["PIECE_STORED"])] == "piece 2: output stored"
 
 
+def test_page_event_table_mirrors_the_source() -> None:
+    source = assembled_source("mla_decode_shared.cuh")
+    assert _source_int(source, r"constexpr int TRACE_PAGES = (\d+);") == phase_trace.TRACE_PAGES
+    assert _source_int(source, r"PAGE_EVENTS = (\d+)") == len(phase_trace.PAGE_EVENT_NAMES)
+    for name, index in (("PG_READY", phase_trace.READY), ("PG_SCORES_DONE", phase_trace.SCORES),
+                        ("PG_P_STORED", phase_trace.P_STORED), ("PG_PV0_DONE", phase_trace.PV0),
+                        ("PG_P_RECEIVED", phase_trace.P_RECEIVED), ("PG_PV1_DONE", phase_trace.PV1)):
+        assert _source_int(source, rf"{name} = (\d+)") == index, name
+    decode = assembled_source("mla_decode.cu")
+    for name in ("PG_READY", "PG_SCORES_DONE", "PG_P_STORED", "PG_PV0_DONE", "PG_P_RECEIVED", "PG_PV1_DONE"):
+        assert f", {name});" in decode, f"the decode never stamps {name}"
+
+
+def test_page_anatomy_pairs_stamps_within_and_across_pages() -> None:
+    table = np.zeros((phase_trace.TRACE_MAX_CTAS, phase_trace.TRACE_PAGES, len(phase_trace.PAGE_EVENT_NAMES)),
+                     dtype=np.int64)
+    for cta, period in ((0, 1000), (1, 3000)):  # two CTAs: pages every 1000 / 3000 cycles
+        for page in range(3):  # three pages stamped, the rest not
+            t0 = 10_000 + page * period
+            table[cta, page] = (t0, t0 + 400, t0 + 700, t0 + 800, t0 + 750, t0 + 950)
+    table[2, 0, 0] = 1  # past the grid's 2 CTAs: ignored
+    out = phase_trace.page_anatomy(table, 2)
+    assert out["scores (warpgroup 0)"] == (400.0, 6)
+    assert out["softmax and P store (warpgroup 0)"] == (300.0, 6)
+    assert out["P V (warpgroup 1)"] == (200.0, 6)
+    assert out["page period (warpgroup 0)"] == (2000.0, 4)  # median of 1000, 1000, 3000, 3000
+    assert out["wait for the next page (warpgroup 0)"] == (1200.0, 4)  # 200, 200, 2200, 2200
+    assert phase_trace.page_anatomy(np.zeros_like(table), 2) == {}
+
+
 def test_summary_is_relative_to_the_first_entry_and_skips_unstamped() -> None:
     table = np.zeros((phase_trace.TRACE_MAX_CTAS, phase_trace.TRACE_EVENTS), dtype=np.uint64)
     base = 10_000_000_000
@@ -66,5 +96,7 @@ def test_traced_decode_compiles_and_reads_the_global_timer() -> None:
     traced = KernelModule(base.source_file, base.entry_points, base.dtype, base.extra_defines + ("-DTRACE_PHASES=1",))
     cubin, log = compile_to_cubin(traced, traced.options + ("--ptxas-options=-v",))
     assert "0 bytes spill stores" in log, log
-    assert "SR_GLOBALTIMER" in disassemble(cubin)
+    text = disassemble(cubin)
+    assert "SR_GLOBALTIMER" in text
+    assert "SR_CLOCK" in text, "the page anatomy reads the SM cycle counter"
     assert "SR_GLOBALTIMER" not in disassemble(compile_to_cubin(base)[0]), "the shipped decode must not trace"
