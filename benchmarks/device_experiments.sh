@@ -45,12 +45,15 @@
 #             warpgroup 1's half of P V runs during the next softmax instead of beside the
 #             scores: the full A/B (reference check, timing, four sanitizers, GPU unit tests)
 #             (~6 min)
+#   v35b:     v35a with each stage's barriers split in two (chunks 0-3 freed by warpgroup 0, 4-8 by
+#             warpgroup 1; the scores start on the left chunks): the full A/B, v35a beside it
+#             in the timing (~7 min)
 #   trace:    the decode's phase trace (benchmarks/phase_trace.py, -DTRACE_PHASES=1): per event the
 #             median and slowest CTA's time since the first CTA entered, latency rows (reused
 #             schedule, then whole call) and the memory varlen row (~1.5 min)
 #   pages:    the page anatomy (phase_trace.py --pages: scores, softmax, each warpgroup's P V and
-#             the waits, in SM cycles) of 128,1,128 and 128,1,16,4096, shipped and with
-#             DEFER_P_READY=1 (v35a) (~1.5 min)
+#             the waits, in SM cycles) of 128,1,128 and 128,1,16,4096: shipped, v35a
+#             (DEFER_P_READY=1) and v35b (~2 min)
 #   clocks:   SM clock, power and clock event reasons under seconds of back-to-back calls:
 #             matmul, ours, and the peers if the vLLM bundle is installed (benchmarks/clock_probe.py; ~1-2 min)
 #   sustained: the sustained table: every anchor row but the latency ones back to back, ours and
@@ -213,6 +216,10 @@ for experiment in ${@:-verify}; do
   v35a)
     run v35a
     OUT=$ROOT_OUT/v35a timeout 580 bash benchmarks/ab_session.sh shipped+DEFER_P_READY=1 ;;
+  v35b)
+    run v35b
+    OUT=$ROOT_OUT/v35b timeout 580 bash benchmarks/ab_session.sh mla_decode_v35b_split_stage_barriers \
+      shipped+DEFER_P_READY=1 ;;
   trace)
     run trace
     . benchmarks/versions.sh
@@ -228,7 +235,7 @@ for experiment in ${@:-verify}; do
   pages)
     run pages
     . benchmarks/versions.sh
-    for version in shipped shipped+DEFER_P_READY=1; do
+    for version in shipped shipped+DEFER_P_READY=1 mla_decode_v35b_split_stage_barriers; do
       label=${version//[+=]/_}
       with_version "$version" timeout 150 python benchmarks/phase_trace.py --pages --rows "128, 1, 128" \
         --out "$ROOT_OUT/pages/compute_$label" > "$ROOT_OUT/pages/compute_$label.log" 2>&1

@@ -1,0 +1,370 @@
+// EXPERIMENT v35b (not shipped, not yet run on a GPU; NOTES.md "v35a", "v35b"): the shipped decode
+// with v35a's deferred P hand-off (warpgroup 0 publishes P(k) once its scores of page k + 1 are
+// done, so warpgroup 1's half of P V(k) fills the next softmax) and each KV stage guarded by two
+// pairs of mbarriers instead of one:
+//   left  = chunks 0-3 (K columns 0-255 = V's left half): read by warpgroup 0 only (scores, its
+//           P V), released by it after its P V, so the next page's left half is loaded early;
+//   right = chunks 4-8 (V's right half and the rope chunk, which holds P after the scores):
+//           released by warpgroup 1 after its P V, which v35a moved later.
+// The scores start on the left chunks while the right ones may still be in flight. TMA only
+// (one producer thread); the API passes no cache pointer or producer choice. Otherwise the
+// shipped decode of 2026-12-06 (kernels/mla_decode.cu at v34), roles and all.
+#include "mla_decode_shared.cuh"
+#include "mla_softmax.cuh"
+
+constexpr int KV_STAGES = 2;
+// v35a (on here): warpgroup 0 publishes P(k) to warpgroup 1 only once its scores of page
+// k + 1 (same piece) are done, so warpgroup 1's half of P V(k) runs during the softmax of k + 1,
+// when the tensor pipe is otherwise idle, instead of sharing it with those scores.
+#ifndef DEFER_P_READY
+#define DEFER_P_READY 1
+#endif
+
+constexpr int SOFTMAX_WG_REGS = 240;
+constexpr int PV_WG_REGS = 224;
+constexpr int PRODUCER_WG_REGS = 40;
+static_assert(WG_THREADS * (SOFTMAX_WG_REGS + PV_WG_REGS + PRODUCER_WG_REGS) <=
+                  DECODE_THREADS * LAUNCH_REGS_PER_THREAD,
+              "register split exceeds the registers the CTA is launched with");
+
+// TMA only: the API passes no cache pointer and no producer choice (literals it reads).
+constexpr bool TAKES_KV_POINTER = false;
+constexpr bool SELECTS_KV_PRODUCER = false;
+
+// A stage's two barrier groups (index into SharedTiles::full_bar / empty_bar).
+constexpr int GROUP_LEFT = 0;             // chunks 0 .. LEFT_CHUNKS - 1
+constexpr int GROUP_RIGHT = 1;            // chunks LEFT_CHUNKS .. QK_CHUNKS - 1 (the rope chunk too)
+constexpr int STAGE_GROUPS = 2;
+constexpr int LEFT_CHUNKS = V_CHUNKS / 2;  // 4: warpgroup 0's half of V
+
+// Hand-off mbarriers between the math warpgroups (index into SharedTiles::handoff_bar()).
+constexpr int HB_Q_READY = 0;    // both WGs copied Q       (256 arrivals, WG0 waits)
+constexpr int HB_STATS = 1;      // WG0 stored row max/sum  (128 arrivals, WG1 waits)
+constexpr int HB_P_READY = 2;    // + stage: WG0 stored P and scales of that stage (128 arrivals)
+constexpr int HANDOFF_BARRIERS = 2 + KV_STAGES;
+constexpr int ROPE_CHUNK = QK_CHUNKS - 1;  // a page's chunk that holds its P after its scores
+// Named barriers (0 is __syncthreads).
+constexpr int BAR_WG0 = 2;       // WG0's V-tail zeroes, before its P V wgmma
+
+// Shared memory map (byte offsets from a 1024-aligned base).
+constexpr int SMEM_Q = 0;
+constexpr int SMEM_KV = TILE_BYTES;
+constexpr int SMEM_ROW_SCALE = SMEM_KV + KV_STAGES * TILE_BYTES;
+constexpr int SMEM_ROW_MAX = SMEM_ROW_SCALE + KV_STAGES * BLOCK_M * 4;  // row_scale: one per stage
+constexpr int SMEM_ROW_SUM = SMEM_ROW_MAX + BLOCK_M * 4;
+constexpr int SMEM_BARRIERS = SMEM_ROW_SUM + BLOCK_M * 4;
+constexpr int SMEM_USED = SMEM_BARRIERS + (2 * KV_STAGES * STAGE_GROUPS + HANDOFF_BARRIERS) * 8;
+constexpr int SMEM_ALIGN = 1024;
+constexpr int DECODE_SMEM_BYTES = SMEM_USED + SMEM_ALIGN;  // slack to align the base
+static_assert(DECODE_SMEM_BYTES <= 227 * 1024, "decode tile does not fit in shared memory");
+#ifdef MLA_LAUNCH_SMEM_BYTES  // what the API reserves (flashmla_backend._constants)
+static_assert(DECODE_SMEM_BYTES <= MLA_LAUNCH_SMEM_BYTES, "the launch reserves less shared memory than this map needs");
+#endif
+
+struct SharedTiles {
+    uint8_t* base;
+    DEVICE uint8_t* q() const { return base + SMEM_Q; }
+    DEVICE uint8_t* kv(int stage) const { return base + SMEM_KV + stage * TILE_BYTES; }
+    DEVICE uint8_t* p(int stage) const { return kv(stage) + ROPE_CHUNK * CHUNK_BYTES; }
+    DEVICE float* row_scale(int stage) const {
+        return reinterpret_cast<float*>(base + SMEM_ROW_SCALE) + stage * BLOCK_M;
+    }
+    DEVICE float* row_lse() const { return reinterpret_cast<float*>(base + SMEM_ROW_MAX); }
+    DEVICE float* row_sum() const { return reinterpret_cast<float*>(base + SMEM_ROW_SUM); }
+    DEVICE uint64_t* full_bar(int stage, int group) const {
+        return reinterpret_cast<uint64_t*>(base + SMEM_BARRIERS) + stage * STAGE_GROUPS + group;
+    }
+    DEVICE uint64_t* empty_bar(int stage, int group) const { return full_bar(KV_STAGES, 0) + stage * STAGE_GROUPS + group; }
+    DEVICE uint64_t* handoff_bar(int which) const { return full_bar(2 * KV_STAGES, 0) + which; }
+};
+
+DEVICE void setmaxnreg_inc_240() { asm volatile("setmaxnreg.inc.sync.aligned.u32 240;"); }
+DEVICE void setmaxnreg_inc_224() { asm volatile("setmaxnreg.inc.sync.aligned.u32 224;"); }
+DEVICE void setmaxnreg_dec_40() { asm volatile("setmaxnreg.dec.sync.aligned.u32 40;"); }
+
+// Thread 0: the KV ring's and the hand-offs' mbarriers, fenced for the async proxy.
+DEVICE void init_ring_barriers(const SharedTiles& sm) {
+    for (int s = 0; s < KV_STAGES; ++s)
+        for (int g = 0; g < STAGE_GROUPS; ++g) {
+            mbarrier_init(sm.full_bar(s, g), 1);                // the producer's expect_tx
+            mbarrier_init(sm.empty_bar(s, g), WG_THREADS);      // left: warpgroup 0; right: warpgroup 1
+        }
+    mbarrier_init(sm.handoff_bar(HB_Q_READY), CONSUMER_THREADS);
+    for (int s = 0; s < KV_STAGES; ++s) mbarrier_init(sm.handoff_bar(HB_P_READY + s), WG_THREADS);
+    mbarrier_init(sm.handoff_bar(HB_STATS), WG_THREADS);
+    fence_barrier_init();
+}
+
+// Chunks [c0, c1) of one page into a stage, completing that group's full barrier.
+DEVICE void load_chunks(const DecodeArgs& a, const SharedTiles& sm, int stage, int group, int c0, int c1,
+                        int page_id, uint64_t policy) {
+    mbarrier_arrive_expect_tx(sm.full_bar(stage, group), (c1 - c0) * CHUNK_BYTES);
+    for (int c = c0; c < c1; ++c)
+        tma_load_4d(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, sm.full_bar(stage, group), c * CHUNK_COLS, a.kh, 0,
+                    page_id, policy);
+}
+
+// TMA producer: one thread streams every page of every piece through the KV ring, each page's
+// left group as soon as warpgroup 0 has freed it, then its right group once warpgroup 1 has.
+DEVICE void run_tma_producer(const DecodeArgs& a, const SharedTiles& sm) {
+    // One query block streams each page once; several blocks re-read it from L2.
+    const uint64_t policy = a.kv_evict_first ? l2_policy_evict_first() : l2_policy_evict_last();
+    int it = 0;
+    for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
+        const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
+        const int* pages = a.block_table + (size_t)req * a.bt_stride;
+        int page_id = piece.page_begin < piece.page_end ? pages[piece.page_begin] : 0;
+        for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
+            // Issued before the waits, used after the next ones: its latency hides behind them.
+            const int next_page_id = page + 1 < piece.page_end ? pages[page + 1] : 0;
+            const int stage = it % KV_STAGES, free_parity = ((it / KV_STAGES) & 1) ^ 1;
+            mbarrier_wait(sm.empty_bar(stage, GROUP_LEFT), free_parity);
+            load_chunks(a, sm, stage, GROUP_LEFT, 0, LEFT_CHUNKS, page_id, policy);
+            if (TRACE_PHASES && it == 0) trace_phase(EV_FIRST_KV_ISSUED);
+            mbarrier_wait(sm.empty_bar(stage, GROUP_RIGHT), free_parity);
+            load_chunks(a, sm, stage, GROUP_RIGHT, LEFT_CHUNKS, QK_CHUNKS, page_id, policy);
+            page_id = next_page_id;
+        }
+    }
+}
+
+// Both math warpgroups copy their share of the Q block (cp.async, all in flight, then waited
+// for) and arrive at HB_Q_READY; warpgroup 0 waits for phase q_phase (the number of earlier
+// pieces with pages).
+DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int req, int tid, bool waits,
+                          int q_phase) {
+    load_q_block(sm.q(), a.q, a.q_stride_b, a.q_stride_s, a.q_stride_h, req, a.kh, a.row_base,
+                 a.rows, tid);
+    cp_async_wait_all();
+    fence_proxy_async_smem();
+    mbarrier_arrive(sm.handoff_bar(HB_Q_READY));
+    if (waits) mbarrier_wait(sm.handoff_bar(HB_Q_READY), q_phase & 1);
+}
+
+// Warpgroup 0: scores, softmax, P, and the left half of O.
+DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
+    const int warp = tid / 32, lane = tid % 32;
+    const int row0 = warp * 16 + lane / 4;  // this thread's rows: row0 and row0 + 8
+    const SmemOperand<> q_tile(smem_addr(sm.q()));
+    int it = 0, pieces = 0;
+    for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
+        const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
+        const bool has_pages = piece.page_end > piece.page_begin;
+        const int seqlen = a.seqlens[req];
+        if (has_pages) stage_q_block(a, sm, req, tid, true, pieces);
+        if (TRACE_PHASES && has_pages && tid == 0) trace_piece(pieces, PIECE_Q_READY);
+
+        // Key limit of each of this thread's rows (bottom-right causal alignment).
+        int limit[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int grow = a.row_base + row0 + 8 * half;
+            limit[half] = (a.causal && grow < a.rows.rows) ? seqlen - (a.s_q - 1 - a.rows.s_idx(grow)) : seqlen;
+        }
+        const int min_limit = a.causal ? seqlen - (a.s_q - 1) : seqlen;
+        float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.f, 0.f};
+        float o[128];
+#pragma unroll
+        for (int i = 0; i < 128; ++i) o[i] = 0.f;
+
+        for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
+            const int stage = it % KV_STAGES;
+            uint8_t* kv_tile = sm.kv(stage);
+            const SmemOperand<> kv_tile_k(smem_addr(kv_tile));             // K for the scores
+            const SmemOperand<CHUNK_BYTES> kv_tile_v(smem_addr(kv_tile));  // V for P V
+            const int full_parity = (it / KV_STAGES) & 1;
+            mbarrier_wait(sm.full_bar(stage, GROUP_LEFT), full_parity);
+            if (TRACE_PHASES && tid == 0 && page == piece.page_begin) trace_piece(pieces, PIECE_FIRST_PAGE);
+            if (TRACE_PHASES && tid == 0) trace_page(pieces == 0, page - piece.page_begin, PG_READY);
+
+            float s[32];
+#pragma unroll
+            for (int i = 0; i < 32; ++i) s[i] = 0.f;
+            wgmma_fence();
+            // The left chunks' scores while the right chunks may still be arriving.
+#pragma unroll
+            for (int c = 0; c < QK_CHUNKS; ++c) {
+                if (c == LEFT_CHUNKS) mbarrier_wait(sm.full_bar(stage, GROUP_RIGHT), full_parity);
+#pragma unroll
+                for (int k = 0; k < CHUNK_COLS / K_STEP; ++k)
+                    wgmma_m64n64k16_ss(s, q_tile.at(c * CHUNK_BYTES + k * K_STEP * 2),
+                                       kv_tile_k.at(c * CHUNK_BYTES + k * K_STEP * 2), (c | k) != 0);
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_accumulators(s);
+            if (TRACE_PHASES && tid == 0) trace_page(pieces == 0, page - piece.page_begin, PG_SCORES_DONE);
+            if (DEFER_P_READY && page > piece.page_begin)  // the previous page's P, held back until now
+                mbarrier_arrive(sm.handoff_bar(HB_P_READY + (it - 1) % KV_STAGES));
+
+            const int tok0 = page * PAGE_SIZE;
+            if (tok0 + PAGE_SIZE > min_limit) {
+#pragma unroll
+                for (int i = 0; i < 32; ++i)
+                    if (tok0 + frag_col(i, lane) >= limit[(i >> 1) & 1]) s[i] = NEG_INF;
+            }
+            if (tok0 + PAGE_SIZE > seqlen) {
+                zero_v_tail(kv_tile, seqlen - tok0, tid);
+                fence_proxy_async_smem();
+                named_barrier_sync(BAR_WG0, WG_THREADS);  // every thread's zeroes, before the P V wgmma
+            }
+
+            float alpha[2];
+            online_softmax_page(s, row_max, row_sum, alpha, a.scale_log2);
+
+            // P as packed 16-bit pairs: p[2n + half] holds row row0 + 8 half, columns 8n + 2(lane%4)
+            // and +1, which is also the A-fragment layout of the k16 slice n / 2.
+            uint32_t p[16];
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int half = 0; half < 2; ++half)
+                    p[2 * n + half] = pack_half2(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]);
+
+            rescale_rows_if_needed(o, alpha[0], alpha[1]);
+            wgmma_fence();
+#pragma unroll
+            for (int k = 0; k < PAGE_SIZE / K_STEP; ++k)
+                wgmma_m64n256k16_rs_bt(o, p[4 * k], p[4 * k + 1], p[4 * k + 2], p[4 * k + 3],
+                                       kv_tile_v.at(k * K_STEP * 128));
+            wgmma_commit();
+
+            // While that runs: P (into this page's rope chunk, in the A-fragment layout, 128B
+            // swizzle) and the row scales for warpgroup 1. Written out here: through a helper,
+            // ptxas spilled 12 bytes in this warpgroup (v30).
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    const int r = row0 + 8 * half;
+                    *reinterpret_cast<uint32_t*>(sm.p(stage) + r * 128 + ((n ^ (r & 7)) << 4) + (lane % 4) * 4) =
+                        p[2 * n + half];
+                }
+            if (lane % 4 == 0) {
+                sm.row_scale(stage)[row0] = alpha[0];
+                sm.row_scale(stage)[row0 + 8] = alpha[1];
+            }
+            fence_proxy_async_smem();
+            if (!DEFER_P_READY || page + 1 == piece.page_end) mbarrier_arrive(sm.handoff_bar(HB_P_READY + stage));
+            if (TRACE_PHASES && tid == 0) trace_page(pieces == 0, page - piece.page_begin, PG_P_STORED);
+            wgmma_wait<0>();
+            fence_accumulators(o);
+            fence_fragments(p);  // the P V wgmma read p until the wait
+            if (TRACE_PHASES && tid == 0) trace_page(pieces == 0, page - piece.page_begin, PG_PV0_DONE);
+            mbarrier_arrive(sm.empty_bar(stage, GROUP_LEFT));  // its scores and P V were the left chunks' only readers
+        }
+
+        if (TRACE_PHASES && has_pages && tid == 0) trace_piece(pieces, PIECE_PAGES_DONE);
+        float row_lse[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            float l = row_sum[half];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            row_sum[half] = l;
+            row_lse[half] = (row_max[half] + log2f(l)) * LN2;
+        }
+        if (has_pages) {
+            if (lane % 4 == 0) {
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    sm.row_lse()[row0 + 8 * half] = row_lse[half];
+                    sm.row_sum()[row0 + 8 * half] = row_sum[half];
+                }
+            }
+            mbarrier_arrive(sm.handoff_bar(HB_STATS));
+            ++pieces;
+        }
+        store_output(o, row_sum, row_lse, 0, warp, lane, piece, a.kh, a.row_base, a.rows, a.s_q,
+                     a.h_q, a.h_k, a.out, a.lse, a.o_part, a.lse_part, true);
+        if (TRACE_PHASES && has_pages && tid == 0) trace_piece(pieces - 1, PIECE_STORED);
+    }
+}
+
+// Warpgroup 1: the right half of O, one page behind warpgroup 0's scores.
+DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
+    const int warp = tid / 32, lane = tid % 32;
+    const int row0 = warp * 16 + lane / 4;
+    constexpr int RIGHT_HALF_BYTES = (V_COLS_PER_WG / CHUNK_COLS) * CHUNK_BYTES;
+    int it = 0, pieces = 0;
+    for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
+        const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
+        const bool has_pages = piece.page_end > piece.page_begin;
+        if (has_pages) stage_q_block(a, sm, req, WG_THREADS + tid, false, pieces);
+        float o[128];
+#pragma unroll
+        for (int i = 0; i < 128; ++i) o[i] = 0.f;
+        for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
+            const int stage = it % KV_STAGES;
+            mbarrier_wait(sm.handoff_bar(HB_P_READY + stage), (it / KV_STAGES) & 1);
+            if (TRACE_PHASES && tid == 0) trace_page(pieces == 0, page - piece.page_begin, PG_P_RECEIVED);
+            rescale_rows_if_needed(o, sm.row_scale(stage)[row0], sm.row_scale(stage)[row0 + 8]);
+            pv_gemm(o, smem_addr(sm.p(stage)), smem_addr(sm.kv(stage)) + RIGHT_HALF_BYTES);
+            if (TRACE_PHASES && tid == 0) trace_page(pieces == 0, page - piece.page_begin, PG_PV1_DONE);
+            // The right chunks' last reader: warpgroup 0's scores of this page were done before it
+            // published P, which this warpgroup waited for.
+            mbarrier_arrive(sm.empty_bar(stage, GROUP_RIGHT));
+        }
+        float row_sum[2] = {0.f, 0.f}, row_lse[2] = {0.f, 0.f};
+        if (has_pages) {
+            mbarrier_wait(sm.handoff_bar(HB_STATS), pieces & 1);
+            ++pieces;
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                row_lse[half] = sm.row_lse()[row0 + 8 * half];
+                row_sum[half] = sm.row_sum()[row0 + 8 * half];
+            }
+        }
+        store_output(o, row_sum, row_lse, V_COLS_PER_WG, warp, lane, piece, a.kh, a.row_base, a.rows,
+                     a.s_q, a.h_q, a.h_k, a.out, a.lse, a.o_part, a.lse_part, false);
+    }
+    if (TRACE_PHASES && tid == 0) trace_phase(EV_MATH1_DONE);
+}
+
+// q: [b, s_q, h_q, 576] with the given element strides; block_table: [b, *] int32 with row
+// stride bt_stride; out: contiguous [b, s_q, h_q, 512]; lse: contiguous [b, h_q, s_q];
+// o_part: [splits, h_k, s_q*G, 512] f32; lse_part: [splits, h_k, s_q*G] f32.
+// Grid: (ceil(s_q*G / 64), h_k, num_sm_parts).
+extern "C" __global__ void __launch_bounds__(DECODE_THREADS, 1)
+mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict__ q,
+           long long q_stride_b, long long q_stride_s, long long q_stride_h,
+           const int* __restrict__ block_table, long long bt_stride,
+           const int* __restrict__ seqlens, const int* __restrict__ metadata,
+           const int* __restrict__ num_splits, uint16_t* __restrict__ out,
+           float* __restrict__ lse, float* __restrict__ o_part, float* __restrict__ lse_part,
+           int s_q, int h_q, int h_k, int causal, float scale_log2, int kv_evict_first) {
+    extern __shared__ uint8_t smem_raw[];
+    const SharedTiles sm{reinterpret_cast<uint8_t*>(
+        (reinterpret_cast<size_t>(smem_raw) + SMEM_ALIGN - 1) & ~size_t(SMEM_ALIGN - 1))};
+
+    DecodeArgs a = gather_decode_args(&kv_map, q, q_stride_b, q_stride_s, q_stride_h, block_table, bt_stride,
+                                      seqlens, num_splits, out, lse, o_part, lse_part, s_q, h_q, h_k, causal,
+                                      scale_log2, kv_evict_first);
+    if (TRACE_PHASES && threadIdx.x == 0) trace_phase(EV_ENTRY);
+#ifdef MLA_PROGRAMMATIC_LAUNCH
+    allow_dependent_launch();  // the combine may take idle SMs and wait there for this grid
+    // Launched programmatically behind the stream's previous kernel (the scheduler, or whatever
+    // wrote q, the cache or the block table): this CTA's launch and setup overlapped its tail;
+    // every global read comes after this wait.
+    grid_dependency_wait();
+#endif
+    if (TRACE_PHASES && threadIdx.x == 0) trace_phase(EV_DEPENDENCY_DONE);
+    a.work = load_part(metadata, blockIdx.z);
+    if (a.work.end_req < a.work.begin_req) return;  // idle part (the whole CTA)
+
+    const int tid = threadIdx.x;
+    if (tid == 0) init_ring_barriers(sm);
+    __syncthreads();
+
+    const int wg = tid / WG_THREADS;
+    if (wg == 2) {
+        setmaxnreg_dec_40();
+        if (tid == 2 * WG_THREADS) run_tma_producer(a, sm);
+    } else if (wg == 0) {
+        setmaxnreg_inc_240();
+        run_softmax_wg(a, sm, tid);
+    } else {
+        setmaxnreg_inc_224();
+        run_pv_wg(a, sm, tid - WG_THREADS);
+    }
+}
