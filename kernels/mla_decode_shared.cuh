@@ -226,21 +226,17 @@ DEVICE void pv_gemm(float (&o)[128], uint32_t p_addr, uint32_t v_addr) {
 // Output stores by quad exchange: in the accumulator layout the 4 lanes of a quad own one row,
 // lane t holding columns 8n + 2t and + 1 of each 8-column group n, so a direct store would write
 // 8 (float32) or 4 (16-bit) bytes a lane. Exchanging within the quad first gives every lane 16
-// contiguous bytes: half the stores for the partials, a quarter for the final output (run 18:
-// the epilogue 3.1 -> 2.4 us at b = 8, the latency rows -3 to -8%, mixed -2%).
+// contiguous bytes: half the stores for the partials, a quarter for the final output (run 18,
+// H200: the b = 8 epilogue 3.1 -> 2.4 us, that row -3%, mixed -2%).
 
 // One exchange with the neighbour lane (xor `bit`) over two groups: the lane whose `bit` is
 // clear keeps `lo`'s values and gets its neighbour's `lo`, the other keeps `hi` and gets the
 // neighbour's `hi`. Returned in column order: (clear lane: own lo, neighbour lo; set lane:
 // neighbour hi, own hi).
-DEVICE void exchange_halves(float lo, float hi, int bit, bool set, float& first, float& second) {
-    const float got = __shfl_xor_sync(0xffffffffu, set ? lo : hi, bit);
-    first = set ? got : lo;
-    second = set ? hi : got;
-}
-
-DEVICE void exchange_halves(uint32_t lo, uint32_t hi, int bit, bool set, uint32_t& first, uint32_t& second) {
-    const uint32_t got = __shfl_xor_sync(0xffffffffu, set ? lo : hi, bit);
+// T: float (partials) or uint32_t (two packed 16-bit outputs).
+template <typename T>
+DEVICE void exchange_halves(T lo, T hi, int bit, bool set, T& first, T& second) {
+    const T got = __shfl_xor_sync(0xffffffffu, set ? lo : hi, bit);
     first = set ? got : lo;
     second = set ? hi : got;
 }
