@@ -48,6 +48,11 @@
 #   v35b:     v35a with each stage's barriers split in two (chunks 0-3 freed by warpgroup 0, 4-8 by
 #             warpgroup 1; the scores start on the left chunks): the full A/B, v35a beside it
 #             in the timing (~7 min)
+#   splits_early: the combine reads its split range before its dependency wait, the decode
+#             releasing it from the producer after the first page (DEPENDENTS_AFTER_FIRST_ISSUE=1
+#             with the combine's SPLITS_BEFORE_WAIT=1): reference check, GPU decode and
+#             programmatic-launch tests, the latency rows and whole call alternated three times
+#             (~2.5 min)
 #   trace:    the decode's phase trace (benchmarks/phase_trace.py, -DTRACE_PHASES=1): per event the
 #             median and slowest CTA's time since the first CTA entered, latency rows (reused
 #             schedule, then whole call) and the memory varlen row (~1.5 min)
@@ -91,6 +96,20 @@ check_variants() {
     with_version "$version" timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py \
       > "$ROOT_OUT/$experiment/$label.tests" 2>&1
     echo "== $version GPU decode tests: $(tail -1 "$ROOT_OUT/$experiment/$label.tests")"
+  done
+}
+# latency_ab EXPERIMENT ROUNDS VERSION...: the latency rows and their whole call, shipped and each
+# version alternated ROUNDS times (bench --no-peers), one line per run.
+latency_ab() {
+  local experiment=$1 rounds=$2 round v label; shift 2
+  . benchmarks/versions.sh
+  for round in $(seq "$rounds"); do
+    for v in shipped "$@"; do
+      label=${v//[+=]/_}_round$round
+      with_version "$v" timeout 90 python -m flashmla_backend.bench --no-peers --no-plots --rows latency \
+        --out "$ROOT_OUT/$experiment/$label" > "$ROOT_OUT/$experiment/$label.md" 2>&1
+      echo "$label: $(grep -E '^\| latency|^Whole' "$ROOT_OUT/$experiment/$label.md" | cut -d'|' -f2,3 | tr '\n' ' ')"
+    done
   done
 }
 for experiment in ${@:-verify}; do
@@ -220,6 +239,15 @@ for experiment in ${@:-verify}; do
     run v35b
     OUT=$ROOT_OUT/v35b timeout 580 bash benchmarks/ab_session.sh mla_decode_v35b_split_stage_barriers \
       shipped+DEFER_P_READY=1 ;;
+  splits_early)
+    run splits_early
+    . benchmarks/versions.sh
+    knobs=shipped+DEPENDENTS_AFTER_FIRST_ISSUE=1+FLASHMLA_BACKEND_COMBINE_DEFINES=-DSPLITS_BEFORE_WAIT=1
+    check_variants splits_early $knobs
+    with_version $knobs timeout 120 python -m pytest -q -p no:cacheprovider tests/test_programmatic_launch.py \
+      > "$ROOT_OUT/splits_early/programmatic.tests" 2>&1
+    echo "== programmatic-launch tests: $(tail -1 "$ROOT_OUT/splits_early/programmatic.tests")"
+    latency_ab splits_early 3 $knobs ;;
   trace)
     run trace
     . benchmarks/versions.sh

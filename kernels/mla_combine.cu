@@ -15,6 +15,12 @@ constexpr int VEC_PER_LANE = COLS_PER_LANE / 4;
 #define COMBINE_SPLITS_IN_FLIGHT 4
 #endif
 constexpr int SPLITS_IN_FLIGHT = COMBINE_SPLITS_IN_FLIGHT;
+// A/B knob (off), set together with the decode's DEPENDENTS_AFTER_FIRST_ISSUE: the split range
+// (num_splits, the scheduler's) is read before the dependency wait, which that decode makes safe,
+// so the wait is followed by one round trip (the LSEs and partials), not two.
+#ifndef SPLITS_BEFORE_WAIT
+#define SPLITS_BEFORE_WAIT 0
+#endif
 constexpr int LSE_CHUNK = 4;  // LSEs per lane loaded at once: 128 splits per round trip
 
 // A group of SPLITS_IN_FLIGHT partial rows of one warp: rows i0, i0 + step, ... (zero rows and
@@ -56,9 +62,11 @@ DEVICE void load_lse_chunk(float (&l)[LSE_CHUNK], const float* lse_part, size_t 
 DEVICE void combine_rows(const float* __restrict__ o_part, const float* __restrict__ lse_part,
                          const int* __restrict__ num_splits, uint16_t* __restrict__ out,
                          float* __restrict__ lse, int s_q, int h_q, int h_k, int warps_per_row,
-                         float4 (&partial)[COMBINE_WARPS][HEAD_DIM_V / 4]) {
+                         float4 (&partial)[COMBINE_WARPS][HEAD_DIM_V / 4], int first, int count) {
     const int req = blockIdx.y;
-    const int first = num_splits[req], count = num_splits[req + 1] - first;
+#if !SPLITS_BEFORE_WAIT
+    first = num_splits[req], count = num_splits[req + 1] - first;
+#endif
     if (count <= 1) return;  // the same for the whole CTA
 
     const int group = h_q / h_k, rows = s_q * group;
@@ -149,11 +157,15 @@ mla_combine(const float* __restrict__ o_part, const float* __restrict__ lse_part
             const int* __restrict__ num_splits, uint16_t* __restrict__ out,
             float* __restrict__ lse, int s_q, int h_q, int h_k, int warps_per_row) {
     __shared__ float4 partial[COMBINE_WARPS][HEAD_DIM_V / 4];
+    int first = 0, count = 0;
+#if SPLITS_BEFORE_WAIT
+    first = num_splits[blockIdx.y], count = num_splits[blockIdx.y + 1] - first;
+#endif
 #ifdef MLA_PROGRAMMATIC_LAUNCH
     // Launched behind the decode with programmatic stream serialization: the partials come
     // from the decode, which may still be running. Every CTA waits, the idle ones too, so that
     // this grid never completes (and releases the stream's next kernel) before the decode has.
     grid_dependency_wait();
 #endif
-    combine_rows(o_part, lse_part, num_splits, out, lse, s_q, h_q, h_k, warps_per_row, partial);
+    combine_rows(o_part, lse_part, num_splits, out, lse, s_q, h_q, h_k, warps_per_row, partial, first, count);
 }

@@ -164,6 +164,25 @@ def test_pipeline_diagnostic_knobs_compile_within_the_launch(knobs: tuple[str, .
     if any("HOLD" in k for k in knobs):
         assert "GLOBALTIMER" in text.upper()
 
+@pytest.mark.parametrize("kernel,knob", [("decode", "-DDEFER_P_READY=1"),
+                                         ("decode", "-DDEPENDENTS_AFTER_FIRST_ISSUE=1"),
+                                         ("combine", "-DSPLITS_BEFORE_WAIT=1")])
+def test_ab_knobs_of_the_shipped_kernels_compile_within_their_registers(kernel: str, knob: str) -> None:
+    """The off-by-default A/B knobs device_experiments.sh sets must build: no warning, the
+    launch's register budget, at most a few bytes of spill (v35a's is one predicate)."""
+    import torch
+
+    from flashmla_backend.kernel_sources import combine_module
+    from flashmla_backend.offline_compile import compile_to_cubin
+
+    base = (decode_module if kernel == "decode" else combine_module)(torch.bfloat16, True)
+    module = KernelModule(base.source_file, base.entry_points, base.dtype, base.extra_defines + (knob,))
+    _, log = compile_to_cubin(module, module.options + ("--ptxas-options=-v",))
+    assert "warning" not in log.lower(), log
+    assert int(re.search(r"Used (\d+) registers", log).group(1)) <= (168 if kernel == "decode" else 128), log
+    assert int(re.search(r"(\d+) bytes spill stores", log).group(1)) <= 8, log
+
+
 def test_small_scheduler_has_no_barrier_and_no_shared_memory() -> None:
     # The one-warp scheduler exists to keep CTA barriers and shared-memory round trips off the
     # path from the seqlens load to the metadata stores (the latency rows' first kernel).
