@@ -80,7 +80,14 @@
 #             (needs the vLLM bundle; ~4 min)
 #   anatomy:  per-kernel GPU time and idle gaps of our call and the peers' on the latency rows
 #             (benchmarks/latency_anatomy.py; needs the vLLM bundle for the peers; ~1 min)
+#   bundle:   installs the vLLM bundle from /tmp/parts (the carried parts; ../shared/devkit) into
+#             /tmp/vsite unless it is there (~20 s); later experiments of the call then see it
+#   table:    the side-by-side table with the peers and test_backend_forward.py (needs the
+#             bundle; ~2.5 min)
+#   engine_eager, engine_graphs, engine_mtp_server, engine_soak: one group of the engine-level
+#             vLLM tests (integration_tests/README.md; needs the bundle; up to ~9 min each)
 set -uo pipefail
+[ -f /tmp/vsite/env.sh ] && . /tmp/vsite/env.sh  # the vLLM bundle, where a bundle call installed it
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
 ROOT_OUT=${OUT:-/tmp/out}
 run() { mkdir -p "$ROOT_OUT/$1"; echo "=== $1"; }
@@ -97,6 +104,17 @@ check_variants() {
       > "$ROOT_OUT/$experiment/$label.tests" 2>&1
     echo "== $version GPU decode tests: $(tail -1 "$ROOT_OUT/$experiment/$label.tests")"
   done
+}
+# engine_tests NAME PYTEST_ARGS...: one group of the engine-level vLLM tests, on the tiny local
+# DeepSeek (built once per machine).
+engine_tests() {
+  local name=$1; shift
+  run "$name"
+  [ -f /tmp/tiny-deepseek/config.json ] || python examples/make_tiny_deepseek.py /tmp/tiny-deepseek \
+    > "$ROOT_OUT/$name/tiny_model.log" 2>&1
+  FLASHMLA_TINY_DEEPSEEK_DIR=/tmp/tiny-deepseek VLLM_CACHE_ROOT=/tmp/vllm-cache timeout 540 \
+    python -m pytest -q -ra -x -p no:cacheprovider "$@" > "$ROOT_OUT/$name/pytest.log" 2>&1
+  echo "$name: $(tail -1 "$ROOT_OUT/$name/pytest.log")"
 }
 # latency_ab EXPERIMENT ROUNDS VERSION...: the latency rows and their whole call, shipped and each
 # version alternated ROUNDS times (bench --no-peers), one line per run.
@@ -315,6 +333,27 @@ for experiment in ${@:-verify}; do
   anatomy)
     run anatomy
     timeout 300 python benchmarks/latency_anatomy.py --out "$ROOT_OUT/anatomy" ;;
+  bundle)
+    run bundle
+    if [ ! -f /tmp/vsite/env.sh ]; then
+      (cd /tmp/parts && sh install.sh /tmp/vsite) > "$ROOT_OUT/bundle/install.log" 2>&1
+      tail -2 "$ROOT_OUT/bundle/install.log"
+    fi
+    . /tmp/vsite/env.sh
+    export PYTHONPATH=$PWD:$PYTHONPATH ;;
+  table)
+    run table
+    timeout 240 python -m flashmla_backend.bench --out "$ROOT_OUT/table" > "$ROOT_OUT/table/table.md" 2>&1
+    tail -16 "$ROOT_OUT/table/table.md"
+    timeout 150 python -m pytest -q -p no:cacheprovider integration_tests/test_backend_forward.py \
+      > "$ROOT_OUT/table/backend_forward.log" 2>&1
+    echo "test_backend_forward.py: $(tail -1 "$ROOT_OUT/table/backend_forward.log")" ;;
+  engine_eager) engine_tests engine_eager integration_tests/test_offline_parity.py -k eager ;;
+  engine_graphs) engine_tests engine_graphs integration_tests/test_offline_parity.py -k "not eager" ;;
+  engine_mtp_server) engine_tests engine_mtp_server integration_tests/test_mtp_speculative.py \
+    integration_tests/test_openai_server.py ;;
+  engine_soak) engine_tests engine_soak integration_tests/test_serving_soak.py \
+    integration_tests/test_prefix_cache_preemption.py ;;
   *) echo "unknown experiment $experiment"; exit 2 ;;
   esac
 done
