@@ -84,6 +84,10 @@
 #             /tmp/vsite unless it is there (~20 s); later experiments of the call then see it
 #   table:    the side-by-side table with the peers and test_backend_forward.py (needs the
 #             bundle; ~2.5 min)
+#   e2e1:     the end-to-end decode rate on one GPU (benchmarks/e2e_vllm.py): CUSTOM and FLASHMLA
+#             one after the other, 128 requests of 4096 + 1024 tokens, best of 2 repeats; run it
+#             twice in separate calls, the order reversed (E2E_ORDER="FLASHMLA CUSTOM"), since
+#             the rate moves between runs (needs the bundle; ~8 min)
 #   engine_eager, engine_graphs, engine_mtp_server, engine_soak: one group of the engine-level
 #             vLLM tests (integration_tests/README.md; needs the bundle; up to ~9 min each)
 set -uo pipefail
@@ -348,6 +352,11 @@ for experiment in ${@:-verify}; do
     timeout 150 python -m pytest -q -p no:cacheprovider integration_tests/test_backend_forward.py \
       > "$ROOT_OUT/table/backend_forward.log" 2>&1
     echo "test_backend_forward.py: $(tail -1 "$ROOT_OUT/table/backend_forward.log")" ;;
+  e2e1)
+    run e2e1
+    timeout 570 python benchmarks/e2e_vllm.py --backends ${E2E_ORDER:-CUSTOM FLASHMLA} --timeout 280 \
+      --out "$ROOT_OUT/e2e1" > "$ROOT_OUT/e2e1/e2e.log" 2>&1
+    tail -8 "$ROOT_OUT/e2e1/e2e.log" ;;
   engine_eager) engine_tests engine_eager integration_tests/test_offline_parity.py -k eager ;;
   engine_graphs) engine_tests engine_graphs integration_tests/test_offline_parity.py -k "not eager" ;;
   engine_mtp_server) engine_tests engine_mtp_server integration_tests/test_mtp_speculative.py \
