@@ -58,15 +58,11 @@ DEVICE void load_lse_chunk(float (&l)[LSE_CHUNK], const float* lse_part, size_t 
     }
 }
 
-// One CTA's rows of request blockIdx.y.
-DEVICE void combine_rows(const float* __restrict__ o_part, const float* __restrict__ lse_part,
-                         const int* __restrict__ num_splits, uint16_t* __restrict__ out,
-                         float* __restrict__ lse, int s_q, int h_q, int h_k, int warps_per_row,
-                         float4 (&partial)[COMBINE_WARPS][HEAD_DIM_V / 4], int first, int count) {
+// One CTA's rows of request blockIdx.y, whose splits are first .. first + count - 1.
+DEVICE void combine_rows(const float* __restrict__ o_part, const float* __restrict__ lse_part, int first, int count,
+                         uint16_t* __restrict__ out, float* __restrict__ lse, int s_q, int h_q, int h_k,
+                         int warps_per_row, float4 (&partial)[COMBINE_WARPS][HEAD_DIM_V / 4]) {
     const int req = blockIdx.y;
-#if !SPLITS_BEFORE_WAIT
-    first = num_splits[req], count = num_splits[req + 1] - first;
-#endif
     if (count <= 1) return;  // the same for the whole CTA
 
     const int group = h_q / h_k, rows = s_q * group;
@@ -157,15 +153,15 @@ mla_combine(const float* __restrict__ o_part, const float* __restrict__ lse_part
             const int* __restrict__ num_splits, uint16_t* __restrict__ out,
             float* __restrict__ lse, int s_q, int h_q, int h_k, int warps_per_row) {
     __shared__ float4 partial[COMBINE_WARPS][HEAD_DIM_V / 4];
+    const int req = blockIdx.y;
     int first = 0, count = 0;
-#if SPLITS_BEFORE_WAIT
-    first = num_splits[blockIdx.y], count = num_splits[blockIdx.y + 1] - first;
-#endif
+    if (SPLITS_BEFORE_WAIT) first = num_splits[req], count = num_splits[req + 1] - first;
 #ifdef MLA_PROGRAMMATIC_LAUNCH
     // Launched behind the decode with programmatic stream serialization: the partials come
     // from the decode, which may still be running. Every CTA waits, the idle ones too, so that
     // this grid never completes (and releases the stream's next kernel) before the decode has.
     grid_dependency_wait();
 #endif
-    combine_rows(o_part, lse_part, num_splits, out, lse, s_q, h_q, h_k, warps_per_row, partial, first, count);
+    if (!SPLITS_BEFORE_WAIT) first = num_splits[req], count = num_splits[req + 1] - first;
+    combine_rows(o_part, lse_part, first, count, out, lse, s_q, h_q, h_k, warps_per_row, partial);
 }

@@ -128,6 +128,8 @@ DEVICE void for_each_ring_page(const DecodeArgs& a, const SharedTiles& sm, FillS
             const int stage = it % KV_STAGES;
             mbarrier_wait(&sm.empty_bar()[stage], ((it / KV_STAGES) & 1) ^ 1);
             fill_stage(stage, page_id);
+            // One thread's release counts for the CTA (the cp.async producer's 128 all release).
+            if (DEPENDENTS_AFTER_FIRST_ISSUE && it == 0) allow_dependent_launch();
             page_id = next_page_id;
         }
     }
@@ -145,9 +147,6 @@ DEVICE void run_tma_producer(const DecodeArgs& a, const SharedTiles& sm) {
             tma_load_4d(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, &sm.full_bar()[stage],
                         c * CHUNK_COLS, a.kh, 0, page_id, policy);
         if (TRACE_PHASES && first) trace_phase(EV_FIRST_KV_ISSUED);
-#if DEPENDENTS_AFTER_FIRST_ISSUE
-        if (first) allow_dependent_launch();  // one thread's release counts for the CTA
-#endif
         first = false;
     });
 }
@@ -157,16 +156,9 @@ DEVICE void run_tma_producer(const DecodeArgs& a, const SharedTiles& sm) {
 // the async proxy before it arrives, so the consumers' wgmma read the stage with no fence.
 DEVICE void run_cp_async_producer(const DecodeArgs& a, const SharedTiles& sm, const uint16_t* k_cache,
                                   long long page_stride, long long token_stride, int tid) {
-#if DEPENDENTS_AFTER_FIRST_ISSUE
-    bool first = true;
-#endif
     for_each_ring_page(a, sm, [&](int stage, int page_id) {
         copy_page_cp_async(sm.kv(stage), k_cache + (size_t)page_id * page_stride + a.kh * HEAD_DIM_QK,
                            token_stride, tid);
-#if DEPENDENTS_AFTER_FIRST_ISSUE
-        if (first && tid == 0) allow_dependent_launch();  // one thread's release counts for the CTA
-        first = false;
-#endif
         cp_async_wait_all();
         fence_proxy_async_smem();
         mbarrier_arrive(&sm.full_bar()[stage]);
@@ -383,9 +375,7 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
                                       scale_log2, kv_evict_first);
     if (TRACE_PHASES && threadIdx.x == 0) trace_phase(EV_ENTRY);
 #ifdef MLA_PROGRAMMATIC_LAUNCH
-#if !DEPENDENTS_AFTER_FIRST_ISSUE
-    allow_dependent_launch();  // the combine may take idle SMs and wait there for this grid
-#endif
+    if (!DEPENDENTS_AFTER_FIRST_ISSUE) allow_dependent_launch();  // the combine may take idle SMs and wait there
     // Launched programmatically behind the stream's previous kernel (the scheduler, or whatever
     // wrote q, the cache or the block table): this CTA's launch and setup overlapped its tail;
     // every global read comes after this wait.
