@@ -53,6 +53,11 @@
 #             with the combine's SPLITS_BEFORE_WAIT=1): reference check, GPU decode and
 #             programmatic-launch tests, the latency rows and whole call alternated three times
 #             (~2.5 min)
+#   latency_prefetch: splits_early's knobs, the decode's PREFETCH_BEFORE_WAIT=1 +
+#             EARLY_FIRST_PAGE_ID=1 (the part row, seqlens and num_splits lines prefetched into
+#             L2 before the dependency wait; the first block-table load not behind seqlens), and
+#             both: reference check and GPU tests of all knobs together, then the latency rows and
+#             whole call alternated three times (~5 min)
 #   trace:    the decode's phase trace (benchmarks/phase_trace.py, -DTRACE_PHASES=1): per event the
 #             median and slowest CTA's time since the first CTA entered, latency rows (reused
 #             schedule, then whole call) and the memory varlen row (~1.5 min)
@@ -270,6 +275,16 @@ for experiment in ${@:-verify}; do
       > "$ROOT_OUT/splits_early/programmatic.tests" 2>&1
     echo "== programmatic-launch tests: $(tail -1 "$ROOT_OUT/splits_early/programmatic.tests")"
     latency_ab splits_early 3 $knobs ;;
+  latency_prefetch)
+    run latency_prefetch
+    . benchmarks/versions.sh
+    splits=DEPENDENTS_AFTER_FIRST_ISSUE=1+FLASHMLA_BACKEND_COMBINE_DEFINES=-DSPLITS_BEFORE_WAIT=1
+    prefetch=PREFETCH_BEFORE_WAIT=1+EARLY_FIRST_PAGE_ID=1
+    check_variants latency_prefetch shipped+$prefetch+$splits
+    with_version shipped+$prefetch+$splits timeout 120 python -m pytest -q -p no:cacheprovider \
+      tests/test_programmatic_launch.py > "$ROOT_OUT/latency_prefetch/programmatic.tests" 2>&1
+    echo "== programmatic-launch tests: $(tail -1 "$ROOT_OUT/latency_prefetch/programmatic.tests")"
+    latency_ab latency_prefetch 3 shipped+$splits shipped+$prefetch shipped+$prefetch+$splits ;;
   trace)
     run trace
     . benchmarks/versions.sh

@@ -40,6 +40,19 @@ constexpr int KV_STAGES = 2;
 #ifndef DEPENDENTS_AFTER_FIRST_ISSUE
 #define DEPENDENTS_AFTER_FIRST_ISSUE 0
 #endif
+// A/B knob (off): the lines of the first global reads are prefetched into L2 before the
+// dependency wait (this CTA's part row, and seqlens and num_splits from request 0), so that
+// with a reused schedule the part row and the piece bounds come from L2, not DRAM.
+#ifndef PREFETCH_BEFORE_WAIT
+#define PREFETCH_BEFORE_WAIT 0
+#endif
+// A/B knob (off): the producer loads a piece's first block-table entry whether or not the piece
+// has pages, so that the load does not wait for seqlens (which bounds a piece that is not its
+// part's last). Safe: the scheduler's begin_page is 0 for an empty request and below its page
+// count otherwise, and block_table has at least one column (validated).
+#ifndef EARLY_FIRST_PAGE_ID
+#define EARLY_FIRST_PAGE_ID 0
+#endif
 
 constexpr int SOFTMAX_WG_REGS = 240;
 constexpr int PV_WG_REGS = 224;
@@ -121,7 +134,9 @@ DEVICE void for_each_ring_page(const DecodeArgs& a, const SharedTiles& sm, FillS
     for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
         const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
         const int* pages = a.block_table + (size_t)req * a.bt_stride;
-        int page_id = piece.page_begin < piece.page_end ? pages[piece.page_begin] : 0;
+        int page_id = 0;
+        if (EARLY_FIRST_PAGE_ID) page_id = load_int_now(pages + piece.page_begin);
+        else if (piece.page_begin < piece.page_end) page_id = pages[piece.page_begin];
         for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
             // Issued before the wait, used after the next one: its latency hides behind them.
             const int next_page_id = page + 1 < piece.page_end ? pages[page + 1] : 0;
@@ -375,6 +390,11 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
                                       scale_log2, kv_evict_first);
     if (TRACE_PHASES && threadIdx.x == 0) trace_phase(EV_ENTRY);
 #ifdef MLA_PROGRAMMATIC_LAUNCH
+    if (PREFETCH_BEFORE_WAIT && threadIdx.x == 0) {
+        prefetch_l2(metadata + blockIdx.z * METADATA_FIELDS);
+        prefetch_l2(seqlens);
+        prefetch_l2(num_splits);
+    }
     if (!DEPENDENTS_AFTER_FIRST_ISSUE) allow_dependent_launch();  // the combine may take idle SMs and wait there
     // Launched programmatically behind the stream's previous kernel (the scheduler, or whatever
     // wrote q, the cache or the block table): this CTA's launch and setup overlapped its tail;
