@@ -53,6 +53,10 @@
 #             with the combine's SPLITS_BEFORE_WAIT=1): reference check, GPU decode and
 #             programmatic-launch tests, the latency rows and whole call alternated three times
 #             (~2.5 min)
+#   fused:    the decode merging its own splits (FUSED_COMBINE=1, no combine kernel), with and
+#             without latency_prefetch's knobs: reference check, GPU decode, programmatic-launch
+#             and graph tests, a timing-only A/B of every row, the latency rows and whole call
+#             alternated twice (~7 min)
 #   latency_prefetch: splits_early's knobs, the decode's PREFETCH_BEFORE_WAIT=1 +
 #             EARLY_FIRST_PAGE_ID=1 (the part row, seqlens and num_splits lines prefetched into
 #             L2 before the dependency wait; the first block-table load not behind seqlens), and
@@ -275,6 +279,17 @@ for experiment in ${@:-verify}; do
       > "$ROOT_OUT/splits_early/programmatic.tests" 2>&1
     echo "== programmatic-launch tests: $(tail -1 "$ROOT_OUT/splits_early/programmatic.tests")"
     latency_ab splits_early 3 $knobs ;;
+  fused)
+    run fused
+    . benchmarks/versions.sh
+    prefetch=PREFETCH_BEFORE_WAIT=1+EARLY_FIRST_PAGE_ID=1
+    check_variants fused shipped+FUSED_COMBINE=1+$prefetch
+    with_version shipped+FUSED_COMBINE=1+$prefetch timeout 120 python -m pytest -q -p no:cacheprovider \
+      tests/test_programmatic_launch.py tests/test_gpu_stress.py > "$ROOT_OUT/fused/graphs_programmatic.tests" 2>&1
+    echo "== programmatic-launch and stress tests: $(tail -1 "$ROOT_OUT/fused/graphs_programmatic.tests")"
+    OUT=$ROOT_OUT/fused/ab AB_TIMING_ONLY=1 timeout 300 bash benchmarks/ab_session.sh shipped+FUSED_COMBINE=1 \
+      shipped+FUSED_COMBINE=1+$prefetch | tail -16
+    latency_ab fused 2 shipped+$prefetch shipped+FUSED_COMBINE=1 shipped+FUSED_COMBINE=1+$prefetch ;;
   latency_prefetch)
     run latency_prefetch
     . benchmarks/versions.sh

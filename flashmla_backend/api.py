@@ -155,6 +155,25 @@ def _split_workspace(device: torch.device, rows: int) -> tuple[torch.Tensor, tor
     return cached
 
 
+_counters: dict[int, torch.Tensor] = {}
+_retired_counters: list[torch.Tensor] = []
+
+
+def _split_counters(device: torch.device, slots: int) -> torch.Tensor:
+    """Int32 ``[2 * slots]``, zero between calls: the (arrived, departed) counters of a decode that
+    merges its own splits (``COMBINES_SPLITS``), one pair per (request, KV head, query block).
+    The kernel leaves them zeroed; grown on demand and kept, like the split workspace."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cached = _counters.get(index)
+    if cached is None or cached.numel() < 2 * slots:
+        if cached is not None:
+            _retired_counters.append(cached)
+            slots = max(slots, cached.numel())
+        cached = torch.zeros((2 * slots,), dtype=torch.int32, device=device)
+        _counters[index] = cached
+    return cached
+
+
 def split_workspace_rows(batch: int, num_q_tokens_per_head_k: int, num_heads_k: int, num_sms: int) -> int:
     """Rows of float32 partial output a call needs: one per (split, KV head, query row), with at
     most ``batch + num_sm_parts`` splits."""
@@ -171,6 +190,7 @@ def reserve_workspace(device: torch.device | int, max_batch: int, num_q_tokens_p
     index = check_device(device)
     rows = split_workspace_rows(max_batch, num_q_tokens_per_head_k, num_heads_k, sm_count(index))
     _split_workspace(torch.device("cuda", index), rows)
+    _split_counters(torch.device("cuda", index), max_batch * num_heads_k * -(-num_q_tokens_per_head_k // BLOCK_M))
 
 
 def flash_mla_with_kvcache(
@@ -253,8 +273,12 @@ def flash_mla_with_kvcache(
         args += (k_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1))
     if contract.selects_kv_producer:
         args += (int(load_by_cp_async(index, m_blocks)),)
+    if contract.combines_splits:
+        args += (_split_counters(q.device, shape.batch * shape.h_k * m_blocks).data_ptr(),)
     launch_kernel(kernels.decode, kernels.decode_signature, (m_blocks, shape.h_k, parts), DECODE_THREADS, args,
                   index, shared_mem=DECODE_SMEM_BYTES, programmatic=kernels.settings.programmatic_launch)
+    if contract.combines_splits:
+        return out, lse
     warps_per_row = _combine_warps_per_row(shape.batch, parts)
     rows_per_cta = COMBINE_WARPS // warps_per_row
     launch_kernel(kernels.combine, COMBINE_SIGNATURE, (-(-shape.h_k * rows // rows_per_cta), shape.batch, 1),

@@ -168,6 +168,7 @@ def test_pipeline_diagnostic_knobs_compile_within_the_launch(knobs: tuple[str, .
                                          ("decode", "-DDEPENDENTS_AFTER_FIRST_ISSUE=1"),
                                          ("decode", "-DPREFETCH_BEFORE_WAIT=1"),
                                          ("decode", "-DEARLY_FIRST_PAGE_ID=1"),
+                                         ("decode", "-DFUSED_COMBINE=1"),
                                          ("combine", "-DSPLITS_BEFORE_WAIT=1")])
 def test_ab_knobs_of_the_shipped_kernels_compile_within_their_registers(kernel: str, knob: str) -> None:
     """The off-by-default A/B knobs device_experiments.sh sets must build: no warning, the
