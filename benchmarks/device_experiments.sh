@@ -54,9 +54,10 @@
 #             programmatic-launch tests, the latency rows and whole call alternated three times
 #             (~2.5 min)
 #   fused:    the decode merging its own splits (FUSED_COMBINE=1, no combine kernel), with and
-#             without latency_prefetch's knobs: reference check, GPU decode, programmatic-launch
-#             and graph tests, a timing-only A/B of every row, the latency rows and whole call
-#             alternated twice (~7 min)
+#             without latency_prefetch's knobs: reference check, GPU decode and programmatic-launch
+#             tests; v35a's reference check; a timing-only A/B of every row (shipped, fused,
+#             fused + prefetch, v35a, shipped), the latency rows and whole call alternated twice
+#             (~8.5 min)
 #   latency_prefetch: splits_early's knobs, the decode's PREFETCH_BEFORE_WAIT=1 +
 #             EARLY_FIRST_PAGE_ID=1 (the part row, seqlens and num_splits lines prefetched into
 #             L2 before the dependency wait; the first block-table load not behind seqlens), and
@@ -284,12 +285,15 @@ for experiment in ${@:-verify}; do
     . benchmarks/versions.sh
     prefetch=PREFETCH_BEFORE_WAIT=1+EARLY_FIRST_PAGE_ID=1
     check_variants fused shipped+FUSED_COMBINE=1+$prefetch
-    with_version shipped+FUSED_COMBINE=1+$prefetch timeout 120 python -m pytest -q -p no:cacheprovider \
-      tests/test_programmatic_launch.py tests/test_gpu_stress.py > "$ROOT_OUT/fused/graphs_programmatic.tests" 2>&1
-    echo "== programmatic-launch and stress tests: $(tail -1 "$ROOT_OUT/fused/graphs_programmatic.tests")"
+    with_version shipped+FUSED_COMBINE=1+$prefetch timeout 100 python -m pytest -q -p no:cacheprovider \
+      tests/test_programmatic_launch.py > "$ROOT_OUT/fused/programmatic.tests" 2>&1
+    echo "== programmatic-launch tests: $(tail -1 "$ROOT_OUT/fused/programmatic.tests")"
+    with_version shipped+DEFER_P_READY=1 timeout 100 python benchmarks/check_decode_version.py --max-rows 512 \
+      > "$ROOT_OUT/fused/v35a.check" 2>&1
+    echo "== v35a correctness (rc $?): $(tail -1 "$ROOT_OUT/fused/v35a.check")"
     OUT=$ROOT_OUT/fused/ab AB_TIMING_ONLY=1 timeout 300 bash benchmarks/ab_session.sh shipped+FUSED_COMBINE=1 \
-      shipped+FUSED_COMBINE=1+$prefetch | tail -16
-    latency_ab fused 2 shipped+$prefetch shipped+FUSED_COMBINE=1 shipped+FUSED_COMBINE=1+$prefetch ;;
+      shipped+FUSED_COMBINE=1+$prefetch shipped+DEFER_P_READY=1 | tail -16
+    latency_ab fused 2 shipped+FUSED_COMBINE=1 shipped+FUSED_COMBINE=1+$prefetch ;;
   latency_prefetch)
     run latency_prefetch
     . benchmarks/versions.sh
