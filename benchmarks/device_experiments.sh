@@ -286,8 +286,8 @@ for experiment in ${@:-verify}; do
     prefetch=PREFETCH_BEFORE_WAIT=1+EARLY_FIRST_PAGE_ID=1
     check_variants fused shipped+FUSED_COMBINE=1+$prefetch
     with_version shipped+FUSED_COMBINE=1+$prefetch timeout 100 python -m pytest -q -p no:cacheprovider \
-      tests/test_programmatic_launch.py > "$ROOT_OUT/fused/programmatic.tests" 2>&1
-    echo "== programmatic-launch tests: $(tail -1 "$ROOT_OUT/fused/programmatic.tests")"
+      tests/test_programmatic_launch.py tests/test_fused_split_merge.py > "$ROOT_OUT/fused/programmatic.tests" 2>&1
+    echo "== programmatic-launch and fused-merge tests: $(tail -1 "$ROOT_OUT/fused/programmatic.tests")"
     with_version shipped+DEFER_P_READY=1 timeout 100 python benchmarks/check_decode_version.py --max-rows 512 \
       > "$ROOT_OUT/fused/v35a.check" 2>&1
     echo "== v35a correctness (rc $?): $(tail -1 "$ROOT_OUT/fused/v35a.check")"
