@@ -114,3 +114,5 @@ def test_launch_contract_of_the_fused_combine_knob(monkeypatch: pytest.MonkeyPat
     fused = decode_launch_contract(decode_module(torch.bfloat16))
     assert fused.combines_splits and fused.selects_kv_producer
     assert decode_signature(fused).codes == decode_signature(shipped).codes + ("Q",)
+    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_DEFINES", "-DFUSED_COMBINE=1 -DFUSED_COMBINE=0")
+    assert not decode_launch_contract(decode_module(torch.bfloat16)).combines_splits
