@@ -87,3 +87,28 @@ def make_problem(
                 k_cache[int(block_table[i, pages_per_seq[i] - 1]), n % PAGE_SIZE:] = float("nan")
     seqlens = torch.tensor(lengths, dtype=torch.int32)
     return DecodeProblem(q, k_cache, block_table.to(device), seqlens.to(device), causal)
+
+
+def capture_decode_step(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
+                        cache_seqlens: torch.Tensor, causal: bool = True
+                        ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+    """A CUDA graph of one decode step (``get_mla_metadata`` then ``flash_mla_with_kvcache``) on
+    these static tensors, warmed up on a side stream first as capture requires. Returns the graph
+    and its output ``[b, s_q, h_q, 512]`` and LSE ``[b, h_q, s_q]``, rewritten by each replay."""
+    from .api import flash_mla_with_kvcache, get_mla_metadata
+    from .runtime import precompile
+
+    precompile()
+    _, s_q, h_q, _ = q.shape
+    rows = s_q * h_q // k_cache.shape[2]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        md, ns = get_mla_metadata(cache_seqlens, rows, k_cache.shape[2])
+        flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, md, ns, causal=causal)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        md, ns = get_mla_metadata(cache_seqlens, rows, k_cache.shape[2])
+        out, lse = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, md, ns, causal=causal)
+    return graph, out, lse

@@ -13,7 +13,7 @@ import torch
 
 from conftest import assert_lse_close, relative_error, requires_hopper
 from flashmla_backend import flash_mla_with_kvcache, get_mla_metadata, mla_decode_reference
-from flashmla_backend.testing import make_problem
+from flashmla_backend.testing import capture_decode_step, make_problem
 
 pytestmark = requires_hopper
 
@@ -63,23 +63,10 @@ def test_split_heavy_problems(lengths: list[int], s_q: int, h_q: int, h_k: int) 
 
 
 def test_cuda_graph_replay_with_new_lengths() -> None:
-    from flashmla_backend import precompile
-
-    precompile()
     batch, s_q, h_q = 4, 1, 16
     base = make_problem([9000] * batch, s_q, h_q, causal=True, seed=3)
     seqlens = base.cache_seqlens.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        md, ns = get_mla_metadata(seqlens, s_q * h_q, 1)
-        flash_mla_with_kvcache(base.q, base.k_cache, base.block_table, seqlens, 512, md, ns, causal=True)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        md, ns = get_mla_metadata(seqlens, s_q * h_q, 1)
-        out, lse = flash_mla_with_kvcache(base.q, base.k_cache, base.block_table, seqlens, 512, md, ns,
-                                          causal=True)
+    graph, out, lse = capture_decode_step(base.q, base.k_cache, base.block_table, seqlens)
     gen = torch.Generator().manual_seed(8)
     for step in range(6):
         seqlens.copy_(torch.randint(0, 9001, (batch,), generator=gen, dtype=torch.int32))

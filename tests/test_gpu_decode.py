@@ -14,7 +14,7 @@ import torch
 from conftest import assert_lse_close, relative_error, requires_hopper
 from flashmla_backend import flash_mla_with_kvcache, get_mla_metadata, mla_decode_reference
 from flashmla_backend.schedule import schedule_reference
-from flashmla_backend.testing import DecodeProblem, draw_lengths, make_problem
+from flashmla_backend.testing import DecodeProblem, capture_decode_step, draw_lengths, make_problem
 
 pytestmark = requires_hopper
 
@@ -179,25 +179,11 @@ def test_schedule_reused_across_layers() -> None:
 
 
 def test_cuda_graph_replay_with_new_lengths() -> None:
-    from flashmla_backend import precompile
-
-    precompile()
     batch, s_q, h_q = 8, 2, 16
     base = make_problem([3000] * batch, s_q, h_q, causal=True, seed=21)
     seqlens = base.cache_seqlens.clone()
     static_q = base.q.clone()
-    # Warm up on a side stream (allocator and caches), then capture.
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        md, ns = get_mla_metadata(seqlens, s_q * h_q, 1)
-        flash_mla_with_kvcache(static_q, base.k_cache, base.block_table, seqlens, 512, md, ns, causal=True)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        md, ns = get_mla_metadata(seqlens, s_q * h_q, 1)
-        out, lse = flash_mla_with_kvcache(static_q, base.k_cache, base.block_table, seqlens, 512, md, ns,
-                                          causal=True)
+    graph, out, lse = capture_decode_step(static_q, base.k_cache, base.block_table, seqlens)
     gen = torch.Generator().manual_seed(5)
     for step in range(5):
         new_lengths = torch.randint(0, 3001, (batch,), generator=gen, dtype=torch.int32)
