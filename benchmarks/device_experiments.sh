@@ -58,6 +58,9 @@
 #             tests; v35a's reference check; a timing-only A/B of every row (shipped, fused,
 #             fused + prefetch, v35a, shipped), the latency rows and whole call alternated twice
 #             (~8.5 min)
+#   fused_quick: fused's essentials (~5 min): the fused decode with the prefetch knobs checked and
+#             tested, latency rows and whole call alternated twice; v35a checked; the 128,1,128
+#             and memory varlen rows for shipped, fused + prefetch and v35a, alternated twice
 #   latency_prefetch: splits_early's knobs, the decode's PREFETCH_BEFORE_WAIT=1 +
 #             EARLY_FIRST_PAGE_ID=1 (the part row, seqlens and num_splits lines prefetched into
 #             L2 before the dependency wait; the first block-table load not behind seqlens), and
@@ -294,6 +297,28 @@ for experiment in ${@:-verify}; do
     OUT=$ROOT_OUT/fused/ab AB_TIMING_ONLY=1 timeout 300 bash benchmarks/ab_session.sh shipped+FUSED_COMBINE=1 \
       shipped+FUSED_COMBINE=1+$prefetch shipped+DEFER_P_READY=1 | tail -16
     latency_ab fused 2 shipped+FUSED_COMBINE=1 shipped+FUSED_COMBINE=1+$prefetch ;;
+  fused_quick)
+    run fused_quick
+    . benchmarks/versions.sh
+    fp=shipped+FUSED_COMBINE=1+PREFETCH_BEFORE_WAIT=1+EARLY_FIRST_PAGE_ID=1
+    with_version $fp timeout 100 python benchmarks/check_decode_version.py --max-rows 512 \
+      > "$ROOT_OUT/fused_quick/fused.check" 2>&1
+    echo "== fused + prefetch correctness (rc $?): $(tail -1 "$ROOT_OUT/fused_quick/fused.check")"
+    with_version $fp timeout 150 python -m pytest -q -p no:cacheprovider tests/test_fused_split_merge.py \
+      tests/test_programmatic_launch.py > "$ROOT_OUT/fused_quick/fused.tests" 2>&1
+    echo "== fused-merge and programmatic-launch tests: $(tail -1 "$ROOT_OUT/fused_quick/fused.tests")"
+    latency_ab fused_quick 2 shipped+FUSED_COMBINE=1 $fp
+    with_version shipped+DEFER_P_READY=1 timeout 100 python benchmarks/check_decode_version.py --max-rows 512 \
+      > "$ROOT_OUT/fused_quick/v35a.check" 2>&1
+    echo "== v35a correctness (rc $?): $(tail -1 "$ROOT_OUT/fused_quick/v35a.check")"
+    for v in shipped $fp shipped+DEFER_P_READY=1 shipped $fp shipped+DEFER_P_READY=1; do
+      label=${v//[+=]/_}_$((n = ${n:-0} + 1))
+      with_version "$v" timeout 90 python -m flashmla_backend.bench --no-peers --no-plots \
+        --rows "128, 1, 128" --out "$ROOT_OUT/fused_quick/c$label" > "$ROOT_OUT/fused_quick/c$label.md" 2>&1
+      with_version "$v" timeout 90 python -m flashmla_backend.bench --no-peers --no-plots \
+        --rows "varlen 4096" --out "$ROOT_OUT/fused_quick/v$label" > "$ROOT_OUT/fused_quick/v$label.md" 2>&1
+      echo "$label: $(grep -hE '^\| (compute|memory)' "$ROOT_OUT/fused_quick/c$label.md" "$ROOT_OUT/fused_quick/v$label.md" | cut -d'|' -f2,3 | tr '\n' ' ')"
+    done ;;
   latency_prefetch)
     run latency_prefetch
     . benchmarks/versions.sh
