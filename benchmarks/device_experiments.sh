@@ -307,7 +307,7 @@ for experiment in ${@:-verify}; do
     with_version $fp timeout 150 python -m pytest -q -p no:cacheprovider tests/test_fused_split_merge.py \
       tests/test_programmatic_launch.py > "$ROOT_OUT/fused_quick/fused.tests" 2>&1
     echo "== fused-merge and programmatic-launch tests: $(tail -1 "$ROOT_OUT/fused_quick/fused.tests")"
-    latency_ab fused_quick 2 shipped+FUSED_COMBINE=1 $fp
+    latency_ab fused_quick 2 shipped+FUSED_COMBINE=1 shipped+FUSED_COMBINE=1+MERGE_UNITS_IN_FLIGHT=1 $fp
     with_version shipped+DEFER_P_READY=1 timeout 100 python benchmarks/check_decode_version.py --max-rows 512 \
       > "$ROOT_OUT/fused_quick/v35a.check" 2>&1
     echo "== v35a correctness (rc $?): $(tail -1 "$ROOT_OUT/fused_quick/v35a.check")"

@@ -437,11 +437,11 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     } else if (wg == 0) {
         setmaxnreg_inc_240();
         run_softmax_wg(a, sm, tid);
-        if (FUSED_COMBINE) merge_own_splits(a, a.split_counters, BAR_MERGE, tid);
+        if (FUSED_COMBINE) merge_own_splits(a, a.split_counters, BAR_MERGE, tid, reinterpret_cast<float4*>(sm.q()));
     } else {
         setmaxnreg_inc_224();
         run_pv_wg(a, sm, tid - WG_THREADS);
-        if (FUSED_COMBINE) merge_own_splits(a, a.split_counters, BAR_MERGE, tid);
+        if (FUSED_COMBINE) merge_own_splits(a, a.split_counters, BAR_MERGE, tid, reinterpret_cast<float4*>(sm.q()));
     }
 
 }
