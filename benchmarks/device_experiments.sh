@@ -58,6 +58,8 @@
 #             tests; v35a's reference check; a timing-only A/B of every row (shipped, fused,
 #             fused + prefetch, v35a, shipped), the latency rows and whole call alternated twice
 #             (~8.5 min)
+#   fused_min: fused_quick's first half (~3 min): the fused decode (+ prefetch) checked and its
+#             tests, latency rows and whole call alternated twice
 #   fused_quick: fused's essentials (~5 min): the fused decode with the prefetch knobs checked and
 #             tested, latency rows and whole call alternated twice; v35a checked; the 128,1,128
 #             and memory varlen rows for shipped, fused + prefetch and v35a, alternated twice
@@ -297,6 +299,17 @@ for experiment in ${@:-verify}; do
     OUT=$ROOT_OUT/fused/ab AB_TIMING_ONLY=1 timeout 300 bash benchmarks/ab_session.sh shipped+FUSED_COMBINE=1 \
       shipped+FUSED_COMBINE=1+$prefetch shipped+DEFER_P_READY=1 | tail -16
     latency_ab fused 2 shipped+FUSED_COMBINE=1 shipped+FUSED_COMBINE=1+$prefetch ;;
+  fused_min)
+    run fused_min
+    . benchmarks/versions.sh
+    fp=shipped+FUSED_COMBINE=1+PREFETCH_BEFORE_WAIT=1+EARLY_FIRST_PAGE_ID=1
+    with_version $fp timeout 100 python benchmarks/check_decode_version.py --max-rows 512 \
+      > "$ROOT_OUT/fused_min/fused.check" 2>&1
+    echo "== fused + prefetch correctness (rc $?): $(tail -1 "$ROOT_OUT/fused_min/fused.check")"
+    with_version $fp timeout 120 python -m pytest -q -p no:cacheprovider tests/test_fused_split_merge.py \
+      > "$ROOT_OUT/fused_min/fused.tests" 2>&1
+    echo "== fused-merge tests: $(tail -1 "$ROOT_OUT/fused_min/fused.tests")"
+    latency_ab fused_min 2 shipped+FUSED_COMBINE=1 $fp ;;
   fused_quick)
     run fused_quick
     . benchmarks/versions.sh
