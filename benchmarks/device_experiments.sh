@@ -309,7 +309,7 @@ for experiment in ${@:-verify}; do
     with_version $fp timeout 120 python -m pytest -q -p no:cacheprovider tests/test_fused_split_merge.py \
       > "$ROOT_OUT/fused_min/fused.tests" 2>&1
     echo "== fused-merge tests: $(tail -1 "$ROOT_OUT/fused_min/fused.tests")"
-    latency_ab fused_min 2 shipped+FUSED_COMBINE=1 $fp ;;
+    latency_ab fused_min 2 $fp ;;
   fused_quick)
     run fused_quick
     . benchmarks/versions.sh
