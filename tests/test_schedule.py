@@ -45,6 +45,29 @@ def test_every_page_is_covered_once(lengths: list[int], parts: int, slack: int) 
     assert int(ns[-1]) <= len(lengths) + parts, "more splits than the workspace holds"
 
 
+@pytest.mark.parametrize("lengths,parts", [
+    ([8192], 132), ([60000], 132), ([2048] * 8, 66), ([3000, 0, 17, 9000, 0, 64, 4096], 132),
+    (list(range(0, 5000, 41)), 33), ([70000, 1], 1), ([150] * 60 + [0, 1, 64, 20000, 9000], 132),
+])
+def test_split_merge_shares_cover_every_split_once(lengths: list[int], parts: int) -> None:
+    # The fused merge (kernels/mla_split_merge.cuh) has each part merge, for its first and its
+    # last piece only, share `begin_split - num_splits[req]` (first) or 0 (last): only those two
+    # pieces can be split, and a part's last piece is split 0 of its request. Every split of every
+    # split request must then be claimed exactly once, or a share of its output is never written.
+    md, ns = schedule_reference(torch.tensor(lengths, dtype=torch.int32), parts)
+    claimed = []
+    for begin_req, _, end_req, _, begin_split, *_ in md.tolist():
+        if end_req < begin_req:
+            continue
+        ends = [(begin_req, begin_split - int(ns[begin_req]))]
+        if end_req != begin_req:
+            ends.append((end_req, 0))
+        claimed += [(req, share) for req, share in ends if int(ns[req + 1] - ns[req]) > 1]
+    wanted = [(req, k) for req in range(len(lengths)) for k in range(int(ns[req + 1] - ns[req]))
+              if int(ns[req + 1] - ns[req]) > 1]
+    assert sorted(claimed) == wanted
+
+
 @pytest.mark.parametrize("lengths,parts", [([8192], 132), ([4096] * 128, 132), (list(range(0, 5000, 41)), 33),
                                            ([150] * 60 + [0, 1, 64, 20000, 9000], 132)])
 def test_pages_per_part_counts_each_parts_pieces(lengths: list[int], parts: int) -> None:
