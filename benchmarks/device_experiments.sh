@@ -58,8 +58,8 @@
 #             tests; v35a's reference check; a timing-only A/B of every row (shipped, fused,
 #             fused + prefetch, v35a, shipped), the latency rows and whole call alternated twice
 #             (~8.5 min)
-#   fused_min: fused_quick's first half (~3 min): the fused decode (+ prefetch) checked and its
-#             tests, latency rows and whole call alternated twice
+#   fused_min: the fused decode with the prefetch knobs, checked, its fused-merge tests, and the
+#             latency rows and whole call against shipped, alternated twice (~2.5 min)
 #   fused_quick: fused's essentials (~5 min): the fused decode with the prefetch knobs checked and
 #             tested, latency rows and whole call alternated twice; v35a checked; the 128,1,128
 #             and memory varlen rows for shipped, fused + prefetch and v35a, alternated twice
@@ -123,6 +123,18 @@ check_variants() {
       > "$ROOT_OUT/$experiment/$label.tests" 2>&1
     echo "== $version GPU decode tests: $(tail -1 "$ROOT_OUT/$experiment/$label.tests")"
   done
+}
+# check_one EXPERIMENT LABEL VERSION [TEST_FILE...]: one version's reference check, then those
+# test files under it (if any).
+check_one() {
+  local experiment=$1 label=$2 version=$3; shift 3
+  with_version "$version" timeout 100 python benchmarks/check_decode_version.py --max-rows 512 \
+    > "$ROOT_OUT/$experiment/$label.check" 2>&1
+  echo "== $label correctness (rc $?): $(tail -1 "$ROOT_OUT/$experiment/$label.check")"
+  [ $# -eq 0 ] && return
+  with_version "$version" timeout 150 python -m pytest -q -p no:cacheprovider "$@" \
+    > "$ROOT_OUT/$experiment/$label.tests" 2>&1
+  echo "== $label tests ($*): $(tail -1 "$ROOT_OUT/$experiment/$label.tests")"
 }
 # engine_tests NAME PYTEST_ARGS...: one group of the engine-level vLLM tests, on the tiny local
 # DeepSeek (built once per machine).
@@ -293,9 +305,7 @@ for experiment in ${@:-verify}; do
     with_version shipped+FUSED_COMBINE=1+$prefetch timeout 100 python -m pytest -q -p no:cacheprovider \
       tests/test_programmatic_launch.py tests/test_fused_split_merge.py > "$ROOT_OUT/fused/programmatic.tests" 2>&1
     echo "== programmatic-launch and fused-merge tests: $(tail -1 "$ROOT_OUT/fused/programmatic.tests")"
-    with_version shipped+DEFER_P_READY=1 timeout 100 python benchmarks/check_decode_version.py --max-rows 512 \
-      > "$ROOT_OUT/fused/v35a.check" 2>&1
-    echo "== v35a correctness (rc $?): $(tail -1 "$ROOT_OUT/fused/v35a.check")"
+    check_one fused v35a shipped+DEFER_P_READY=1
     OUT=$ROOT_OUT/fused/ab AB_TIMING_ONLY=1 timeout 300 bash benchmarks/ab_session.sh shipped+FUSED_COMBINE=1 \
       shipped+FUSED_COMBINE=1+$prefetch shipped+DEFER_P_READY=1 | tail -16
     latency_ab fused 2 shipped+FUSED_COMBINE=1 shipped+FUSED_COMBINE=1+$prefetch ;;
@@ -303,27 +313,15 @@ for experiment in ${@:-verify}; do
     run fused_min
     . benchmarks/versions.sh
     fp=shipped+FUSED_COMBINE=1+PREFETCH_BEFORE_WAIT=1+EARLY_FIRST_PAGE_ID=1
-    with_version $fp timeout 100 python benchmarks/check_decode_version.py --max-rows 512 \
-      > "$ROOT_OUT/fused_min/fused.check" 2>&1
-    echo "== fused + prefetch correctness (rc $?): $(tail -1 "$ROOT_OUT/fused_min/fused.check")"
-    with_version $fp timeout 120 python -m pytest -q -p no:cacheprovider tests/test_fused_split_merge.py \
-      > "$ROOT_OUT/fused_min/fused.tests" 2>&1
-    echo "== fused-merge tests: $(tail -1 "$ROOT_OUT/fused_min/fused.tests")"
+    check_one fused_min fused_prefetch $fp tests/test_fused_split_merge.py
     latency_ab fused_min 2 $fp ;;
   fused_quick)
     run fused_quick
     . benchmarks/versions.sh
     fp=shipped+FUSED_COMBINE=1+PREFETCH_BEFORE_WAIT=1+EARLY_FIRST_PAGE_ID=1
-    with_version $fp timeout 100 python benchmarks/check_decode_version.py --max-rows 512 \
-      > "$ROOT_OUT/fused_quick/fused.check" 2>&1
-    echo "== fused + prefetch correctness (rc $?): $(tail -1 "$ROOT_OUT/fused_quick/fused.check")"
-    with_version $fp timeout 150 python -m pytest -q -p no:cacheprovider tests/test_fused_split_merge.py \
-      tests/test_programmatic_launch.py > "$ROOT_OUT/fused_quick/fused.tests" 2>&1
-    echo "== fused-merge and programmatic-launch tests: $(tail -1 "$ROOT_OUT/fused_quick/fused.tests")"
+    check_one fused_quick fused_prefetch $fp tests/test_fused_split_merge.py tests/test_programmatic_launch.py
     latency_ab fused_quick 2 shipped+FUSED_COMBINE=1 shipped+FUSED_COMBINE=1+MERGE_UNITS_IN_FLIGHT=1 $fp
-    with_version shipped+DEFER_P_READY=1 timeout 100 python benchmarks/check_decode_version.py --max-rows 512 \
-      > "$ROOT_OUT/fused_quick/v35a.check" 2>&1
-    echo "== v35a correctness (rc $?): $(tail -1 "$ROOT_OUT/fused_quick/v35a.check")"
+    check_one fused_quick v35a shipped+DEFER_P_READY=1
     for v in shipped $fp shipped+DEFER_P_READY=1 shipped $fp shipped+DEFER_P_READY=1; do
       label=${v//[+=]/_}_$((n = ${n:-0} + 1))
       with_version "$v" timeout 90 python -m flashmla_backend.bench --no-peers --no-plots \
