@@ -79,8 +79,8 @@
 #   sustained: the sustained table: every anchor row but the latency ones back to back, ours and
 #             the peers if the vLLM bundle is installed, with clocks (clock_probe.py --rows
 #             anchors; ~4 min with the peers)
-#   verify:   the shipped decode: reference check with each KV producer forced, the four
-#             sanitizers with the cp.async producer forced, GPU unit tests (~4 min)
+#   verify:   the shipped decode (or VERIFY_VERSION): reference check with each KV producer
+#             forced, the four sanitizers with the cp.async producer forced, GPU unit tests (~4 min)
 #   combine:  the combine with 1, 4 (shipped) and 8 partial rows in flight per warp, ours only,
 #             timing-only A/B (~1.5 min)
 #   producer: the shipped per-card producer rule against TMA and cp.async forced, and the
@@ -372,15 +372,18 @@ for experiment in ${@:-verify}; do
     timeout 500 python benchmarks/clock_probe.py --rows anchors --seconds 3 --out "$ROOT_OUT/sustained" \
       > "$ROOT_OUT/sustained/probe.log" 2>&1
     sed -n '/^## Sustained/,$p' "$ROOT_OUT/sustained/probe.log" ;;
-  verify)
+  verify)  # VERIFY_VERSION (default shipped): the version whose knobs every step runs with
     run verify
+    . benchmarks/versions.sh
+    version=${VERIFY_VERSION:-shipped}
+    echo "version: $version"
     for producer in tma cp_async; do
-      FLASHMLA_BACKEND_KV_PRODUCER=$producer timeout 120 python benchmarks/check_decode_version.py --max-rows 512 \
-        > "$ROOT_OUT/verify/check_$producer.log" 2>&1
-      echo "== shipped, $producer producer, correctness (rc $?): $(tail -1 "$ROOT_OUT/verify/check_$producer.log")"
+      with_version "$version" env FLASHMLA_BACKEND_KV_PRODUCER=$producer timeout 120 \
+        python benchmarks/check_decode_version.py --max-rows 512 > "$ROOT_OUT/verify/check_$producer.log" 2>&1
+      echo "== $version, $producer producer, correctness (rc $?): $(tail -1 "$ROOT_OUT/verify/check_$producer.log")"
     done
-    FLASHMLA_BACKEND_KV_PRODUCER=cp_async OUT=$ROOT_OUT/verify bash benchmarks/run_sanitizers.sh
-    timeout 240 python -m pytest -q -p no:cacheprovider tests > "$ROOT_OUT/verify/unit_tests.log" 2>&1
+    with_version "$version" env FLASHMLA_BACKEND_KV_PRODUCER=cp_async OUT=$ROOT_OUT/verify bash benchmarks/run_sanitizers.sh
+    with_version "$version" timeout 240 python -m pytest -q -p no:cacheprovider tests > "$ROOT_OUT/verify/unit_tests.log" 2>&1
     echo "GPU unit tests: $(tail -1 "$ROOT_OUT/verify/unit_tests.log")" ;;
   combine)
     run combine
