@@ -132,9 +132,21 @@ check_one() {
     > "$ROOT_OUT/$experiment/$label.check" 2>&1
   echo "== $label correctness (rc $?): $(tail -1 "$ROOT_OUT/$experiment/$label.check")"
   [ $# -eq 0 ] && return
-  with_version "$version" timeout 150 python -m pytest -q -p no:cacheprovider "$@" \
+  with_version "$version" timeout 240 python -m pytest -q -p no:cacheprovider "$@" \
     > "$ROOT_OUT/$experiment/$label.tests" 2>&1
   echo "== $label tests ($*): $(tail -1 "$ROOT_OUT/$experiment/$label.tests")"
+}
+# checked_ok EXPERIMENT LABEL: check_one's reference check found nothing wrong and its tests (if
+# any ran) all passed; else prints the first failures, so a broken variant's timing is skipped.
+checked_ok() {
+  local dir=$ROOT_OUT/$1 label=$2
+  if tail -1 "$dir/$label.check" | grep -q '^0 failed' &&
+     { [ ! -f "$dir/$label.tests" ] || ! tail -1 "$dir/$label.tests" | grep -qE 'failed|error|no tests'; }; then
+    return 0
+  fi
+  echo "== $label is broken; its timing is skipped. First failures:"
+  grep -m8 -E '^FAIL|Error|error' "$dir/$label.check" "$dir/$label.tests" 2>/dev/null
+  return 1
 }
 # engine_tests NAME PYTEST_ARGS...: one group of the engine-level vLLM tests, on the tiny local
 # DeepSeek (built once per machine).
@@ -301,11 +313,13 @@ for experiment in ${@:-verify}; do
     run fused
     . benchmarks/versions.sh
     prefetch=PREFETCH_BEFORE_WAIT=1+EARLY_FIRST_PAGE_ID=1
-    check_variants fused shipped+FUSED_COMBINE=1+$prefetch
-    with_version shipped+FUSED_COMBINE=1+$prefetch timeout 100 python -m pytest -q -p no:cacheprovider \
-      tests/test_programmatic_launch.py tests/test_fused_split_merge.py > "$ROOT_OUT/fused/programmatic.tests" 2>&1
-    echo "== programmatic-launch and fused-merge tests: $(tail -1 "$ROOT_OUT/fused/programmatic.tests")"
+    check_one fused fused_prefetch shipped+FUSED_COMBINE=1+$prefetch tests/test_fused_split_merge.py \
+      tests/test_programmatic_launch.py tests/test_gpu_decode.py
     check_one fused v35a shipped+DEFER_P_READY=1
+    if ! checked_ok fused fused_prefetch; then
+      OUT=$ROOT_OUT/fused/ab AB_TIMING_ONLY=1 timeout 300 bash benchmarks/ab_session.sh shipped+DEFER_P_READY=1 | tail -16
+      continue
+    fi
     OUT=$ROOT_OUT/fused/ab AB_TIMING_ONLY=1 timeout 300 bash benchmarks/ab_session.sh shipped+FUSED_COMBINE=1 \
       shipped+FUSED_COMBINE=1+$prefetch shipped+DEFER_P_READY=1 | tail -16
     latency_ab fused 2 shipped+FUSED_COMBINE=1 shipped+FUSED_COMBINE=1+$prefetch ;;
@@ -320,9 +334,13 @@ for experiment in ${@:-verify}; do
     . benchmarks/versions.sh
     fp=shipped+FUSED_COMBINE=1+PREFETCH_BEFORE_WAIT=1+EARLY_FIRST_PAGE_ID=1
     check_one fused_quick fused_prefetch $fp tests/test_fused_split_merge.py tests/test_programmatic_launch.py
-    latency_ab fused_quick 2 shipped+FUSED_COMBINE=1 shipped+FUSED_COMBINE=1+MERGE_UNITS_IN_FLIGHT=1 $fp
+    versions="shipped+DEFER_P_READY=1"
+    if checked_ok fused_quick fused_prefetch; then
+      latency_ab fused_quick 2 shipped+FUSED_COMBINE=1 shipped+FUSED_COMBINE=1+MERGE_UNITS_IN_FLIGHT=1 $fp
+      versions="$fp $versions"
+    fi
     check_one fused_quick v35a shipped+DEFER_P_READY=1
-    for v in shipped $fp shipped+DEFER_P_READY=1 shipped $fp shipped+DEFER_P_READY=1; do
+    for v in shipped $versions shipped $versions; do
       label=${v//[+=]/_}_$((n = ${n:-0} + 1))
       with_version "$v" timeout 90 python -m flashmla_backend.bench --no-peers --no-plots \
         --rows "128, 1, 128" --out "$ROOT_OUT/fused_quick/c$label" > "$ROOT_OUT/fused_quick/c$label.md" 2>&1
