@@ -63,6 +63,9 @@
 #   fused_quick: fused's essentials (~5 min): the fused decode with the prefetch knobs checked and
 #             tested, latency rows and whole call alternated twice; v35a checked; the 128,1,128
 #             and memory varlen rows for shipped, fused + prefetch and v35a, alternated twice
+#   prefetch_min: the decode's PREFETCH_BEFORE_WAIT=1 + EARLY_FIRST_PAGE_ID=1 alone: reference
+#             check, programmatic-launch tests, the latency rows and whole call alternated three
+#             times (~1.5 min)
 #   latency_prefetch: splits_early's knobs, the decode's PREFETCH_BEFORE_WAIT=1 +
 #             EARLY_FIRST_PAGE_ID=1 (the part row, seqlens and num_splits lines prefetched into
 #             L2 before the dependency wait; the first block-table load not behind seqlens), and
@@ -348,6 +351,12 @@ for experiment in ${@:-verify}; do
         --rows "varlen 4096" --out "$ROOT_OUT/fused_quick/v$label" > "$ROOT_OUT/fused_quick/v$label.md" 2>&1
       echo "$label: $(grep -hE '^\| (compute|memory)' "$ROOT_OUT/fused_quick/c$label.md" "$ROOT_OUT/fused_quick/v$label.md" | cut -d'|' -f2,3 | tr '\n' ' ')"
     done ;;
+  prefetch_min)  # latency_prefetch's decode knobs alone: checked, programmatic tests, latency rows 3x (~1.5 min)
+    run prefetch_min
+    . benchmarks/versions.sh
+    pf=shipped+PREFETCH_BEFORE_WAIT=1+EARLY_FIRST_PAGE_ID=1
+    check_one prefetch_min prefetch $pf tests/test_programmatic_launch.py
+    checked_ok prefetch_min prefetch && latency_ab prefetch_min 3 $pf ;;
   latency_prefetch)
     run latency_prefetch
     . benchmarks/versions.sh
