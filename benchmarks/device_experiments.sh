@@ -41,28 +41,16 @@
 #   small_schedule: the one-warp scheduler for batches of at most 32 requests against the
 #             CTA-wide one (FLASHMLA_BACKEND_SMALL_SCHEDULE=0): the GPU scheduler tests, then the
 #             latency rows' whole call and their anatomy, alternated twice (~2 min)
-#   v35a:     warpgroup 0 publishes P(k) only after its scores of page k + 1 (DEFER_P_READY=1), so
-#             warpgroup 1's half of P V runs during the next softmax instead of beside the
-#             scores: the full A/B (reference check, timing, four sanitizers, GPU unit tests)
-#             (~6 min)
-#   v35b:     v35a with each stage's barriers split in two (chunks 0-3 freed by warpgroup 0, 4-8 by
-#             warpgroup 1; the scores start on the left chunks): the full A/B, v35a beside it
-#             in the timing (~7 min)
+#   v35b:     warpgroup 0 publishes P(k) only after its scores of page k + 1 and each stage's
+#             barriers split in two (chunks 0-3 freed by warpgroup 0, 4-8 by warpgroup 1; the
+#             scores start on the left chunks): the full A/B (reference check, timing, four
+#             sanitizers, GPU unit tests) (~6 min). v35a, the deferral alone, lost 7-21% on the
+#             memory and compute rows (H100, run 19)
 #   splits_early: the combine reads its split range before its dependency wait, the decode
 #             releasing it from the producer after the first page (DEPENDENTS_AFTER_FIRST_ISSUE=1
 #             with the combine's SPLITS_BEFORE_WAIT=1): reference check, GPU decode and
 #             programmatic-launch tests, the latency rows and whole call alternated three times
 #             (~2.5 min)
-#   fused:    the decode merging its own splits (FUSED_COMBINE=1, no combine kernel), with and
-#             without latency_prefetch's knobs: reference check, GPU decode and programmatic-launch
-#             tests; v35a's reference check; a timing-only A/B of every row (shipped, fused,
-#             fused + prefetch, v35a, shipped), the latency rows and whole call alternated twice
-#             (~8.5 min)
-#   fused_min: the fused decode with the prefetch knobs, checked, its fused-merge tests, and the
-#             latency rows and whole call against shipped, alternated twice (~2.5 min)
-#   fused_quick: fused's essentials (~5 min): the fused decode with the prefetch knobs checked and
-#             tested, latency rows and whole call alternated twice; v35a checked; the 128,1,128
-#             and memory varlen rows for shipped, fused + prefetch and v35a, alternated twice
 #   prefetch_min: the decode's PREFETCH_BEFORE_WAIT=1 + EARLY_FIRST_PAGE_ID=1 alone: reference
 #             check, programmatic-launch tests, the latency rows and whole call alternated three
 #             times (~1.5 min)
@@ -75,8 +63,7 @@
 #             median and slowest CTA's time since the first CTA entered, latency rows (reused
 #             schedule, then whole call) and the memory varlen row (~1.5 min)
 #   pages:    the page anatomy (phase_trace.py --pages: scores, softmax, each warpgroup's P V and
-#             the waits, in SM cycles) of 128,1,128 and 128,1,16,4096: shipped, v35a
-#             (DEFER_P_READY=1) and v35b (~2 min)
+#             the waits, in SM cycles) of 128,1,128 and 128,1,16,4096: shipped and v35b (~1.5 min)
 #   clocks:   SM clock, power and clock event reasons under seconds of back-to-back calls:
 #             matmul, ours, and the peers if the vLLM bundle is installed (benchmarks/clock_probe.py; ~1-2 min)
 #   sustained: the sustained table: every anchor row but the latency ones back to back, ours and
@@ -296,13 +283,9 @@ for experiment in ${@:-verify}; do
         grep "ours+schedule" "$ROOT_OUT/small_schedule/anatomy_$label.log"
       done
     done ;;
-  v35a)
-    run v35a
-    OUT=$ROOT_OUT/v35a timeout 580 bash benchmarks/ab_session.sh shipped+DEFER_P_READY=1 ;;
   v35b)
     run v35b
-    OUT=$ROOT_OUT/v35b timeout 580 bash benchmarks/ab_session.sh mla_decode_v35b_split_stage_barriers \
-      shipped+DEFER_P_READY=1 ;;
+    OUT=$ROOT_OUT/v35b timeout 580 bash benchmarks/ab_session.sh mla_decode_v35b_split_stage_barriers ;;
   splits_early)
     run splits_early
     . benchmarks/versions.sh
@@ -312,45 +295,6 @@ for experiment in ${@:-verify}; do
       > "$ROOT_OUT/splits_early/programmatic.tests" 2>&1
     echo "== programmatic-launch tests: $(tail -1 "$ROOT_OUT/splits_early/programmatic.tests")"
     latency_ab splits_early 3 $knobs ;;
-  fused)
-    run fused
-    . benchmarks/versions.sh
-    prefetch=PREFETCH_BEFORE_WAIT=1+EARLY_FIRST_PAGE_ID=1
-    check_one fused fused_prefetch shipped+FUSED_COMBINE=1+$prefetch tests/test_fused_split_merge.py \
-      tests/test_programmatic_launch.py tests/test_gpu_decode.py
-    check_one fused v35a shipped+DEFER_P_READY=1
-    if ! checked_ok fused fused_prefetch; then
-      OUT=$ROOT_OUT/fused/ab AB_TIMING_ONLY=1 timeout 300 bash benchmarks/ab_session.sh shipped+DEFER_P_READY=1 | tail -16
-      continue
-    fi
-    OUT=$ROOT_OUT/fused/ab AB_TIMING_ONLY=1 timeout 300 bash benchmarks/ab_session.sh shipped+FUSED_COMBINE=1 \
-      shipped+FUSED_COMBINE=1+$prefetch shipped+DEFER_P_READY=1 | tail -16
-    latency_ab fused 2 shipped+FUSED_COMBINE=1 shipped+FUSED_COMBINE=1+$prefetch ;;
-  fused_min)
-    run fused_min
-    . benchmarks/versions.sh
-    fp=shipped+FUSED_COMBINE=1+PREFETCH_BEFORE_WAIT=1+EARLY_FIRST_PAGE_ID=1
-    check_one fused_min fused_prefetch $fp tests/test_fused_split_merge.py
-    latency_ab fused_min 2 $fp ;;
-  fused_quick)
-    run fused_quick
-    . benchmarks/versions.sh
-    fp=shipped+FUSED_COMBINE=1+PREFETCH_BEFORE_WAIT=1+EARLY_FIRST_PAGE_ID=1
-    check_one fused_quick fused_prefetch $fp tests/test_fused_split_merge.py tests/test_programmatic_launch.py
-    versions="shipped+DEFER_P_READY=1"
-    if checked_ok fused_quick fused_prefetch; then
-      latency_ab fused_quick 2 shipped+FUSED_COMBINE=1 shipped+FUSED_COMBINE=1+MERGE_UNITS_IN_FLIGHT=1 $fp
-      versions="$fp $versions"
-    fi
-    check_one fused_quick v35a shipped+DEFER_P_READY=1
-    for v in shipped $versions shipped $versions; do
-      label=${v//[+=]/_}_$((n = ${n:-0} + 1))
-      with_version "$v" timeout 90 python -m flashmla_backend.bench --no-peers --no-plots \
-        --rows "128, 1, 128" --out "$ROOT_OUT/fused_quick/c$label" > "$ROOT_OUT/fused_quick/c$label.md" 2>&1
-      with_version "$v" timeout 90 python -m flashmla_backend.bench --no-peers --no-plots \
-        --rows "varlen 4096" --out "$ROOT_OUT/fused_quick/v$label" > "$ROOT_OUT/fused_quick/v$label.md" 2>&1
-      echo "$label: $(grep -hE '^\| (compute|memory)' "$ROOT_OUT/fused_quick/c$label.md" "$ROOT_OUT/fused_quick/v$label.md" | cut -d'|' -f2,3 | tr '\n' ' ')"
-    done ;;
   prefetch_min)  # latency_prefetch's decode knobs alone: checked, programmatic tests, latency rows 3x (~1.5 min)
     run prefetch_min
     . benchmarks/versions.sh
@@ -382,7 +326,7 @@ for experiment in ${@:-verify}; do
   pages)
     run pages
     . benchmarks/versions.sh
-    for version in shipped shipped+DEFER_P_READY=1 mla_decode_v35b_split_stage_barriers; do
+    for version in shipped mla_decode_v35b_split_stage_barriers; do
       label=${version//[+=]/_}
       with_version "$version" timeout 150 python benchmarks/phase_trace.py --pages --rows "128, 1, 128" \
         --out "$ROOT_OUT/pages/compute_$label" > "$ROOT_OUT/pages/compute_$label.log" 2>&1

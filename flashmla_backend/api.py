@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -136,40 +135,24 @@ def _combine_warps_per_row(batch: int, parts: int) -> int:
     return 1
 
 
-# Device buffers per (name, GPU), grown on demand and reused, so a steady decode loop allocates
-# nothing. Replaced buffers stay alive: a CUDA graph captured with one keeps writing to its address.
-_buffers: dict[tuple[str, int], tuple[int, tuple[torch.Tensor, ...]]] = {}
-_retired_buffers: list[tuple[torch.Tensor, ...]] = []
-
-
-def _grown_buffers(name: str, device: torch.device, size: int,
-                   make: Callable[[int], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
-    """The ``name`` buffers of ``device``, built by ``make(n)`` for some ``n >= size``."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    cached = _buffers.get((name, index))
-    if cached is None or cached[0] < size:
-        if cached is not None:
-            _retired_buffers.append(cached[1])
-            size = max(size, 2 * cached[0])  # geometric growth: few retired buffers
-        cached = (size, make(size))
-        _buffers[(name, index)] = cached
-    return cached[1]
+_workspaces: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+# Replaced workspaces stay alive: a CUDA graph captured with one keeps writing to its address.
+_retired_workspaces: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
 def _split_workspace(device: torch.device, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 partial outputs ``[rows, 512]`` and partial LSEs ``[rows]``."""
-    o_part, lse_part = _grown_buffers("split_workspace", device, rows, lambda n: (
-        torch.empty((n, HEAD_DIM_V), dtype=torch.float32, device=device),
-        torch.empty((n,), dtype=torch.float32, device=device)))
-    return o_part, lse_part
-
-
-def _split_counters(device: torch.device, slots: int) -> torch.Tensor:
-    """Int32 ``[2 * slots]``, zero between calls: the (arrived, departed) counters of a decode that
-    merges its own splits (``COMBINES_SPLITS``), one pair per (request, KV head, query block).
-    The kernel leaves them zeroed."""
-    return _grown_buffers("split_counters", device, slots,
-                          lambda n: (torch.zeros((2 * n,), dtype=torch.int32, device=device),))[0]
+    """Float32 partial outputs ``[rows, 512]`` and partial LSEs ``[rows]``, grown on demand and
+    reused, so a steady decode loop allocates nothing."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cached = _workspaces.get(index)
+    if cached is None or cached[1].numel() < rows:
+        if cached is not None:
+            _retired_workspaces.append(cached)
+            rows = max(rows, 2 * cached[1].numel())  # geometric growth: few retired buffers
+        cached = (torch.empty((rows, HEAD_DIM_V), dtype=torch.float32, device=device),
+                  torch.empty((rows,), dtype=torch.float32, device=device))
+        _workspaces[index] = cached
+    return cached
 
 
 def split_workspace_rows(batch: int, num_q_tokens_per_head_k: int, num_heads_k: int, num_sms: int) -> int:
@@ -188,7 +171,6 @@ def reserve_workspace(device: torch.device | int, max_batch: int, num_q_tokens_p
     index = check_device(device)
     rows = split_workspace_rows(max_batch, num_q_tokens_per_head_k, num_heads_k, sm_count(index))
     _split_workspace(torch.device("cuda", index), rows)
-    _split_counters(torch.device("cuda", index), max_batch * num_heads_k * -(-num_q_tokens_per_head_k // BLOCK_M))
 
 
 def flash_mla_with_kvcache(
@@ -271,18 +253,14 @@ def flash_mla_with_kvcache(
         args += (k_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1))
     if contract.selects_kv_producer:
         args += (int(load_by_cp_async(index, m_blocks)),)
-    if contract.combines_splits:  # the decode merges its own splits: no combine
-        args += (_split_counters(q.device, shape.batch * shape.h_k * m_blocks).data_ptr(),)
     launch_kernel(kernels.decode, kernels.decode_signature, (m_blocks, shape.h_k, parts), DECODE_THREADS, args,
                   index, shared_mem=DECODE_SMEM_BYTES, programmatic=kernels.settings.programmatic_launch)
-    if not contract.combines_splits:
-        warps_per_row = _combine_warps_per_row(shape.batch, parts)
-        rows_per_cta = COMBINE_WARPS // warps_per_row
-        launch_kernel(kernels.combine, COMBINE_SIGNATURE, (-(-shape.h_k * rows // rows_per_cta), shape.batch, 1),
-                      COMBINE_WARPS * 32, (o_part.data_ptr(), lse_part.data_ptr(), num_splits.data_ptr(),
-                                           out.data_ptr(), lse.data_ptr(), shape.s_q, shape.h_q, shape.h_k,
-                                           warps_per_row),
-                      index, programmatic=kernels.settings.programmatic_launch)
+    warps_per_row = _combine_warps_per_row(shape.batch, parts)
+    rows_per_cta = COMBINE_WARPS // warps_per_row
+    launch_kernel(kernels.combine, COMBINE_SIGNATURE, (-(-shape.h_k * rows // rows_per_cta), shape.batch, 1),
+                  COMBINE_WARPS * 32, (o_part.data_ptr(), lse_part.data_ptr(), num_splits.data_ptr(), out.data_ptr(),
+                                       lse.data_ptr(), shape.s_q, shape.h_q, shape.h_k, warps_per_row),
+                  index, programmatic=kernels.settings.programmatic_launch)
     return out, lse
 
 

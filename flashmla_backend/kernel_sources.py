@@ -71,8 +71,6 @@ def decode_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModul
 _BOX_TOKENS = re.compile(r"constexpr\s+int\s+TMA_BOX_TOKENS\s*=\s*(\d+)\s*;")
 _TAKES_KV_POINTER = re.compile(r"constexpr\s+bool\s+TAKES_KV_POINTER\s*=\s*true\s*;")
 _SELECTS_KV_PRODUCER = re.compile(r"constexpr\s+bool\s+SELECTS_KV_PRODUCER\s*=\s*true\s*;")
-_COMBINES_SPLITS = re.compile(r"constexpr\s+bool\s+COMBINES_SPLITS\s*=\s*(true|FUSED_COMBINE)\s*;")
-_FUSED_COMBINE_DEFAULT = re.compile(r"#\s*define\s+FUSED_COMBINE\s+([01])\b")
 
 
 @dataclass(frozen=True)
@@ -83,25 +81,11 @@ class DecodeLaunchContract:
     whole 64-token page). ``takes_kv_pointer``: it takes the cache pointer and its page and
     token strides (in elements) after the common arguments (``TAKES_KV_POINTER = true``).
     ``selects_kv_producer``: it then takes an int choosing its cp.async producer over TMA
-    (``SELECTS_KV_PRODUCER = true``; see ``kv_producer.py``). The shipped decode declares both.
-    ``combines_splits``: it merges split requests itself and takes the split counters last, and
-    the API launches no combine (``COMBINES_SPLITS = true``, or ``= FUSED_COMBINE`` with that knob
-    at 1, by its ``#define`` default or a ``-DFUSED_COMBINE=`` option)."""
+    (``SELECTS_KV_PRODUCER = true``; see ``kv_producer.py``). The shipped decode declares both."""
 
     tma_box_tokens: int
     takes_kv_pointer: bool
     selects_kv_producer: bool = False
-    combines_splits: bool = False
-
-
-def _knob_value(module: KernelModule, name: str, default: re.Match | None) -> str | None:
-    """A ``-D`` knob's value as ``module`` builds it: its last ``-DNAME=value``, else the
-    source's ``#define NAME value`` default."""
-    value = default.group(1) if default else None
-    for define in module.defines:
-        if define.startswith(f"-D{name}="):
-            value = define.split("=", 1)[1]
-    return value
 
 
 @lru_cache(maxsize=None)
@@ -113,12 +97,7 @@ def decode_launch_contract(module: KernelModule) -> DecodeLaunchContract:
     selects = _SELECTS_KV_PRODUCER.search(source) is not None
     if selects and not takes_pointer:
         raise ValueError(f"{module.source_file}: SELECTS_KV_PRODUCER needs TAKES_KV_POINTER")
-    combines = _COMBINES_SPLITS.search(source)
-    combines_splits = combines is not None and (combines.group(1) == "true" or _knob_value(
-        module, "FUSED_COMBINE", _FUSED_COMBINE_DEFAULT.search(source)) == "1")
-    if combines_splits and not selects:
-        raise ValueError(f"{module.source_file}: COMBINES_SPLITS needs SELECTS_KV_PRODUCER")
-    return DecodeLaunchContract(int(box.group(1)) if box else PAGE_SIZE, takes_pointer, selects, combines_splits)
+    return DecodeLaunchContract(int(box.group(1)) if box else PAGE_SIZE, takes_pointer, selects)
 
 
 #: Parameters of ``mla_schedule``: seqlens, batch, parts, overhead, slack, metadata, num_splits.
@@ -135,9 +114,9 @@ _DECODE_COMMON = "128s Q q q q Q q Q Q Q Q Q Q Q i i i i f i"
 def decode_signature(contract: DecodeLaunchContract) -> KernelSignature:
     """The decode's parameters under ``contract``: the common ones, then the cache pointer and
     its page and token strides (``takes_kv_pointer``), then the producer choice
-    (``selects_kv_producer``), then the split counters (``combines_splits``)."""
+    (``selects_kv_producer``)."""
     codes = _DECODE_COMMON + (" Q q q" if contract.takes_kv_pointer else "") + (
-        " i" if contract.selects_kv_producer else "") + (" Q" if contract.combines_splits else "")
+        " i" if contract.selects_kv_producer else "")
     return KernelSignature("mla_decode", codes)
 
 

@@ -25,15 +25,8 @@
 // (+1-3% on the compute rows of both cards, NOTES.md "v16", "v21").
 #include "mla_decode_shared.cuh"
 #include "mla_softmax.cuh"
-#include "mla_split_merge.cuh"
 
 constexpr int KV_STAGES = 2;
-// A/B knob (v35a, off): warpgroup 0 publishes P(k) to warpgroup 1 only once its scores of page
-// k + 1 (same piece) are done, so warpgroup 1's half of P V(k) runs during the softmax of k + 1,
-// when the tensor pipe is otherwise idle, instead of sharing it with those scores.
-#ifndef DEFER_P_READY
-#define DEFER_P_READY 0
-#endif
 // A/B knob (off), set together with the combine's SPLITS_BEFORE_WAIT: dependents (the combine)
 // are released by the producer after its first page, i.e. after this CTA's dependency wait, so
 // that the combine may read the scheduler's num_splits before its own wait. (Released by every
@@ -54,12 +47,6 @@ constexpr int KV_STAGES = 2;
 #ifndef EARLY_FIRST_PAGE_ID
 #define EARLY_FIRST_PAGE_ID 0
 #endif
-// A/B knob (off): split requests are merged by the decode's own CTAs (mla_split_merge.cuh); the
-// kernel then takes split_counters and the API launches no combine (COMBINES_SPLITS).
-#ifndef FUSED_COMBINE
-#define FUSED_COMBINE 0
-#endif
-constexpr bool COMBINES_SPLITS = FUSED_COMBINE;
 
 constexpr int SOFTMAX_WG_REGS = 240;
 constexpr int PV_WG_REGS = 224;
@@ -84,9 +71,7 @@ constexpr int HB_P_READY = 2;    // + stage: WG0 stored P and scales of that sta
 constexpr int HANDOFF_BARRIERS = 2 + KV_STAGES;
 constexpr int ROPE_CHUNK = QK_CHUNKS - 1;  // a page's chunk that holds its P after its scores
 // Named barriers (0 is __syncthreads).
-constexpr int BAR_WG0 = 2;       // WG0's V-tail zeroes, before its P V wgmma; its split stores
-constexpr int BAR_WG1 = 3;       // WG1's split stores (FUSED_COMBINE)
-constexpr int BAR_MERGE = 4;     // both math warpgroups, before each merge (FUSED_COMBINE)
+constexpr int BAR_WG0 = 2;       // WG0's V-tail zeroes, before its P V wgmma
 
 // Shared memory map (byte offsets from a 1024-aligned base).
 constexpr int SMEM_Q = 0;
@@ -251,8 +236,6 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
             wgmma_wait<0>();
             fence_accumulators(s);
             if (TRACE_PHASES && tid == 0) trace_page(pieces == 0, page - piece.page_begin, PG_SCORES_DONE);
-            if (DEFER_P_READY && page > piece.page_begin)  // the previous page's P, held back until now
-                mbarrier_arrive(sm.handoff_bar(HB_P_READY + (it - 1) % KV_STAGES));
 
             const int tok0 = page * PAGE_SIZE;
             if (tok0 + PAGE_SIZE > min_limit) {
@@ -302,7 +285,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
                 sm.row_scale(stage)[row0 + 8] = alpha[1];
             }
             fence_proxy_async_smem();
-            if (!DEFER_P_READY || page + 1 == piece.page_end) mbarrier_arrive(sm.handoff_bar(HB_P_READY + stage));
+            mbarrier_arrive(sm.handoff_bar(HB_P_READY + stage));
             if (TRACE_PHASES && tid == 0) trace_page(pieces == 0, page - piece.page_begin, PG_P_STORED);
             wgmma_wait<0>();
             fence_accumulators(o);
@@ -334,7 +317,6 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
         }
         store_output(o, row_sum, row_lse, 0, warp, lane, piece, a.kh, a.row_base, a.rows, a.s_q,
                      a.h_q, a.h_k, a.out, a.lse, a.o_part, a.lse_part, true);
-        if (FUSED_COMBINE && piece.is_split) arrive_split_stored(split_counter(a.split_counters, req, a.kh, a.h_k), BAR_WG0, tid);
         if (TRACE_PHASES && has_pages && tid == 0) trace_piece(pieces - 1, PIECE_STORED);
     }
 }
@@ -373,7 +355,6 @@ DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
         }
         store_output(o, row_sum, row_lse, V_COLS_PER_WG, warp, lane, piece, a.kh, a.row_base, a.rows,
                      a.s_q, a.h_q, a.h_k, a.out, a.lse, a.o_part, a.lse_part, false);
-        if (FUSED_COMBINE && piece.is_split) arrive_split_stored(split_counter(a.split_counters, req, a.kh, a.h_k), BAR_WG1, tid);
     }
     if (TRACE_PHASES && tid == 0) trace_phase(EV_MATH1_DONE);
 }
@@ -391,11 +372,7 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
            float* __restrict__ lse, float* __restrict__ o_part, float* __restrict__ lse_part,
            int s_q, int h_q, int h_k, int causal, float scale_log2, int kv_evict_first,
            const uint16_t* __restrict__ k_cache, long long kv_page_stride, long long kv_token_stride,
-           int load_by_cp_async
-#if FUSED_COMBINE
-           , int* __restrict__ split_counters
-#endif
-           ) {
+           int load_by_cp_async) {
     extern __shared__ uint8_t smem_raw[];
     const SharedTiles sm{reinterpret_cast<uint8_t*>(
         (reinterpret_cast<size_t>(smem_raw) + SMEM_ALIGN - 1) & ~size_t(SMEM_ALIGN - 1))};
@@ -403,9 +380,6 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     DecodeArgs a = gather_decode_args(&kv_map, q, q_stride_b, q_stride_s, q_stride_h, block_table, bt_stride,
                                       seqlens, num_splits, out, lse, o_part, lse_part, s_q, h_q, h_k, causal,
                                       scale_log2, kv_evict_first);
-#if FUSED_COMBINE
-    a.split_counters = split_counters;
-#endif
     if (TRACE_PHASES && threadIdx.x == 0) trace_phase(EV_ENTRY);
 #ifdef MLA_PROGRAMMATIC_LAUNCH
     if (PREFETCH_BEFORE_WAIT && threadIdx.x == 0) {
@@ -437,11 +411,8 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     } else if (wg == 0) {
         setmaxnreg_inc_240();
         run_softmax_wg(a, sm, tid);
-        if (FUSED_COMBINE) merge_own_splits(a, a.split_counters, BAR_MERGE, tid, reinterpret_cast<float4*>(sm.q()));
     } else {
         setmaxnreg_inc_224();
         run_pv_wg(a, sm, tid - WG_THREADS);
-        if (FUSED_COMBINE) merge_own_splits(a, a.split_counters, BAR_MERGE, tid, reinterpret_cast<float4*>(sm.q()));
     }
-
 }

@@ -319,7 +319,6 @@ struct DecodeArgs {
     int kh, row_base;
     RowMap rows;
     PartWork work;
-    int* split_counters;  // FUSED_COMBINE only (mla_split_merge.cuh)
 };
 
 // The kernel's arguments (the same in every version), gathered for the roles; this CTA's KV

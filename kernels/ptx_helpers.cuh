@@ -161,18 +161,6 @@ DEVICE int load_int_now(const int* p) {
     return v;
 }
 
-// Cross-CTA hand-off at GPU scope: the releasing CTA syncs its threads, then one thread adds
-// with release semantics; the acquiring thread loads with acquire semantics, then syncs its CTA.
-DEVICE void red_add_release_gpu(int* p, int v) {
-    asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-DEVICE int load_acquire_gpu(const int* p) {
-    int v;
-    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-
 // Brings the 128-byte line holding `p` into L2. A hint: it reads nothing into registers and
 // cannot return stale data (L2 is where every SM's writes meet), so it may precede a wait.
 DEVICE void prefetch_l2(const void* p) {

@@ -99,20 +99,3 @@ def test_launch_contract_of_pointer_and_producer_choice(monkeypatch: pytest.Monk
     monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(bad))
     with pytest.raises(ValueError, match="TAKES_KV_POINTER"):
         decode_launch_contract(decode_module(torch.bfloat16))
-
-
-def test_launch_contract_of_the_fused_combine_knob(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The shipped decode merges splits itself only when built with -DFUSED_COMBINE=1: then it
-    # takes the split counters last and the API launches no combine.
-    from flashmla_backend.kernel_sources import decode_launch_contract, decode_signature
-
-    monkeypatch.delenv("FLASHMLA_BACKEND_DECODE_FILE", raising=False)
-    monkeypatch.delenv("FLASHMLA_BACKEND_DECODE_DEFINES", raising=False)
-    shipped = decode_launch_contract(decode_module(torch.bfloat16))
-    assert not shipped.combines_splits
-    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_DEFINES", "-DFUSED_COMBINE=1")
-    fused = decode_launch_contract(decode_module(torch.bfloat16))
-    assert fused.combines_splits and fused.selects_kv_producer
-    assert decode_signature(fused).codes == decode_signature(shipped).codes + ("Q",)
-    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_DEFINES", "-DFUSED_COMBINE=1 -DFUSED_COMBINE=0")
-    assert not decode_launch_contract(decode_module(torch.bfloat16)).combines_splits

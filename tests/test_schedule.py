@@ -49,11 +49,11 @@ def test_every_page_is_covered_once(lengths: list[int], parts: int, slack: int) 
     ([8192], 132), ([60000], 132), ([2048] * 8, 66), ([3000, 0, 17, 9000, 0, 64, 4096], 132),
     (list(range(0, 5000, 41)), 33), ([70000, 1], 1), ([150] * 60 + [0, 1, 64, 20000, 9000], 132),
 ])
-def test_split_merge_shares_cover_every_split_once(lengths: list[int], parts: int) -> None:
-    # The fused merge (kernels/mla_split_merge.cuh) has each part merge, for its first and its
-    # last piece only, share `begin_split - num_splits[req]` (first) or 0 (last): only those two
-    # pieces can be split, and a part's last piece is split 0 of its request. Every split of every
-    # split request must then be claimed exactly once, or a share of its output is never written.
+def test_each_split_is_one_parts_first_or_last_piece(lengths: list[int], parts: int) -> None:
+    # The pieces in between a part's first and last cover whole requests: a split can only be a
+    # part's first piece (split begin_split) or its last (split 0 of a request it starts). Every
+    # split of every split request is claimed that way exactly once, or its partial is never
+    # written (the combine would read a stale row).
     md, ns = schedule_reference(torch.tensor(lengths, dtype=torch.int32), parts)
     claimed = []
     for begin_req, _, end_req, _, begin_split, *_ in md.tolist():
@@ -62,7 +62,7 @@ def test_split_merge_shares_cover_every_split_once(lengths: list[int], parts: in
         ends = [(begin_req, begin_split - int(ns[begin_req]))]
         if end_req != begin_req:
             ends.append((end_req, 0))
-        claimed += [(req, share) for req, share in ends if int(ns[req + 1] - ns[req]) > 1]
+        claimed += [(req, split) for req, split in ends if int(ns[req + 1] - ns[req]) > 1]
     wanted = [(req, k) for req in range(len(lengths)) for k in range(int(ns[req + 1] - ns[req]))
               if int(ns[req + 1] - ns[req]) > 1]
     assert sorted(claimed) == wanted
