@@ -51,6 +51,9 @@
 #             with the combine's SPLITS_BEFORE_WAIT=1): reference check, GPU decode and
 #             programmatic-launch tests, the latency rows and whole call alternated three times
 #             (~2.5 min)
+#   sbo:      the tile base kept in the shared window (SHARED_BASE_BY_OFFSET=1: P and the row
+#             statistics by st.shared / ld.shared, not generic stores): reference check, GPU
+#             decode tests, timing-only A/B of every row (~3 min)
 #   prefetch_min: the decode's PREFETCH_BEFORE_WAIT=1 + EARLY_FIRST_PAGE_ID=1 alone: reference
 #             check, programmatic-launch tests, the latency rows and whole call alternated three
 #             times (~1.5 min)
@@ -295,6 +298,12 @@ for experiment in ${@:-verify}; do
       > "$ROOT_OUT/splits_early/programmatic.tests" 2>&1
     echo "== programmatic-launch tests: $(tail -1 "$ROOT_OUT/splits_early/programmatic.tests")"
     latency_ab splits_early 3 $knobs ;;
+  sbo)  # SHARED_BASE_BY_OFFSET: checked, GPU decode tests, timing-only A/B of every row (~3 min)
+    run sbo
+    . benchmarks/versions.sh
+    check_one sbo sbo shipped+SHARED_BASE_BY_OFFSET=1 tests/test_gpu_decode.py
+    checked_ok sbo sbo && OUT=$ROOT_OUT/sbo/ab AB_TIMING_ONLY=1 timeout 300 bash benchmarks/ab_session.sh \
+      shipped+SHARED_BASE_BY_OFFSET=1 | tail -14 ;;
   prefetch_min)  # latency_prefetch's decode knobs alone: checked, programmatic tests, latency rows 3x (~1.5 min)
     run prefetch_min
     . benchmarks/versions.sh

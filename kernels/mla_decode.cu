@@ -40,6 +40,12 @@ constexpr int KV_STAGES = 2;
 #ifndef PREFETCH_BEFORE_WAIT
 #define PREFETCH_BEFORE_WAIT 0
 #endif
+// A/B knob (off): the tile base is smem_raw plus an offset, not a rounded integer, so the
+// compiler keeps it in the shared window: P and the row statistics go by st.shared / ld.shared
+// with 32-bit addresses instead of generic 64-bit stores and loads (18 ST.E and 2 LD.E a page).
+#ifndef SHARED_BASE_BY_OFFSET
+#define SHARED_BASE_BY_OFFSET 0
+#endif
 // A/B knob (off): the producer loads a piece's first block-table entry whether or not the piece
 // has pages, so that the load does not wait for seqlens (which bounds a piece that is not its
 // part's last). Safe: the scheduler's begin_page is 0 for an empty request and below its page
@@ -374,8 +380,12 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
            const uint16_t* __restrict__ k_cache, long long kv_page_stride, long long kv_token_stride,
            int load_by_cp_async) {
     extern __shared__ uint8_t smem_raw[];
+#if SHARED_BASE_BY_OFFSET
+    const SharedTiles sm{smem_raw + (SMEM_ALIGN - smem_addr(smem_raw) % SMEM_ALIGN) % SMEM_ALIGN};
+#else
     const SharedTiles sm{reinterpret_cast<uint8_t*>(
         (reinterpret_cast<size_t>(smem_raw) + SMEM_ALIGN - 1) & ~size_t(SMEM_ALIGN - 1))};
+#endif
 
     DecodeArgs a = gather_decode_args(&kv_map, q, q_stride_b, q_stride_s, q_stride_h, block_table, bt_stride,
                                       seqlens, num_splits, out, lse, o_part, lse_part, s_q, h_q, h_k, causal,

@@ -167,6 +167,7 @@ def test_pipeline_diagnostic_knobs_compile_within_the_launch(knobs: tuple[str, .
 @pytest.mark.parametrize("kernel,knob", [("decode", "-DDEPENDENTS_AFTER_FIRST_ISSUE=1"),
                                          ("decode", "-DPREFETCH_BEFORE_WAIT=1"),
                                          ("decode", "-DEARLY_FIRST_PAGE_ID=1"),
+                                         ("decode", "-DSHARED_BASE_BY_OFFSET=1"),
                                          ("combine", "-DSPLITS_BEFORE_WAIT=1")])
 def test_ab_knobs_of_the_shipped_kernels_compile_within_their_registers(kernel: str, knob: str) -> None:
     """The off-by-default A/B knobs device_experiments.sh sets must build: no warning, the
@@ -252,3 +253,18 @@ def test_python_constants_mirror_the_cuda_sources() -> None:
     for name in ("SCHEDULE_THREADS", "SMALL_SCHEDULE_THREADS", "SMALL_SCHEDULE_MAX_BATCH"):
         assert int(_constexpr(schedule, name)) == getattr(C, name), name
     assert int(_constexpr(assembled_source("mla_combine.cu"), "COMBINE_WARPS")) == C.COMBINE_WARPS
+
+
+def test_shared_base_by_offset_keeps_tile_accesses_in_the_shared_window() -> None:
+    # With the knob, every access through the tile base is st.shared / ld.shared; the rounded
+    # integer base (shipped) makes P and the row statistics generic 64-bit stores and loads.
+    import torch
+
+    base = decode_module(torch.bfloat16, True)
+    shipped = sass(base)
+    knob = sass(KernelModule(base.source_file, base.entry_points, base.dtype,
+                             base.extra_defines + ("-DSHARED_BASE_BY_OFFSET=1",)))
+    generic = re.compile(r"\b(?:ST|LD)\.E\b")
+    assert generic.search(shipped), "the shipped decode's generic smem stores are what the knob removes"
+    assert not generic.search(knob), "generic loads or stores left with SHARED_BASE_BY_OFFSET=1"
+    assert len(re.findall(r"\bSTS\b", knob)) >= 25
