@@ -51,6 +51,9 @@
 #             with the combine's SPLITS_BEFORE_WAIT=1): reference check, GPU decode and
 #             programmatic-launch tests, the latency rows and whole call alternated three times
 #             (~2.5 min)
+#   v36:      the seesaw of the math warpgroups (kernel_versions/mla_decode_v36_seesaw.cu), both
+#             stage-release orders: reference checks, GPU decode tests, bursts A/B of every row,
+#             then 128,1,128 / 128,2,128 / 128,1,16 back to back against shipped, twice (~7 min)
 #   sbo:      the tile base kept in the shared window (SHARED_BASE_BY_OFFSET=1: P and the row
 #             statistics by st.shared / ld.shared, not generic stores): reference check, GPU
 #             decode tests, timing-only A/B of every row (~3 min)
@@ -298,6 +301,22 @@ for experiment in ${@:-verify}; do
       > "$ROOT_OUT/splits_early/programmatic.tests" 2>&1
     echo "== programmatic-launch tests: $(tail -1 "$ROOT_OUT/splits_early/programmatic.tests")"
     latency_ab splits_early 3 $knobs ;;
+  v36)  # the seesaw: checked (both release orders), GPU decode tests, bursts A/B, sustained A/B (~7 min)
+    run v36
+    . benchmarks/versions.sh
+    check_one v36 v36 mla_decode_v36_seesaw tests/test_gpu_decode.py
+    check_one v36 v36_late_release mla_decode_v36_seesaw+RELEASE_BEFORE_SOFTMAX=0
+    checked_ok v36 v36 || continue
+    OUT=$ROOT_OUT/v36/ab AB_TIMING_ONLY=1 timeout 240 bash benchmarks/ab_session.sh mla_decode_v36_seesaw \
+      mla_decode_v36_seesaw+RELEASE_BEFORE_SOFTMAX=0 | tail -14
+    for round in 1 2; do  # back to back at the power cap: where FlashMLA's seesaw leads (run 19)
+      for version in shipped mla_decode_v36_seesaw; do
+        label=${version//[+=]/_}_sustained$round
+        with_version "$version" timeout 60 python benchmarks/clock_probe.py --rows 128x1x128x4096 \
+          128x2x128x4096 128x1x16x4096 --seconds 3 --out "$ROOT_OUT/v36/$label" > "$ROOT_OUT/v36/$label.log" 2>&1
+        echo "$version sustained round $round: $(sed -n '/^## Sustained/,$p' "$ROOT_OUT/v36/$label.log" | grep '^| 128' | cut -d'|' -f2,3 | tr '\n' ' ')"
+      done
+    done ;;
   sbo)  # SHARED_BASE_BY_OFFSET: checked, GPU decode tests, timing-only A/B of every row (~3 min)
     run sbo
     . benchmarks/versions.sh

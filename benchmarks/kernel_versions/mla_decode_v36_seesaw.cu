@@ -1,0 +1,430 @@
+// v36 (archived A/B version, NOTES.md "v36"): the shipped decode with its two math warpgroups in
+// a seesaw. Page `it` of the ring is scored by warpgroup it % 2, the parity of its KV stage: S,
+// masking, the online softmax (from the kept max the other group published for page it - 1),
+// P into the page's rope chunk with the rescale factor and the kept max, and its own half of
+// P V with P from registers. The other group adds its half of that page's P V from smem, issued
+// right behind its own next scores, so one group's softmax runs beside the other's wgmma
+// instead of leaving the tensor pipe to warpgroup 1's 4 P V wgmma (the shipped roles).
+// Each group keeps its row-sum partial, rescaled by every page's factor; the two are added at a
+// piece's end. The producer warpgroup, the ring (two stages, one full and one empty barrier
+// each) and the Q staging are the shipped ones; the registers split 232 / 232 / 40.
+// RELEASE_BEFORE_SOFTMAX (A/B knob, default 1): the scorer waits for its P V of the other
+// group's previous page before its softmax, and frees that stage at once, so the producer
+// refills it a softmax earlier; 0 frees it after the softmax (the softmax starts a P V earlier).
+#include "mla_decode_shared.cuh"
+#include "mla_softmax.cuh"
+
+constexpr int KV_STAGES = 2;
+#ifndef RELEASE_BEFORE_SOFTMAX
+#define RELEASE_BEFORE_SOFTMAX 1
+#endif
+#ifndef DEPENDENTS_AFTER_FIRST_ISSUE
+#define DEPENDENTS_AFTER_FIRST_ISSUE 0
+#endif
+#ifndef PREFETCH_BEFORE_WAIT
+#define PREFETCH_BEFORE_WAIT 0
+#endif
+#ifndef EARLY_FIRST_PAGE_ID
+#define EARLY_FIRST_PAGE_ID 0
+#endif
+#ifndef SHARED_BASE_BY_OFFSET
+#define SHARED_BASE_BY_OFFSET 1  // 32-bit shared addresses: the generic ones spilled 88 bytes here
+#endif
+
+constexpr int MATH_WG_REGS = 240;
+constexpr int PRODUCER_WG_REGS = 24;
+static_assert(WG_THREADS * (2 * MATH_WG_REGS + PRODUCER_WG_REGS) <= DECODE_THREADS * LAUNCH_REGS_PER_THREAD,
+              "register split exceeds the registers the CTA is launched with");
+
+// Two producers, chosen per launch by the API (flashmla_backend/kv_producer.py). TMA is the
+// default. cp.async is used only where every page is read once (one query block) on cards
+// where it measured faster: up to +2.6% on the memory rows of an H100 and +5% at b = 1, but
+// -9-11% on an H200, and -20% wherever several query blocks re-read pages from L2 (NOTES.md
+// "v17", "v18").
+// The API passes the cache pointer, its page and token strides and the choice (literals it reads).
+constexpr bool TAKES_KV_POINTER = true;
+constexpr bool SELECTS_KV_PRODUCER = true;
+
+
+// Hand-off mbarriers between the math warpgroups (index into SharedTiles::handoff_bar()).
+constexpr int HB_Q_READY = 0;    // both WGs copied Q (256 arrivals, both wait)
+constexpr int HB_P_READY = 1;    // + stage: the stage's scorer (WG `stage`) stored P, factor and kept max (128)
+constexpr int HANDOFF_BARRIERS = 1 + KV_STAGES;
+constexpr int ROPE_CHUNK = QK_CHUNKS - 1;  // a page's chunk that holds its P after its scores
+constexpr int V_HALF_BYTES = (V_COLS_PER_WG / CHUNK_COLS) * CHUNK_BYTES;  // V columns 256-511 of a tile
+// Named barriers (0 is __syncthreads).
+constexpr int BAR_WG_TAIL = 2;   // + wg: a warpgroup's V-tail zeroes, before P V reads them
+constexpr int BAR_MATH = 4;      // both math warpgroups: Q reuse, row-sum exchange
+
+// Shared memory map (byte offsets from a 1024-aligned base).
+constexpr int SMEM_Q = 0;
+constexpr int SMEM_KV = TILE_BYTES;
+constexpr int SMEM_ROW_SCALE = SMEM_KV + KV_STAGES * TILE_BYTES;        // per stage: the page's rescale factor
+constexpr int SMEM_ROW_MAX = SMEM_ROW_SCALE + KV_STAGES * BLOCK_M * 4;  // per stage: the kept max after the page
+constexpr int SMEM_ROW_SUM = SMEM_ROW_MAX + KV_STAGES * BLOCK_M * 4;    // per warpgroup: its row-sum partial
+constexpr int SMEM_BARRIERS = SMEM_ROW_SUM + 2 * BLOCK_M * 4;
+constexpr int SMEM_USED = SMEM_BARRIERS + (2 * KV_STAGES + HANDOFF_BARRIERS) * 8;
+constexpr int SMEM_ALIGN = 1024;
+constexpr int DECODE_SMEM_BYTES = SMEM_USED + SMEM_ALIGN;  // slack to align the base
+static_assert(DECODE_SMEM_BYTES <= 227 * 1024, "decode tile does not fit in shared memory");
+#ifdef MLA_LAUNCH_SMEM_BYTES  // what the API reserves (flashmla_backend._constants)
+static_assert(DECODE_SMEM_BYTES <= MLA_LAUNCH_SMEM_BYTES, "the launch reserves less shared memory than this map needs");
+#endif
+
+struct SharedTiles {
+    uint8_t* base;
+    DEVICE uint8_t* q() const { return base + SMEM_Q; }
+    DEVICE uint8_t* kv(int stage) const { return base + SMEM_KV + stage * TILE_BYTES; }
+    DEVICE uint8_t* p(int stage) const { return kv(stage) + ROPE_CHUNK * CHUNK_BYTES; }
+    DEVICE float* row_scale(int stage) const {
+        return reinterpret_cast<float*>(base + SMEM_ROW_SCALE) + stage * BLOCK_M;
+    }
+    DEVICE float* row_max(int stage) const { return reinterpret_cast<float*>(base + SMEM_ROW_MAX) + stage * BLOCK_M; }
+    DEVICE float* row_sum(int wg) const { return reinterpret_cast<float*>(base + SMEM_ROW_SUM) + wg * BLOCK_M; }
+    DEVICE uint64_t* full_bar() const { return reinterpret_cast<uint64_t*>(base + SMEM_BARRIERS); }
+    DEVICE uint64_t* empty_bar() const { return full_bar() + KV_STAGES; }
+    DEVICE uint64_t* handoff_bar(int which) const { return full_bar() + 2 * KV_STAGES + which; }
+};
+
+DEVICE void setmaxnreg_inc_math() { asm volatile("setmaxnreg.inc.sync.aligned.u32 240;"); }
+DEVICE void setmaxnreg_dec_24() { asm volatile("setmaxnreg.dec.sync.aligned.u32 24;"); }
+
+// Thread 0: the KV ring's and the hand-offs' mbarriers, fenced for the async proxy.
+DEVICE void init_ring_barriers(const SharedTiles& sm, int load_by_cp_async) {
+    for (int s = 0; s < KV_STAGES; ++s) {
+        // cp.async: one arrival per producer thread; TMA: the issuing thread's expect_tx.
+        mbarrier_init(&sm.full_bar()[s], load_by_cp_async ? WG_THREADS : 1);
+        mbarrier_init(&sm.empty_bar()[s], CONSUMER_THREADS);
+    }
+    mbarrier_init(sm.handoff_bar(HB_Q_READY), CONSUMER_THREADS);
+    for (int s = 0; s < KV_STAGES; ++s) mbarrier_init(sm.handoff_bar(HB_P_READY + s), WG_THREADS);
+    fence_barrier_init();
+}
+
+// Walks every page of every piece in ring order: waits until the page's stage is free, then
+// hands (stage, page id) to fill_stage, which must make the full barrier complete.
+template <typename FillStage>
+DEVICE void for_each_ring_page(const DecodeArgs& a, const SharedTiles& sm, FillStage fill_stage) {
+    int it = 0;
+    for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
+        const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
+        const int* pages = a.block_table + (size_t)req * a.bt_stride;
+        int page_id = 0;
+        if (EARLY_FIRST_PAGE_ID) page_id = load_int_now(pages + piece.page_begin);
+        else if (piece.page_begin < piece.page_end) page_id = pages[piece.page_begin];
+        for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
+            // Issued before the wait, used after the next one: its latency hides behind them.
+            const int next_page_id = page + 1 < piece.page_end ? pages[page + 1] : 0;
+            const int stage = it % KV_STAGES;
+            mbarrier_wait(&sm.empty_bar()[stage], ((it / KV_STAGES) & 1) ^ 1);
+            fill_stage(stage, page_id);
+            // One thread's release counts for the CTA (the cp.async producer's 128 all release).
+            if (DEPENDENTS_AFTER_FIRST_ISSUE && it == 0) allow_dependent_launch();
+            page_id = next_page_id;
+        }
+    }
+}
+
+// TMA producer: one thread streams every page of every piece through the KV ring.
+DEVICE void run_tma_producer(const DecodeArgs& a, const SharedTiles& sm) {
+    // One query block streams each page once; several blocks re-read it from L2.
+    const uint64_t policy = a.kv_evict_first ? l2_policy_evict_first() : l2_policy_evict_last();
+    bool first = true;
+    for_each_ring_page(a, sm, [&](int stage, int page_id) {
+        mbarrier_arrive_expect_tx(&sm.full_bar()[stage], TILE_BYTES);
+#pragma unroll
+        for (int c = 0; c < QK_CHUNKS; ++c)
+            tma_load_4d(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, &sm.full_bar()[stage],
+                        c * CHUNK_COLS, a.kh, 0, page_id, policy);
+        if (TRACE_PHASES && first) trace_phase(EV_FIRST_KV_ISSUED);
+        first = false;
+    });
+}
+
+// cp.async producer: all 128 threads copy every page by cp.async, in the 128B-swizzled
+// chunks the wgmma descriptors expect. Each thread waits for its own copies and fences them to
+// the async proxy before it arrives, so the consumers' wgmma read the stage with no fence.
+DEVICE void run_cp_async_producer(const DecodeArgs& a, const SharedTiles& sm, const uint16_t* k_cache,
+                                  long long page_stride, long long token_stride, int tid) {
+    for_each_ring_page(a, sm, [&](int stage, int page_id) {
+        copy_page_cp_async(sm.kv(stage), k_cache + (size_t)page_id * page_stride + a.kh * HEAD_DIM_QK,
+                           token_stride, tid);
+        cp_async_wait_all();
+        fence_proxy_async_smem();
+        mbarrier_arrive(&sm.full_bar()[stage]);
+    });
+}
+
+// Both math warpgroups copy their share of the Q block (cp.async, all in flight, then waited
+// for) and arrive at HB_Q_READY; warpgroup 0 waits for phase q_phase (the number of earlier
+// pieces with pages).
+DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int req, int tid, bool waits,
+                          int q_phase) {
+    load_q_block(sm.q(), a.q, a.q_stride_b, a.q_stride_s, a.q_stride_h, req, a.kh, a.row_base,
+                 a.rows, tid);
+    cp_async_wait_all();
+    fence_proxy_async_smem();
+    mbarrier_arrive(sm.handoff_bar(HB_Q_READY));
+    if (waits) mbarrier_wait(sm.handoff_bar(HB_Q_READY), q_phase & 1);
+}
+
+
+// O[:, wg half] += P V of one page, P from smem (the other group's page): issued and committed,
+// not waited for.
+DEVICE void issue_pv_from_smem(float (&o)[128], uint32_t p_addr, uint32_t v_addr) {
+    const SmemOperand<> p_tile(p_addr);
+    const SmemOperand<CHUNK_BYTES> v_tile(v_addr);
+    wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < PAGE_SIZE / K_STEP; ++k)
+        wgmma_m64n256k16_ss_bt(o, p_tile.at(k * K_STEP * 2), v_tile.at(k * K_STEP * 128));
+    wgmma_commit();
+}
+
+// A math warpgroup (wg 0 or 1, tid 0-127 within it): scores the pages of its stage parity and
+// adds P V of every page into its half of O (columns wg * 256 ...).
+DEVICE void run_math_wg(const DecodeArgs& a, const SharedTiles& sm, int wg, int tid) {
+    const int warp = tid / 32, lane = tid % 32;
+    const int row0 = warp * 16 + lane / 4;  // this thread's rows: row0 and row0 + 8
+    const uint32_t v_half = wg * V_HALF_BYTES;
+    const SmemOperand<> q_tile(smem_addr(sm.q()));
+    uint32_t p[16];      // this group's last P, read by its P V wgmma until that retires
+    float o[128];
+    int it = 0, pieces = 0;
+    for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
+        const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
+        const bool has_pages = piece.page_end > piece.page_begin;
+        const int seqlen = a.seqlens[req];
+        if (has_pages) {
+            // Both groups' scores of the previous piece are done before Q is replaced.
+            named_barrier_sync(BAR_MATH, CONSUMER_THREADS);
+            stage_q_block(a, sm, req, wg * WG_THREADS + tid, true, pieces);
+        }
+
+        // Key limit of each of this thread's rows (bottom-right causal alignment).
+        int limit[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int grow = a.row_base + row0 + 8 * half;
+            limit[half] = (a.causal && grow < a.rows.rows) ? seqlen - (a.s_q - 1 - a.rows.s_idx(grow)) : seqlen;
+        }
+        const int min_limit = a.causal ? seqlen - (a.s_q - 1) : seqlen;
+        float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.f, 0.f};
+#pragma unroll
+        for (int i = 0; i < 128; ++i) o[i] = 0.f;
+        int own_pv_stage = -1;  // the stage this group's own P V (from registers) still reads
+
+        for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
+            const int stage = it % KV_STAGES;
+            const bool scores = stage == wg;
+            if (!scores && page + 1 < piece.page_end) continue;  // added behind the next page's scores
+            // This group's P V of two pages back reads this stage: it retires before the refill.
+            if (own_pv_stage >= 0) {
+                wgmma_wait<0>();
+                fence_accumulators(o);
+                fence_fragments(p);
+                mbarrier_arrive(&sm.empty_bar()[own_pv_stage]);
+                own_pv_stage = -1;
+            }
+            if (!scores) {
+                // The piece's last page, scored by the other group: only this group's half of P V.
+                mbarrier_wait(sm.handoff_bar(HB_P_READY + stage), (it / KV_STAGES) & 1);
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    const float f = sm.row_scale(stage)[row0 + 8 * half];
+                    row_max[half] = sm.row_max(stage)[row0 + 8 * half];
+                    row_sum[half] *= f;
+                }
+                rescale_rows_if_needed(o, sm.row_scale(stage)[row0], sm.row_scale(stage)[row0 + 8]);
+                issue_pv_from_smem(o, smem_addr(sm.p(stage)), smem_addr(sm.kv(stage)) + v_half);
+                wgmma_wait<0>();
+                fence_accumulators(o);
+                mbarrier_arrive(&sm.empty_bar()[stage]);
+                continue;
+            }
+
+            uint8_t* kv_tile = sm.kv(stage);
+            const SmemOperand<> kv_tile_k(smem_addr(kv_tile));                      // K for the scores
+            const SmemOperand<CHUNK_BYTES> kv_tile_v(smem_addr(kv_tile) + v_half);  // this half of V
+            mbarrier_wait(&sm.full_bar()[stage], (it / KV_STAGES) & 1);
+            float s[32];
+#pragma unroll
+            for (int i = 0; i < 32; ++i) s[i] = 0.f;
+            wgmma_fence();
+#pragma unroll
+            for (int c = 0; c < QK_CHUNKS; ++c)
+#pragma unroll
+                for (int k = 0; k < CHUNK_COLS / K_STEP; ++k)
+                    wgmma_m64n64k16_ss(s, q_tile.at(c * CHUNK_BYTES + k * K_STEP * 2),
+                                       kv_tile_k.at(c * CHUNK_BYTES + k * K_STEP * 2), (c | k) != 0);
+            wgmma_commit();
+
+            // Behind those scores: this group's half of P V of the other group's previous page.
+            const bool other = page > piece.page_begin;
+            const int other_stage = stage ^ 1;
+            if (other) {
+                mbarrier_wait(sm.handoff_bar(HB_P_READY + other_stage), ((it - 1) / KV_STAGES) & 1);
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    row_max[half] = sm.row_max(other_stage)[row0 + 8 * half];
+                    row_sum[half] *= sm.row_scale(other_stage)[row0 + 8 * half];
+                }
+                rescale_rows_if_needed(o, sm.row_scale(other_stage)[row0], sm.row_scale(other_stage)[row0 + 8]);
+                issue_pv_from_smem(o, smem_addr(sm.p(other_stage)), smem_addr(sm.kv(other_stage)) + v_half);
+                if (RELEASE_BEFORE_SOFTMAX) {
+                    wgmma_wait<0>();
+                    fence_accumulators(o);
+                    mbarrier_arrive(&sm.empty_bar()[other_stage]);
+                } else {
+                    wgmma_wait<1>();  // the scores (committed first) are done; the P V may still run
+                }
+            } else {
+                wgmma_wait<0>();
+            }
+            fence_accumulators(s);
+
+            const int tok0 = page * PAGE_SIZE;
+            if (tok0 + PAGE_SIZE > min_limit) {
+#pragma unroll
+                for (int i = 0; i < 32; ++i)
+                    if (tok0 + frag_col(i, lane) >= limit[(i >> 1) & 1]) s[i] = NEG_INF;
+            }
+            if (tok0 + PAGE_SIZE > seqlen) {  // both groups' P V read the zeroes: before P_READY
+                zero_v_tail(kv_tile, seqlen - tok0, tid);
+                fence_proxy_async_smem();
+                named_barrier_sync(BAR_WG_TAIL + wg, WG_THREADS);
+            }
+
+            float alpha[2];
+            online_softmax_page(s, row_max, row_sum, alpha, a.scale_log2);
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int half = 0; half < 2; ++half)
+                    p[2 * n + half] = pack_half2(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]);
+
+            // P (into this page's rope chunk, A-fragment layout, 128B swizzle), the factor and the
+            // kept max for the other group, which scores the next page from that max.
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    const int r = row0 + 8 * half;
+                    *reinterpret_cast<uint32_t*>(sm.p(stage) + r * 128 + ((n ^ (r & 7)) << 4) + (lane % 4) * 4) =
+                        p[2 * n + half];
+                }
+            if (lane % 4 == 0) {
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    sm.row_scale(stage)[row0 + 8 * half] = alpha[half];
+                    sm.row_max(stage)[row0 + 8 * half] = row_max[half];
+                }
+            }
+            fence_proxy_async_smem();
+            mbarrier_arrive(sm.handoff_bar(HB_P_READY + stage));
+
+            if (other && !RELEASE_BEFORE_SOFTMAX) {
+                wgmma_wait<0>();
+                fence_accumulators(o);
+                mbarrier_arrive(&sm.empty_bar()[other_stage]);
+            }
+            rescale_rows_if_needed(o, alpha[0], alpha[1]);
+            wgmma_fence();
+#pragma unroll
+            for (int k = 0; k < PAGE_SIZE / K_STEP; ++k)
+                wgmma_m64n256k16_rs_bt(o, p[4 * k], p[4 * k + 1], p[4 * k + 2], p[4 * k + 3],
+                                       kv_tile_v.at(k * K_STEP * 128));
+            wgmma_commit();
+            own_pv_stage = stage;
+        }
+        if (own_pv_stage >= 0) {
+            wgmma_wait<0>();
+            fence_accumulators(o);
+            fence_fragments(p);
+            mbarrier_arrive(&sm.empty_bar()[own_pv_stage]);
+        }
+
+        // Both partial row sums are relative to the same kept max: add them up.
+        float row_lse[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            float l = row_sum[half];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            row_sum[half] = l;
+        }
+        if (has_pages) {
+            if (lane % 4 == 0) {
+#pragma unroll
+                for (int half = 0; half < 2; ++half) sm.row_sum(wg)[row0 + 8 * half] = row_sum[half];
+            }
+            named_barrier_sync(BAR_MATH, CONSUMER_THREADS);
+#pragma unroll
+            for (int half = 0; half < 2; ++half) row_sum[half] += sm.row_sum(wg ^ 1)[row0 + 8 * half];
+            ++pieces;
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) row_lse[half] = (row_max[half] + log2f(row_sum[half])) * LN2;
+        store_output(o, row_sum, row_lse, wg * V_COLS_PER_WG, warp, lane, piece, a.kh, a.row_base, a.rows,
+                     a.s_q, a.h_q, a.h_k, a.out, a.lse, a.o_part, a.lse_part, wg == 0);
+    }
+}
+
+// q: [b, s_q, h_q, 576] with the given element strides; block_table: [b, *] int32 with row
+// stride bt_stride; out: contiguous [b, s_q, h_q, 512]; lse: contiguous [b, h_q, s_q];
+// o_part: [splits, h_k, s_q*G, 512] f32; lse_part: [splits, h_k, s_q*G] f32.
+// Grid: (ceil(s_q*G / 64), h_k, num_sm_parts).
+extern "C" __global__ void __launch_bounds__(DECODE_THREADS, 1)
+mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict__ q,
+           long long q_stride_b, long long q_stride_s, long long q_stride_h,
+           const int* __restrict__ block_table, long long bt_stride,
+           const int* __restrict__ seqlens, const int* __restrict__ metadata,
+           const int* __restrict__ num_splits, uint16_t* __restrict__ out,
+           float* __restrict__ lse, float* __restrict__ o_part, float* __restrict__ lse_part,
+           int s_q, int h_q, int h_k, int causal, float scale_log2, int kv_evict_first,
+           const uint16_t* __restrict__ k_cache, long long kv_page_stride, long long kv_token_stride,
+           int load_by_cp_async) {
+    extern __shared__ uint8_t smem_raw[];
+#if SHARED_BASE_BY_OFFSET
+    const SharedTiles sm{smem_raw + (SMEM_ALIGN - smem_addr(smem_raw) % SMEM_ALIGN) % SMEM_ALIGN};
+#else
+    const SharedTiles sm{reinterpret_cast<uint8_t*>(
+        (reinterpret_cast<size_t>(smem_raw) + SMEM_ALIGN - 1) & ~size_t(SMEM_ALIGN - 1))};
+#endif
+
+    DecodeArgs a = gather_decode_args(&kv_map, q, q_stride_b, q_stride_s, q_stride_h, block_table, bt_stride,
+                                      seqlens, num_splits, out, lse, o_part, lse_part, s_q, h_q, h_k, causal,
+                                      scale_log2, kv_evict_first);
+    if (TRACE_PHASES && threadIdx.x == 0) trace_phase(EV_ENTRY);
+#ifdef MLA_PROGRAMMATIC_LAUNCH
+    if (PREFETCH_BEFORE_WAIT && threadIdx.x == 0) {
+        prefetch_l2(metadata + blockIdx.z * METADATA_FIELDS);
+        prefetch_l2(seqlens);
+        prefetch_l2(num_splits);
+    }
+    if (!DEPENDENTS_AFTER_FIRST_ISSUE) allow_dependent_launch();  // the combine may take idle SMs and wait there
+    // Launched programmatically behind the stream's previous kernel (the scheduler, or whatever
+    // wrote q, the cache or the block table): this CTA's launch and setup overlapped its tail;
+    // every global read comes after this wait.
+    grid_dependency_wait();
+#endif
+    if (TRACE_PHASES && threadIdx.x == 0) trace_phase(EV_DEPENDENCY_DONE);
+    a.work = load_part(metadata, blockIdx.z);
+    if (a.work.end_req < a.work.begin_req) return;  // idle part (the whole CTA)
+
+    const int tid = threadIdx.x;
+    if (tid == 0) init_ring_barriers(sm, load_by_cp_async);
+    __syncthreads();
+
+    const int wg = tid / WG_THREADS;
+    if (wg == 2) {
+        setmaxnreg_dec_24();
+        if (load_by_cp_async)
+            run_cp_async_producer(a, sm, k_cache, kv_page_stride, kv_token_stride, tid - 2 * WG_THREADS);
+        else if (tid == 2 * WG_THREADS)
+            run_tma_producer(a, sm);
+    } else {
+        setmaxnreg_inc_math();
+        run_math_wg(a, sm, wg, tid - wg * WG_THREADS);
+    }
+}
