@@ -210,8 +210,9 @@ DEVICE float exp2_on_fma_pipe(float x) {
     return __int_as_float(__float_as_int(p) + (__float_as_int(shifted) << 23));
 }
 
-// O[:, col_base:col_base+256] += P V for one page.
-DEVICE void pv_gemm(float (&o)[128], uint32_t p_addr, uint32_t v_addr) {
+// O[:, col_base:col_base+256] += P V for one page, P from smem: issued and committed, not
+// waited for (the seesaw version keeps it in flight behind its scores).
+DEVICE void issue_pv_gemm(float (&o)[128], uint32_t p_addr, uint32_t v_addr) {
     const SmemOperand<> p_tile(p_addr);
     const SmemOperand<CHUNK_BYTES> v_tile(v_addr);
     wgmma_fence();
@@ -219,6 +220,11 @@ DEVICE void pv_gemm(float (&o)[128], uint32_t p_addr, uint32_t v_addr) {
     for (int k = 0; k < PAGE_SIZE / K_STEP; ++k)
         wgmma_m64n256k16_ss_bt(o, p_tile.at(k * K_STEP * 2), v_tile.at(k * K_STEP * 128));
     wgmma_commit();
+}
+
+// The same, waited for.
+DEVICE void pv_gemm(float (&o)[128], uint32_t p_addr, uint32_t v_addr) {
+    issue_pv_gemm(o, p_addr, v_addr);
     wgmma_wait<0>();
     fence_accumulators(o);
 }

@@ -169,18 +169,6 @@ DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int req, i
 }
 
 
-// O[:, wg half] += P V of one page, P from smem (the other group's page): issued and committed,
-// not waited for.
-DEVICE void issue_pv_from_smem(float (&o)[128], uint32_t p_addr, uint32_t v_addr) {
-    const SmemOperand<> p_tile(p_addr);
-    const SmemOperand<CHUNK_BYTES> v_tile(v_addr);
-    wgmma_fence();
-#pragma unroll
-    for (int k = 0; k < PAGE_SIZE / K_STEP; ++k)
-        wgmma_m64n256k16_ss_bt(o, p_tile.at(k * K_STEP * 2), v_tile.at(k * K_STEP * 128));
-    wgmma_commit();
-}
-
 // A math warpgroup (wg 0 or 1, tid 0-127 within it): scores the pages of its stage parity and
 // adds P V of every page into its half of O (columns wg * 256 ...).
 DEVICE void run_math_wg(const DecodeArgs& a, const SharedTiles& sm, int wg, int tid) {
@@ -236,7 +224,7 @@ DEVICE void run_math_wg(const DecodeArgs& a, const SharedTiles& sm, int wg, int 
                     row_sum[half] *= f;
                 }
                 rescale_rows_if_needed(o, sm.row_scale(stage)[row0], sm.row_scale(stage)[row0 + 8]);
-                issue_pv_from_smem(o, smem_addr(sm.p(stage)), smem_addr(sm.kv(stage)) + v_half);
+                issue_pv_gemm(o, smem_addr(sm.p(stage)), smem_addr(sm.kv(stage)) + v_half);
                 wgmma_wait<0>();
                 fence_accumulators(o);
                 mbarrier_arrive(&sm.empty_bar()[stage]);
@@ -270,7 +258,7 @@ DEVICE void run_math_wg(const DecodeArgs& a, const SharedTiles& sm, int wg, int 
                     row_sum[half] *= sm.row_scale(other_stage)[row0 + 8 * half];
                 }
                 rescale_rows_if_needed(o, sm.row_scale(other_stage)[row0], sm.row_scale(other_stage)[row0 + 8]);
-                issue_pv_from_smem(o, smem_addr(sm.p(other_stage)), smem_addr(sm.kv(other_stage)) + v_half);
+                issue_pv_gemm(o, smem_addr(sm.p(other_stage)), smem_addr(sm.kv(other_stage)) + v_half);
                 if (RELEASE_BEFORE_SOFTMAX) {
                     wgmma_wait<0>();
                     fence_accumulators(o);
