@@ -55,8 +55,9 @@
 #             stage-release orders: reference checks, GPU decode tests, bursts A/B of every row,
 #             then 128,1,128 / 128,2,128 / 128,1,16 back to back against shipped, twice (~7 min)
 #   sbo:      the tile base kept in the shared window (SHARED_BASE_BY_OFFSET=1: P and the row
-#             statistics by st.shared / ld.shared, not generic stores): reference check, GPU
-#             decode tests, timing-only A/B of every row (~3 min)
+#             statistics by st.shared / ld.shared, not generic stores) and P by four stmatrix
+#             (P_BY_STMATRIX=1), each and both: reference checks, GPU decode tests, timing-only
+#             A/B of every row (~4 min)
 #   prefetch_min: the decode's PREFETCH_BEFORE_WAIT=1 + EARLY_FIRST_PAGE_ID=1 alone: reference
 #             check, programmatic-launch tests, the latency rows and whole call alternated three
 #             times (~1.5 min)
@@ -317,12 +318,14 @@ for experiment in ${@:-verify}; do
         echo "$version sustained round $round: $(sed -n '/^## Sustained/,$p' "$ROOT_OUT/v36/$label.log" | grep '^| 128' | cut -d'|' -f2,3 | tr '\n' ' ')"
       done
     done ;;
-  sbo)  # SHARED_BASE_BY_OFFSET: checked, GPU decode tests, timing-only A/B of every row (~3 min)
+  sbo)  # SHARED_BASE_BY_OFFSET and P_BY_STMATRIX: checked, GPU decode tests, timing-only A/B of every row (~4 min)
     run sbo
     . benchmarks/versions.sh
-    check_one sbo sbo shipped+SHARED_BASE_BY_OFFSET=1 tests/test_gpu_decode.py
-    checked_ok sbo sbo && OUT=$ROOT_OUT/sbo/ab AB_TIMING_ONLY=1 timeout 300 bash benchmarks/ab_session.sh \
-      shipped+SHARED_BASE_BY_OFFSET=1 | tail -14 ;;
+    both=shipped+SHARED_BASE_BY_OFFSET=1+P_BY_STMATRIX=1
+    check_one sbo both $both tests/test_gpu_decode.py
+    check_one sbo stmatrix shipped+P_BY_STMATRIX=1
+    checked_ok sbo both && checked_ok sbo stmatrix && OUT=$ROOT_OUT/sbo/ab AB_TIMING_ONLY=1 timeout 300 \
+      bash benchmarks/ab_session.sh shipped+SHARED_BASE_BY_OFFSET=1 shipped+P_BY_STMATRIX=1 $both | tail -14 ;;
   prefetch_min)  # latency_prefetch's decode knobs alone: checked, programmatic tests, latency rows 3x (~1.5 min)
     run prefetch_min
     . benchmarks/versions.sh

@@ -46,6 +46,11 @@ constexpr int KV_STAGES = 2;
 #ifndef SHARED_BASE_BY_OFFSET
 #define SHARED_BASE_BY_OFFSET 0
 #endif
+// A/B knob (off): P goes into the rope chunk by four stmatrix per thread instead of sixteen
+// 4-byte stores (FlashMLA stores its P this way).
+#ifndef P_BY_STMATRIX
+#define P_BY_STMATRIX 0
+#endif
 // A/B knob (off): the producer loads a piece's first block-table entry whether or not the piece
 // has pages, so that the load does not wait for seqlens (which bounds a piece that is not its
 // part's last). Safe: the scheduler's begin_page is 0 for an empty request and below its page
@@ -278,14 +283,18 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
             // While that runs: P (into this page's rope chunk, in the A-fragment layout, 128B
             // swizzle) and the row scales for warpgroup 1. Written out here: through a helper,
             // ptxas spilled 12 bytes in this warpgroup (v30).
+            if (P_BY_STMATRIX) {
+                store_p_by_stmatrix(smem_addr(sm.p(stage)), p, warp, lane);
+            } else {
 #pragma unroll
-            for (int n = 0; n < 8; ++n)
+                for (int n = 0; n < 8; ++n)
 #pragma unroll
-                for (int half = 0; half < 2; ++half) {
-                    const int r = row0 + 8 * half;
-                    *reinterpret_cast<uint32_t*>(sm.p(stage) + r * 128 + ((n ^ (r & 7)) << 4) + (lane % 4) * 4) =
-                        p[2 * n + half];
-                }
+                    for (int half = 0; half < 2; ++half) {
+                        const int r = row0 + 8 * half;
+                        *reinterpret_cast<uint32_t*>(sm.p(stage) + r * 128 + ((n ^ (r & 7)) << 4) + (lane % 4) * 4) =
+                            p[2 * n + half];
+                    }
+            }
             if (lane % 4 == 0) {
                 sm.row_scale(stage)[row0] = alpha[0];
                 sm.row_scale(stage)[row0 + 8] = alpha[1];

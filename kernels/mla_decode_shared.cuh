@@ -210,6 +210,20 @@ DEVICE float exp2_on_fma_pipe(float x) {
     return __int_as_float(__float_as_int(p) + (__float_as_int(shifted) << 23));
 }
 
+// A warp's 16 rows of P (p[2n + half]: rows 8 half + lane / 4, columns 8n + 2 (lane % 4) and
+// +1, the scores' accumulator layout) into a 64 x 64 tile with 128-byte rows, 16-byte groups
+// swizzled by the row (group n of row r at (n ^ (r & 7)) * 16, the A-operand layout of the P V
+// wgmma): four stmatrix of four 8x8 matrices, (n, half) = (2j, 0), (2j, 1), (2j + 1, 0),
+// (2j + 1, 1) in store j, each lane giving row lane % 8 of matrix lane / 8.
+DEVICE void store_p_by_stmatrix(uint32_t tile_addr, const uint32_t (&p)[16], int warp, int lane) {
+    const int m = lane / 8, r = warp * 16 + 8 * (m & 1) + lane % 8;
+    const uint32_t row_addr = tile_addr + r * 128;
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+        stmatrix_x4(row_addr + (((2 * j + (m >> 1)) ^ (lane % 8)) << 4), p[4 * j], p[4 * j + 1], p[4 * j + 2],
+                    p[4 * j + 3]);
+}
+
 // O[:, col_base:col_base+256] += P V for one page, P from smem: issued and committed, not
 // waited for (the seesaw version keeps it in flight behind its scores).
 DEVICE void issue_pv_gemm(float (&o)[128], uint32_t p_addr, uint32_t v_addr) {

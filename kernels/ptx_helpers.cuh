@@ -277,6 +277,13 @@ DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(row_addr)));
 }
 
+// Four 8x8 16-bit matrices into smem, one row address per lane (lanes 8j..8j+7: matrix j);
+// register j holds this lane's two elements of matrix j in the accumulator-fragment layout.
+DEVICE void stmatrix_x4(uint32_t row_addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};"
+                 ::"r"(row_addr), "r"(r0), "r"(r1), "r"(r2), "r"(r3) : "memory");
+}
+
 // D[64x16] / D[64x32] (+)= A[64x16] * B[16xN] with the query rows on N, for few rows per KV
 // head (v5, rejected: `git show efdf8d6^:benchmarks/kernel_versions/mla_decode_v5_heads_on_n.cu`;
 // kept for the heads-on-N designs in NOTES.md). B is K-major; A is K-major

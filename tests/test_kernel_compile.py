@@ -168,6 +168,8 @@ def test_pipeline_diagnostic_knobs_compile_within_the_launch(knobs: tuple[str, .
                                          ("decode", "-DPREFETCH_BEFORE_WAIT=1"),
                                          ("decode", "-DEARLY_FIRST_PAGE_ID=1"),
                                          ("decode", "-DSHARED_BASE_BY_OFFSET=1"),
+                                         ("decode", "-DP_BY_STMATRIX=1"),
+                                         ("decode", "-DP_BY_STMATRIX=1 -DSHARED_BASE_BY_OFFSET=1"),
                                          ("combine", "-DSPLITS_BEFORE_WAIT=1")])
 def test_ab_knobs_of_the_shipped_kernels_compile_within_their_registers(kernel: str, knob: str) -> None:
     """The off-by-default A/B knobs device_experiments.sh sets must build: no warning, the
@@ -268,3 +270,14 @@ def test_shared_base_by_offset_keeps_tile_accesses_in_the_shared_window() -> Non
     assert generic.search(shipped), "the shipped decode's generic smem stores are what the knob removes"
     assert not generic.search(knob), "generic loads or stores left with SHARED_BASE_BY_OFFSET=1"
     assert len(re.findall(r"\bSTS\b", knob)) >= 25
+
+
+def test_p_by_stmatrix_stores_each_page_with_four_stmatrix() -> None:
+    # Sixteen 4-byte stores of P per thread and page become four stmatrix (m8n8.x4).
+    import torch
+
+    base = decode_module(torch.bfloat16, True)
+    knob = sass(KernelModule(base.source_file, base.entry_points, base.dtype,
+                             base.extra_defines + ("-DP_BY_STMATRIX=1", "-DSHARED_BASE_BY_OFFSET=1")))
+    assert len(re.findall(r"\bSTSM\.16\.M88\.4\b", knob)) == 4
+    assert not re.search(r"\bSTSM\b", sass(base)), "the shipped decode stores P without stmatrix"

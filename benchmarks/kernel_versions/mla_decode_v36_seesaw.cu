@@ -293,14 +293,7 @@ DEVICE void run_math_wg(const DecodeArgs& a, const SharedTiles& sm, int wg, int 
 
             // P (into this page's rope chunk, A-fragment layout, 128B swizzle), the factor and the
             // kept max for the other group, which scores the next page from that max.
-#pragma unroll
-            for (int n = 0; n < 8; ++n)
-#pragma unroll
-                for (int half = 0; half < 2; ++half) {
-                    const int r = row0 + 8 * half;
-                    *reinterpret_cast<uint32_t*>(sm.p(stage) + r * 128 + ((n ^ (r & 7)) << 4) + (lane % 4) * 4) =
-                        p[2 * n + half];
-                }
+            store_p_by_stmatrix(smem_addr(sm.p(stage)), p, warp, lane);
             if (lane % 4 == 0) {
 #pragma unroll
                 for (int half = 0; half < 2; ++half) {
