@@ -7,7 +7,9 @@
 // instead of leaving the tensor pipe to warpgroup 1's 4 P V wgmma (the shipped roles).
 // Each group keeps its row-sum partial, rescaled by every page's factor; the two are added at a
 // piece's end. The producer warpgroup, the ring (two stages, one full and one empty barrier
-// each) and the Q staging are the shipped ones; the registers split 232 / 232 / 40.
+// each) and the Q staging are the shipped ones; the registers split 240 / 240 / 24 (the
+// producer's code fits in 24: R0-R21 in the SASS). P goes into smem by stmatrix and the tile base
+// stays in the shared window: with 4-byte generic stores the P addresses spilled (88 bytes).
 // RELEASE_BEFORE_SOFTMAX (A/B knob, default 1): the scorer waits for its P V of the other
 // group's previous page before its softmax, and frees that stage at once, so the producer
 // refills it a softmax earlier; 0 frees it after the softmax (the softmax starts a P V earlier).
@@ -28,7 +30,7 @@ constexpr int KV_STAGES = 2;
 #define EARLY_FIRST_PAGE_ID 0
 #endif
 #ifndef SHARED_BASE_BY_OFFSET
-#define SHARED_BASE_BY_OFFSET 1  // 32-bit shared addresses: the generic ones spilled 88 bytes here
+#define SHARED_BASE_BY_OFFSET 1
 #endif
 
 constexpr int MATH_WG_REGS = 240;
