@@ -41,36 +41,21 @@
 #   small_schedule: the one-warp scheduler for batches of at most 32 requests against the
 #             CTA-wide one (FLASHMLA_BACKEND_SMALL_SCHEDULE=0): the GPU scheduler tests, then the
 #             latency rows' whole call and their anatomy, alternated twice (~2 min)
-#   v35b:     warpgroup 0 publishes P(k) only after its scores of page k + 1 and each stage's
-#             barriers split in two (chunks 0-3 freed by warpgroup 0, 4-8 by warpgroup 1; the
-#             scores start on the left chunks): the full A/B (reference check, timing, four
-#             sanitizers, GPU unit tests) (~6 min). v35a, the deferral alone, lost 7-21% on the
-#             memory and compute rows (H100, run 19)
-#   splits_early: the combine reads its split range before its dependency wait, the decode
-#             releasing it from the producer after the first page (DEPENDENTS_AFTER_FIRST_ISSUE=1
-#             with the combine's SPLITS_BEFORE_WAIT=1): reference check, GPU decode and
+#   splits_early: the combine reading its split range after its dependency wait and the decode
+#             releasing it after the wait (DEPENDENTS_AFTER_FIRST_ISSUE=0 with the combine's
+#             SPLITS_BEFORE_WAIT=0, the defaults before run 20) against shipped: reference check,
 #             programmatic-launch tests, the latency rows and whole call alternated three times
 #             (~2.5 min)
-#   v36:      the seesaw of the math warpgroups (kernel_versions/mla_decode_v36_seesaw.cu), both
-#             stage-release orders: reference checks, GPU decode tests, bursts A/B of every row,
-#             then 128,1,128 / 128,2,128 / 128,1,16 back to back against shipped, twice (~7 min)
-#   sbo:      the tile base kept in the shared window (SHARED_BASE_BY_OFFSET=1: P and the row
-#             statistics by st.shared / ld.shared, not generic stores) and P by four stmatrix
-#             (P_BY_STMATRIX=1), each and both: reference checks, GPU decode tests, timing-only
-#             A/B of every row (~4 min)
-#   prefetch_min: the decode's PREFETCH_BEFORE_WAIT=1 + EARLY_FIRST_PAGE_ID=1 alone: reference
-#             check, programmatic-launch tests, the latency rows and whole call alternated three
-#             times (~1.5 min)
-#   latency_prefetch: splits_early's knobs, the decode's PREFETCH_BEFORE_WAIT=1 +
-#             EARLY_FIRST_PAGE_ID=1 (the part row, seqlens and num_splits lines prefetched into
-#             L2 before the dependency wait; the first block-table load not behind seqlens), and
-#             both: reference check and GPU tests of all knobs together, then the latency rows and
-#             whole call alternated three times (~5 min)
+#   ring_source: ncu's DRAM and L2 read bytes (and the tensor pipe, warp stalls) of the shipped
+#             decode on 128,1,128 / 128,2,128 / the b = 8 row / 128,1,16: do the query-block
+#             CTAs that read the same pages share them through L2 (DRAM bytes ~ the KV bytes
+#             once), and how much L2-to-SM traffic is there (run 20's page wait) (~2 min)
 #   trace:    the decode's phase trace (benchmarks/phase_trace.py, -DTRACE_PHASES=1): per event the
 #             median and slowest CTA's time since the first CTA entered, latency rows (reused
 #             schedule, then whole call) and the memory varlen row (~1.5 min)
 #   pages:    the page anatomy (phase_trace.py --pages: scores, softmax, each warpgroup's P V and
-#             the waits, in SM cycles) of 128,1,128 and 128,1,16,4096: shipped and v35b (~1.5 min)
+#             the waits, in SM cycles) of 128,1,128, 128,2,128, the b = 8 row and 128,1,16,4096,
+#             shipped (~1.5 min)
 #   clocks:   SM clock, power and clock event reasons under seconds of back-to-back calls:
 #             matmul, ours, and the peers if the vLLM bundle is installed (benchmarks/clock_probe.py; ~1-2 min)
 #   sustained: the sustained table: every anchor row but the latency ones back to back, ours and
@@ -290,58 +275,12 @@ for experiment in ${@:-verify}; do
         grep "ours+schedule" "$ROOT_OUT/small_schedule/anatomy_$label.log"
       done
     done ;;
-  v35b)
-    run v35b
-    OUT=$ROOT_OUT/v35b timeout 580 bash benchmarks/ab_session.sh mla_decode_v35b_split_stage_barriers ;;
   splits_early)
     run splits_early
     . benchmarks/versions.sh
-    knobs=shipped+DEPENDENTS_AFTER_FIRST_ISSUE=1+FLASHMLA_BACKEND_COMBINE_DEFINES=-DSPLITS_BEFORE_WAIT=1
-    check_variants splits_early $knobs
-    with_version $knobs timeout 120 python -m pytest -q -p no:cacheprovider tests/test_programmatic_launch.py \
-      > "$ROOT_OUT/splits_early/programmatic.tests" 2>&1
-    echo "== programmatic-launch tests: $(tail -1 "$ROOT_OUT/splits_early/programmatic.tests")"
-    latency_ab splits_early 3 $knobs ;;
-  v36)  # the seesaw: checked (both release orders), GPU decode tests, bursts A/B, sustained A/B (~7 min)
-    run v36
-    . benchmarks/versions.sh
-    check_one v36 v36 mla_decode_v36_seesaw tests/test_gpu_decode.py
-    check_one v36 v36_late_release mla_decode_v36_seesaw+RELEASE_BEFORE_SOFTMAX=0
-    checked_ok v36 v36 || continue
-    OUT=$ROOT_OUT/v36/ab AB_TIMING_ONLY=1 timeout 240 bash benchmarks/ab_session.sh mla_decode_v36_seesaw \
-      mla_decode_v36_seesaw+RELEASE_BEFORE_SOFTMAX=0 | tail -14
-    for round in 1 2; do  # back to back at the power cap: where FlashMLA's seesaw leads (run 19)
-      for version in shipped mla_decode_v36_seesaw; do
-        label=${version//[+=]/_}_sustained$round
-        with_version "$version" timeout 60 python benchmarks/clock_probe.py --rows 128x1x128x4096 \
-          128x2x128x4096 128x1x16x4096 --seconds 3 --out "$ROOT_OUT/v36/$label" > "$ROOT_OUT/v36/$label.log" 2>&1
-        echo "$version sustained round $round: $(sed -n '/^## Sustained/,$p' "$ROOT_OUT/v36/$label.log" | grep '^| 128' | cut -d'|' -f2,3 | tr '\n' ' ')"
-      done
-    done ;;
-  sbo)  # SHARED_BASE_BY_OFFSET and P_BY_STMATRIX: checked, GPU decode tests, timing-only A/B of every row (~4 min)
-    run sbo
-    . benchmarks/versions.sh
-    both=shipped+SHARED_BASE_BY_OFFSET=1+P_BY_STMATRIX=1
-    check_one sbo both $both tests/test_gpu_decode.py
-    check_one sbo stmatrix shipped+P_BY_STMATRIX=1
-    checked_ok sbo both && checked_ok sbo stmatrix && OUT=$ROOT_OUT/sbo/ab AB_TIMING_ONLY=1 timeout 300 \
-      bash benchmarks/ab_session.sh shipped+SHARED_BASE_BY_OFFSET=1 shipped+P_BY_STMATRIX=1 $both | tail -14 ;;
-  prefetch_min)  # latency_prefetch's decode knobs alone: checked, programmatic tests, latency rows 3x (~1.5 min)
-    run prefetch_min
-    . benchmarks/versions.sh
-    pf=shipped+PREFETCH_BEFORE_WAIT=1+EARLY_FIRST_PAGE_ID=1
-    check_one prefetch_min prefetch $pf tests/test_programmatic_launch.py
-    checked_ok prefetch_min prefetch && latency_ab prefetch_min 3 $pf ;;
-  latency_prefetch)
-    run latency_prefetch
-    . benchmarks/versions.sh
-    splits=DEPENDENTS_AFTER_FIRST_ISSUE=1+FLASHMLA_BACKEND_COMBINE_DEFINES=-DSPLITS_BEFORE_WAIT=1
-    prefetch=PREFETCH_BEFORE_WAIT=1+EARLY_FIRST_PAGE_ID=1
-    check_variants latency_prefetch shipped+$prefetch+$splits
-    with_version shipped+$prefetch+$splits timeout 120 python -m pytest -q -p no:cacheprovider \
-      tests/test_programmatic_launch.py > "$ROOT_OUT/latency_prefetch/programmatic.tests" 2>&1
-    echo "== programmatic-launch tests: $(tail -1 "$ROOT_OUT/latency_prefetch/programmatic.tests")"
-    latency_ab latency_prefetch 3 shipped+$splits shipped+$prefetch shipped+$prefetch+$splits ;;
+    knobs=shipped+DEPENDENTS_AFTER_FIRST_ISSUE=0+FLASHMLA_BACKEND_COMBINE_DEFINES=-DSPLITS_BEFORE_WAIT=0
+    check_one splits_early late $knobs tests/test_programmatic_launch.py
+    checked_ok splits_early late && latency_ab splits_early 3 $knobs ;;
   trace)
     run trace
     . benchmarks/versions.sh
@@ -357,13 +296,11 @@ for experiment in ${@:-verify}; do
   pages)
     run pages
     . benchmarks/versions.sh
-    for version in shipped mla_decode_v35b_split_stage_barriers; do
-      label=${version//[+=]/_}
-      with_version "$version" timeout 150 python benchmarks/phase_trace.py --pages --rows "128, 1, 128" \
-        --out "$ROOT_OUT/pages/compute_$label" > "$ROOT_OUT/pages/compute_$label.log" 2>&1
-      with_version "$version" timeout 150 python benchmarks/phase_trace.py --pages --rows "128, 1, 16, 4096" \
-        --out "$ROOT_OUT/pages/memory_$label" > "$ROOT_OUT/pages/memory_$label.log" 2>&1
-      echo "== $version"; sed -n '/page anatomy/,$p' "$ROOT_OUT/pages/compute_$label.log" "$ROOT_OUT/pages/memory_$label.log"
+    for row in "128, 1, 128" "128, 2, 128, 4096" "8, 1, 128, 2048" "128, 1, 16, 4096"; do
+      label=${row//, /x}
+      timeout 150 python benchmarks/phase_trace.py --pages --rows "$row" --out "$ROOT_OUT/pages/$label" \
+        > "$ROOT_OUT/pages/$label.log" 2>&1
+      echo "== $row"; sed -n '/page anatomy/,$p' "$ROOT_OUT/pages/$label.log"
     done ;;
   clocks)
     run clocks
@@ -400,6 +337,10 @@ for experiment in ${@:-verify}; do
   profile)
     run profile
     OUT=$ROOT_OUT/profile timeout 560 bash benchmarks/profile_ncu.sh ;;
+  ring_source)  # DRAM and L2 read bytes of the shipped decode on the 128-head rows (~2 min)
+    run ring_source
+    NCU_SHAPES="128 1 128 4096,128 2 128 4096,8 1 128 2048,128 1 16 4096" OUT=$ROOT_OUT/ring_source \
+      timeout 400 bash benchmarks/profile_ncu.sh --shipped-only ;;
   peers_profile)  # needs the vLLM bundle
     run peers_profile
     NCU_SHAPES="128 1 16 4096,32 1 16 32768,128 1 128 4096" OUT=$ROOT_OUT/peers_profile timeout 560 \

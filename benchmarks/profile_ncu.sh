@@ -3,9 +3,9 @@
 # row and a compute row (one GPU; ~3-4 min). Answers two open questions of NOTES.md: why a
 # cp.async producer (v8; v17 with both completion schemes), faster alone, lost with the math
 # present (shared-memory and LSU pipes), and how busy the tensor pipe is on the compute rows.
-#   OUT=... [NCU_SHAPES="B S_Q H_Q S_K,..."] benchmarks/profile_ncu.sh [VERSION ...]
-#   (default versions: the shipped decode with the cp.async producer forced, the pipeline
-#   diagnostic by TMA and by cp.async)
+#   OUT=... [NCU_SHAPES="B S_Q H_Q S_K,..."] benchmarks/profile_ncu.sh [--shipped-only | VERSION ...]
+#   (shipped always runs; default versions beside it: the shipped decode with the cp.async
+#   producer forced, the pipeline diagnostic by TMA and by cp.async)
 # A version as in versions.sh, peers included (peer:FA3-MLA needs the vLLM bundle).
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
@@ -35,7 +35,9 @@ echo "metrics: ${METRICS:-none known; the WarpStateStats section only}"
 METRIC_ARGS=(); [ -n "$METRICS" ] && METRIC_ARGS=(--metrics "$METRICS")
 # Problems as "B S_Q H_Q S_K", comma-separated in NCU_SHAPES (default: a memory and a compute row).
 IFS=, read -r -a SHAPES <<< "${NCU_SHAPES:-128 1 16 4096,128 2 128 4096}"
-for version in shipped ${@:-shipped+FLASHMLA_BACKEND_KV_PRODUCER=cp_async mla_decode_diag_pipeline_only mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1}; do
+EXTRA=(shipped+FLASHMLA_BACKEND_KV_PRODUCER=cp_async mla_decode_diag_pipeline_only mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1)
+if [ "${1:-}" = --shipped-only ]; then EXTRA=(); elif [ $# -gt 0 ]; then EXTRA=("$@"); fi
+for version in shipped "${EXTRA[@]}"; do
   for shape in "${SHAPES[@]}"; do
     label=${version//[+=:]/_}_${shape// /x}
     with_version "$version" timeout 240 \

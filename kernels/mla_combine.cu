@@ -15,11 +15,11 @@ constexpr int VEC_PER_LANE = COLS_PER_LANE / 4;
 #define COMBINE_SPLITS_IN_FLIGHT 4
 #endif
 constexpr int SPLITS_IN_FLIGHT = COMBINE_SPLITS_IN_FLIGHT;
-// A/B knob (off), set together with the decode's DEPENDENTS_AFTER_FIRST_ISSUE: the split range
+// Knob (on), set together with the decode's DEPENDENTS_AFTER_FIRST_ISSUE: the split range
 // (num_splits, the scheduler's) is read before the dependency wait, which that decode makes safe,
 // so the wait is followed by one round trip (the LSEs and partials), not two.
 #ifndef SPLITS_BEFORE_WAIT
-#define SPLITS_BEFORE_WAIT 0
+#define SPLITS_BEFORE_WAIT 1
 #endif
 constexpr int LSE_CHUNK = 4;  // LSEs per lane loaded at once: 128 splits per round trip
 

@@ -27,36 +27,12 @@
 #include "mla_softmax.cuh"
 
 constexpr int KV_STAGES = 2;
-// A/B knob (off), set together with the combine's SPLITS_BEFORE_WAIT: dependents (the combine)
-// are released by the producer after its first page, i.e. after this CTA's dependency wait, so
-// that the combine may read the scheduler's num_splits before its own wait. (Released by every
-// thread after the wait instead, run 18b: b = 1 whole call -0.7 us but b = 8 +0.5 us, H100.)
+// Knob (on), set together with the combine's SPLITS_BEFORE_WAIT: dependents (the combine) are
+// released by the producer after its first page, i.e. after this CTA's dependency wait, so that
+// the combine may read the scheduler's num_splits before its own wait (run 20, H100: b = 1 whole
+// call -1.2 us, b = 8 +0.3 us).
 #ifndef DEPENDENTS_AFTER_FIRST_ISSUE
-#define DEPENDENTS_AFTER_FIRST_ISSUE 0
-#endif
-// A/B knob (off): the lines of the first global reads are prefetched into L2 before the
-// dependency wait (this CTA's part row, and seqlens and num_splits from request 0), so that
-// with a reused schedule the part row and the piece bounds come from L2, not DRAM.
-#ifndef PREFETCH_BEFORE_WAIT
-#define PREFETCH_BEFORE_WAIT 0
-#endif
-// A/B knob (off): the tile base is smem_raw plus an offset, not a rounded integer, so the
-// compiler keeps it in the shared window: P and the row statistics go by st.shared / ld.shared
-// with 32-bit addresses instead of generic 64-bit stores and loads (18 ST.E and 2 LD.E a page).
-#ifndef SHARED_BASE_BY_OFFSET
-#define SHARED_BASE_BY_OFFSET 0
-#endif
-// A/B knob (off): P goes into the rope chunk by four stmatrix per thread instead of sixteen
-// 4-byte stores (FlashMLA stores its P this way).
-#ifndef P_BY_STMATRIX
-#define P_BY_STMATRIX 0
-#endif
-// A/B knob (off): the producer loads a piece's first block-table entry whether or not the piece
-// has pages, so that the load does not wait for seqlens (which bounds a piece that is not its
-// part's last). Safe: the scheduler's begin_page is 0 for an empty request and below its page
-// count otherwise, and block_table has at least one column (validated).
-#ifndef EARLY_FIRST_PAGE_ID
-#define EARLY_FIRST_PAGE_ID 0
+#define DEPENDENTS_AFTER_FIRST_ISSUE 1
 #endif
 
 constexpr int SOFTMAX_WG_REGS = 240;
@@ -139,9 +115,7 @@ DEVICE void for_each_ring_page(const DecodeArgs& a, const SharedTiles& sm, FillS
     for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
         const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
         const int* pages = a.block_table + (size_t)req * a.bt_stride;
-        int page_id = 0;
-        if (EARLY_FIRST_PAGE_ID) page_id = load_int_now(pages + piece.page_begin);
-        else if (piece.page_begin < piece.page_end) page_id = pages[piece.page_begin];
+        int page_id = piece.page_begin < piece.page_end ? pages[piece.page_begin] : 0;
         for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
             // Issued before the wait, used after the next one: its latency hides behind them.
             const int next_page_id = page + 1 < piece.page_end ? pages[page + 1] : 0;
@@ -281,20 +255,9 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
             wgmma_commit();
 
             // While that runs: P (into this page's rope chunk, in the A-fragment layout, 128B
-            // swizzle) and the row scales for warpgroup 1. Written out here: through a helper,
-            // ptxas spilled 12 bytes in this warpgroup (v30).
-            if (P_BY_STMATRIX) {
-                store_p_by_stmatrix(smem_addr(sm.p(stage)), p, warp, lane);
-            } else {
-#pragma unroll
-                for (int n = 0; n < 8; ++n)
-#pragma unroll
-                    for (int half = 0; half < 2; ++half) {
-                        const int r = row0 + 8 * half;
-                        *reinterpret_cast<uint32_t*>(sm.p(stage) + r * 128 + ((n ^ (r & 7)) << 4) + (lane % 4) * 4) =
-                            p[2 * n + half];
-                    }
-            }
+            // swizzle; four stmatrix per thread, not sixteen 4-byte stores) and the row scales
+            // for warpgroup 1.
+            store_p_by_stmatrix(smem_addr(sm.p(stage)), p, warp, lane);
             if (lane % 4 == 0) {
                 sm.row_scale(stage)[row0] = alpha[0];
                 sm.row_scale(stage)[row0 + 8] = alpha[1];
@@ -389,23 +352,16 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
            const uint16_t* __restrict__ k_cache, long long kv_page_stride, long long kv_token_stride,
            int load_by_cp_async) {
     extern __shared__ uint8_t smem_raw[];
-#if SHARED_BASE_BY_OFFSET
+    // The base is smem_raw plus an offset (not a rounded integer) so that the compiler keeps it in
+    // the shared window: P and the row statistics go by st.shared / ld.shared, not generic 64-bit
+    // stores (with P by stmatrix below: compute +3-6%, run 20, H100).
     const SharedTiles sm{smem_raw + (SMEM_ALIGN - smem_addr(smem_raw) % SMEM_ALIGN) % SMEM_ALIGN};
-#else
-    const SharedTiles sm{reinterpret_cast<uint8_t*>(
-        (reinterpret_cast<size_t>(smem_raw) + SMEM_ALIGN - 1) & ~size_t(SMEM_ALIGN - 1))};
-#endif
 
     DecodeArgs a = gather_decode_args(&kv_map, q, q_stride_b, q_stride_s, q_stride_h, block_table, bt_stride,
                                       seqlens, num_splits, out, lse, o_part, lse_part, s_q, h_q, h_k, causal,
                                       scale_log2, kv_evict_first);
     if (TRACE_PHASES && threadIdx.x == 0) trace_phase(EV_ENTRY);
 #ifdef MLA_PROGRAMMATIC_LAUNCH
-    if (PREFETCH_BEFORE_WAIT && threadIdx.x == 0) {
-        prefetch_l2(metadata + blockIdx.z * METADATA_FIELDS);
-        prefetch_l2(seqlens);
-        prefetch_l2(num_splits);
-    }
     if (!DEPENDENTS_AFTER_FIRST_ISSUE) allow_dependent_launch();  // the combine may take idle SMs and wait there
     // Launched programmatically behind the stream's previous kernel (the scheduler, or whatever
     // wrote q, the cache or the block table): this CTA's launch and setup overlapped its tail;

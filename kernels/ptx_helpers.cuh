@@ -153,20 +153,6 @@ DEVICE void allow_dependent_launch() {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
 
-// A 32-bit load issued where it stands: volatile, so neither the compiler nor ptxas sinks it
-// into the branch that uses its value (they do sink a plain or .nc load there).
-DEVICE int load_int_now(const int* p) {
-    int v;
-    asm volatile("ld.volatile.global.b32 %0, [%1];" : "=r"(v) : "l"(p));
-    return v;
-}
-
-// Brings the 128-byte line holding `p` into L2. A hint: it reads nothing into registers and
-// cannot return stale data (L2 is where every SM's writes meet), so it may precede a wait.
-DEVICE void prefetch_l2(const void* p) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
-
 // ---------------------------------------------------------------------------------------
 // wgmma shared-memory matrix descriptors, 128-byte swizzle.
 // Smem tiles are stored as 64-column chunks: a chunk is 64 rows x 128 bytes, swizzled in

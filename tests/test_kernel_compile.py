@@ -164,16 +164,11 @@ def test_pipeline_diagnostic_knobs_compile_within_the_launch(knobs: tuple[str, .
     if any("HOLD" in k for k in knobs):
         assert "GLOBALTIMER" in text.upper()
 
-@pytest.mark.parametrize("kernel,knob", [("decode", "-DDEPENDENTS_AFTER_FIRST_ISSUE=1"),
-                                         ("decode", "-DPREFETCH_BEFORE_WAIT=1"),
-                                         ("decode", "-DEARLY_FIRST_PAGE_ID=1"),
-                                         ("decode", "-DSHARED_BASE_BY_OFFSET=1"),
-                                         ("decode", "-DP_BY_STMATRIX=1"),
-                                         ("decode", "-DP_BY_STMATRIX=1 -DSHARED_BASE_BY_OFFSET=1"),
-                                         ("combine", "-DSPLITS_BEFORE_WAIT=1")])
+@pytest.mark.parametrize("kernel,knob", [("decode", "-DDEPENDENTS_AFTER_FIRST_ISSUE=0"),
+                                         ("combine", "-DSPLITS_BEFORE_WAIT=0")])
 def test_ab_knobs_of_the_shipped_kernels_compile_within_their_registers(kernel: str, knob: str) -> None:
-    """The off-by-default A/B knobs device_experiments.sh sets must build: no warning, the
-    launch's register budget, at most a few bytes of spill."""
+    """The A/B settings device_experiments.sh sets against the shipped defaults must build: no
+    warning, the launch's register budget, at most a few bytes of spill."""
     import torch
 
     from flashmla_backend.kernel_sources import combine_module
@@ -257,27 +252,21 @@ def test_python_constants_mirror_the_cuda_sources() -> None:
     assert int(_constexpr(assembled_source("mla_combine.cu"), "COMBINE_WARPS")) == C.COMBINE_WARPS
 
 
-def test_shared_base_by_offset_keeps_tile_accesses_in_the_shared_window() -> None:
-    # With the knob, every access through the tile base is st.shared / ld.shared; the rounded
-    # integer base (shipped) makes P and the row statistics generic 64-bit stores and loads.
+def test_decode_keeps_tile_accesses_in_the_shared_window() -> None:
+    # The tile base is smem_raw plus an offset, so every access through it is st.shared /
+    # ld.shared; a base rounded as an integer made P and the row statistics generic 64-bit
+    # stores and loads (run 20: the shared ones with stmatrix are +3-6% on the compute rows).
     import torch
 
-    base = decode_module(torch.bfloat16, True)
-    shipped = sass(base)
-    knob = sass(KernelModule(base.source_file, base.entry_points, base.dtype,
-                             base.extra_defines + ("-DSHARED_BASE_BY_OFFSET=1",)))
-    generic = re.compile(r"\b(?:ST|LD)\.E\b")
-    assert generic.search(shipped), "the shipped decode's generic smem stores are what the knob removes"
-    assert not generic.search(knob), "generic loads or stores left with SHARED_BASE_BY_OFFSET=1"
-    assert len(re.findall(r"\bSTS\b", knob)) >= 25
+    text = sass(decode_module(torch.bfloat16, True))
+    assert not re.search(r"\b(?:ST|LD)\.E\b", text), "generic loads or stores through the tile base"
+    assert len(re.findall(r"\bSTS\b", text)) >= 4
 
 
-def test_p_by_stmatrix_stores_each_page_with_four_stmatrix() -> None:
-    # Sixteen 4-byte stores of P per thread and page become four stmatrix (m8n8.x4).
+def test_decode_stores_p_with_four_stmatrix_per_page() -> None:
+    # P goes into its page's rope chunk by four stmatrix (m8n8.x4) per thread, not sixteen
+    # 4-byte stores.
     import torch
 
-    base = decode_module(torch.bfloat16, True)
-    knob = sass(KernelModule(base.source_file, base.entry_points, base.dtype,
-                             base.extra_defines + ("-DP_BY_STMATRIX=1", "-DSHARED_BASE_BY_OFFSET=1")))
-    assert len(re.findall(r"\bSTSM\.16\.M88\.4\b", knob)) == 4
-    assert not re.search(r"\bSTSM\b", sass(base)), "the shipped decode stores P without stmatrix"
+    for dtype in (torch.bfloat16, torch.float16):
+        assert len(re.findall(r"\bSTSM\.16\.M88\.4\b", sass(decode_module(dtype, True)))) == 4, dtype
