@@ -23,6 +23,8 @@ import torch
 
 #: ``CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`` (cuda.h).
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6
+#: ``CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION`` (cuda.h): the value holds x, y, z as unsigned ints.
+_CLUSTER_DIMENSION = 4
 
 
 class _LaunchAttribute(ctypes.Structure):
@@ -103,6 +105,9 @@ def _driver() -> ctypes.CDLL:
     lib.cuDeviceGet.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
     lib.cuDevicePrimaryCtxRetain.restype = ctypes.c_int
     lib.cuDevicePrimaryCtxRetain.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
+    lib.cuOccupancyMaxActiveClusters.restype = ctypes.c_int
+    lib.cuOccupancyMaxActiveClusters.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p,
+                                                 ctypes.POINTER(_LaunchConfig)]
     lib.cuGetErrorName.restype = ctypes.c_int
     lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
     return lib
@@ -158,12 +163,39 @@ def count_parameters(function: int) -> int:
     return count
 
 
+@lru_cache(maxsize=None)
+def max_active_clusters(function: int, block: int, shared_mem: int, cluster_x: int, device_index: int) -> int:
+    """How many clusters of ``cluster_x`` CTAs of ``function`` (``block`` threads, ``shared_mem``
+    bytes of dynamic shared memory) the device can run at once: clusters stay within a GPC, so
+    this can be below the SM count ÷ ``cluster_x``."""
+    lib, count = _driver(), ctypes.c_int()
+    attribute = _LaunchAttribute(id=_CLUSTER_DIMENSION)
+    struct.pack_into("<III", attribute.value, 0, cluster_x, 1, 1)
+    config = _LaunchConfig(cluster_x, 1, 1, block, 1, 1, shared_mem, None, ctypes.pointer(attribute), 1)
+    current, primary = ctypes.c_void_p(), _primary_context(device_index)
+    _check(lib.cuCtxGetCurrent(ctypes.byref(current)), "cuCtxGetCurrent")
+    pushed = current.value != primary
+    if pushed:
+        _check(lib.cuCtxPushCurrent(primary), "cuCtxPushCurrent")
+    try:
+        _check(lib.cuOccupancyMaxActiveClusters(ctypes.byref(count), function, ctypes.byref(config)),
+               "cuOccupancyMaxActiveClusters")
+    finally:
+        if pushed:
+            _check(lib.cuCtxPopCurrent(ctypes.byref(current)), "cuCtxPopCurrent")
+    return count.value
+
+
 def launch_kernel(function: int, signature: KernelSignature, grid: tuple[int, int, int], block: int,
-                  args: tuple, device_index: int, shared_mem: int = 0, programmatic: bool = False) -> None:
+                  args: tuple, device_index: int, shared_mem: int = 0, programmatic: bool = False,
+                  cluster_x: int = 1) -> None:
     """Launches the kernel ``function`` (a ``CUfunction`` loaded on ``device_index``, from
     ``runtime.get_kernel``) with ``args`` packed by ``signature`` on torch's current stream of
     that device. ``programmatic``: with programmatic stream serialization, so it may start while
-    the stream's previous kernel runs (the kernel then waits for that one's results itself)."""
+    the stream's previous kernel runs (the kernel then waits for that one's results itself).
+    ``cluster_x``: CTAs per cluster along x (must divide ``grid[0]``; 1 launches no clusters)."""
+    if cluster_x < 1 or grid[0] % cluster_x:
+        raise LaunchError(f"{signature.name}: a cluster of {cluster_x} CTAs does not divide grid x = {grid[0]}")
     params = signature.pack(args)
     stream = torch._C._cuda_getCurrentRawStream(device_index)
     lib = _driver()
@@ -174,11 +206,18 @@ def launch_kernel(function: int, signature: KernelSignature, grid: tuple[int, in
         _check(lib.cuCtxPushCurrent(primary), "cuCtxPushCurrent")
     try:
         check_signature(function, signature)
-        if programmatic:
-            attribute = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
-            attribute.value[0] = 1  # programmaticStreamSerializationAllowed
-            config = _LaunchConfig(grid[0], grid[1], grid[2], block, 1, 1, shared_mem, stream,
-                                   ctypes.pointer(attribute), 1)
+        if programmatic or cluster_x > 1:
+            attributes = (_LaunchAttribute * 2)()
+            count = 0
+            if programmatic:
+                attributes[count].id = _PROGRAMMATIC_STREAM_SERIALIZATION
+                attributes[count].value[0] = 1  # programmaticStreamSerializationAllowed
+                count += 1
+            if cluster_x > 1:
+                attributes[count].id = _CLUSTER_DIMENSION
+                struct.pack_into("<III", attributes[count].value, 0, cluster_x, 1, 1)
+                count += 1
+            config = _LaunchConfig(grid[0], grid[1], grid[2], block, 1, 1, shared_mem, stream, attributes, count)
             _check(lib.cuLaunchKernelEx(ctypes.byref(config), function, params, None),
                    f"{signature.name}: cuLaunchKernelEx")
         else:

@@ -178,14 +178,15 @@ def test_schedule_reused_across_layers() -> None:
         assert_lse_close(lse, ref_lse)
 
 
-def test_cuda_graph_replay_with_new_lengths() -> None:
-    batch, s_q, h_q = 8, 2, 16
-    base = make_problem([3000] * batch, s_q, h_q, causal=True, seed=21)
+def check_graph_replay(batch: int, s_q: int, h_q: int, seed: int, steps: int = 5) -> None:
+    """One captured decode step replayed with new lengths (0 to 3000) and new q each time,
+    against the reference."""
+    base = make_problem([3000] * batch, s_q, h_q, causal=True, seed=seed)
     seqlens = base.cache_seqlens.clone()
     static_q = base.q.clone()
     graph, out, lse = capture_decode_step(static_q, base.k_cache, base.block_table, seqlens)
-    gen = torch.Generator().manual_seed(5)
-    for step in range(5):
+    gen = torch.Generator().manual_seed(seed + 1)
+    for step in range(steps):
         new_lengths = torch.randint(0, 3001, (batch,), generator=gen, dtype=torch.int32)
         seqlens.copy_(new_lengths)
         static_q.copy_(torch.randn(static_q.shape, generator=gen).to(static_q.dtype))
@@ -194,6 +195,10 @@ def test_cuda_graph_replay_with_new_lengths() -> None:
         torch.cuda.synchronize()
         assert relative_error(out, ref.float()) < 1e-2, f"replay {step}"
         assert_lse_close(lse, ref_lse)
+
+
+def test_cuda_graph_replay_with_new_lengths() -> None:
+    check_graph_replay(batch=8, s_q=2, h_q=16, seed=21)
 
 
 def test_returns_new_tensors_without_out() -> None:
