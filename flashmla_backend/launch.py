@@ -135,6 +135,22 @@ def _primary_context(device_index: int) -> int:
     return ctx
 
 
+def _make_primary_current(device_index: int) -> bool:
+    """Makes ``device_index``'s primary context current on this thread unless it already is;
+    returns whether it was pushed (then ``_restore_context`` pops it)."""
+    lib, current, primary = _driver(), ctypes.c_void_p(), _primary_context(device_index)
+    _check(lib.cuCtxGetCurrent(ctypes.byref(current)), "cuCtxGetCurrent")
+    if current.value == primary:
+        return False
+    _check(lib.cuCtxPushCurrent(primary), "cuCtxPushCurrent")  # another device's context, or none
+    return True
+
+
+def _restore_context(pushed: bool) -> None:
+    if pushed:
+        _check(_driver().cuCtxPopCurrent(ctypes.byref(ctypes.c_void_p())), "cuCtxPopCurrent")
+
+
 def check_signature(function: int, signature: KernelSignature) -> None:
     """Raises ``LaunchError`` unless every parameter of ``signature`` exists in the kernel
     ``function`` (a ``CUfunction``) with the same size (checked once per pair). A kernel with
@@ -163,26 +179,35 @@ def count_parameters(function: int) -> int:
     return count
 
 
+def launch_attributes(programmatic: bool, cluster_x: int) -> ctypes.Array:
+    """The ``CUlaunchAttribute`` array of a launch (empty for a plain one): programmatic stream
+    serialization if ``programmatic``, and the cluster shape (``cluster_x``, 1, 1) above 1."""
+    ids = ([_PROGRAMMATIC_STREAM_SERIALIZATION] if programmatic else []) + (
+        [_CLUSTER_DIMENSION] if cluster_x > 1 else [])
+    attributes = (_LaunchAttribute * len(ids))()
+    for attribute, kind in zip(attributes, ids):
+        attribute.id = kind
+        if kind == _PROGRAMMATIC_STREAM_SERIALIZATION:
+            attribute.value[0] = 1  # programmaticStreamSerializationAllowed
+        else:
+            struct.pack_into("<III", attribute.value, 0, cluster_x, 1, 1)
+    return attributes
+
+
 @lru_cache(maxsize=None)
 def max_active_clusters(function: int, block: int, shared_mem: int, cluster_x: int, device_index: int) -> int:
     """How many clusters of ``cluster_x`` CTAs of ``function`` (``block`` threads, ``shared_mem``
     bytes of dynamic shared memory) the device can run at once: clusters stay within a GPC, so
     this can be below the SM count ÷ ``cluster_x``."""
     lib, count = _driver(), ctypes.c_int()
-    attribute = _LaunchAttribute(id=_CLUSTER_DIMENSION)
-    struct.pack_into("<III", attribute.value, 0, cluster_x, 1, 1)
-    config = _LaunchConfig(cluster_x, 1, 1, block, 1, 1, shared_mem, None, ctypes.pointer(attribute), 1)
-    current, primary = ctypes.c_void_p(), _primary_context(device_index)
-    _check(lib.cuCtxGetCurrent(ctypes.byref(current)), "cuCtxGetCurrent")
-    pushed = current.value != primary
-    if pushed:
-        _check(lib.cuCtxPushCurrent(primary), "cuCtxPushCurrent")
+    attributes = launch_attributes(False, cluster_x)
+    config = _LaunchConfig(cluster_x, 1, 1, block, 1, 1, shared_mem, None, attributes, len(attributes))
+    pushed = _make_primary_current(device_index)
     try:
         _check(lib.cuOccupancyMaxActiveClusters(ctypes.byref(count), function, ctypes.byref(config)),
                "cuOccupancyMaxActiveClusters")
     finally:
-        if pushed:
-            _check(lib.cuCtxPopCurrent(ctypes.byref(current)), "cuCtxPopCurrent")
+        _restore_context(pushed)
     return count.value
 
 
@@ -199,30 +224,17 @@ def launch_kernel(function: int, signature: KernelSignature, grid: tuple[int, in
     params = signature.pack(args)
     stream = torch._C._cuda_getCurrentRawStream(device_index)
     lib = _driver()
-    current, primary = ctypes.c_void_p(), _primary_context(device_index)
-    _check(lib.cuCtxGetCurrent(ctypes.byref(current)), "cuCtxGetCurrent")
-    pushed = current.value != primary
-    if pushed:  # another device's context (or none) is current on this thread
-        _check(lib.cuCtxPushCurrent(primary), "cuCtxPushCurrent")
+    pushed = _make_primary_current(device_index)
     try:
         check_signature(function, signature)
-        if programmatic or cluster_x > 1:
-            attributes = (_LaunchAttribute * 2)()
-            count = 0
-            if programmatic:
-                attributes[count].id = _PROGRAMMATIC_STREAM_SERIALIZATION
-                attributes[count].value[0] = 1  # programmaticStreamSerializationAllowed
-                count += 1
-            if cluster_x > 1:
-                attributes[count].id = _CLUSTER_DIMENSION
-                struct.pack_into("<III", attributes[count].value, 0, cluster_x, 1, 1)
-                count += 1
-            config = _LaunchConfig(grid[0], grid[1], grid[2], block, 1, 1, shared_mem, stream, attributes, count)
+        attributes = launch_attributes(programmatic, cluster_x)
+        if attributes:
+            config = _LaunchConfig(grid[0], grid[1], grid[2], block, 1, 1, shared_mem, stream, attributes,
+                                   len(attributes))
             _check(lib.cuLaunchKernelEx(ctypes.byref(config), function, params, None),
                    f"{signature.name}: cuLaunchKernelEx")
         else:
             _check(lib.cuLaunchKernel(function, grid[0], grid[1], grid[2], block, 1, 1, shared_mem, stream,
                                       params, None), f"{signature.name}: cuLaunchKernel")
     finally:
-        if pushed:
-            _check(lib.cuCtxPopCurrent(ctypes.byref(current)), "cuCtxPopCurrent")
+        _restore_context(pushed)

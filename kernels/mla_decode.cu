@@ -140,7 +140,7 @@ DEVICE void for_each_ring_page(const DecodeArgs& a, const SharedTiles& sm, FillS
 
 // TMA producer: one thread streams every page of every piece through the KV ring.
 DEVICE void run_tma_producer(const DecodeArgs& a, const SharedTiles& sm) {
-    // One query block streams each page once; several blocks re-read it from L2.
+    // Evict first when each page leaves L2 once: one query block, or one cluster over all of them.
     const uint64_t policy = a.kv_evict_first ? l2_policy_evict_first() : l2_policy_evict_last();
     bool first = true;
     const uint32_t ctas = KV_MULTICAST ? cluster_size() : 1, rank = KV_MULTICAST ? cluster_rank() : 0;
