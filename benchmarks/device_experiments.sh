@@ -50,15 +50,6 @@
 #             decode on 128,1,128 / 128,2,128 / the b = 8 row / 128,1,16: do the query-block
 #             CTAs that read the same pages share them through L2 (DRAM bytes ~ the KV bytes
 #             once), and how much L2-to-SM traffic is there (run 20's page wait) (~2 min)
-#   kv_cluster: pages shared by TMA multicast within clusters of a KV head's query blocks
-#             (FLASHMLA_BACKEND_KV_CLUSTER=2 and 4: -DKV_MULTICAST=1, CTA r loads chunks r, r + n,
-#             ... and multicasts them to the n CTAs of its cluster): the cluster each anchor row
-#             gets, reference checks and tests/test_kv_multicast.py for both, timing-only A/B of
-#             every row, the page anatomy of 128,1,128 with clusters of 2, then 128,1,128 and
-#             128,2,128 back to back against shipped, twice (~7 min)
-#   kv_cluster_quick: kv_cluster cut to fit a short budget: the report, reference checks of
-#             clusters of 2 and 4 (tests/test_kv_multicast.py once), then the compute rows and
-#             the b = 8 row, shipped and each cluster alternated twice (~4.5 min)
 #   trace:    the decode's phase trace (benchmarks/phase_trace.py, -DTRACE_PHASES=1): per event the
 #             median and slowest CTA's time since the first CTA entered, latency rows (reused
 #             schedule, then whole call) and the memory varlen row (~1.5 min)
@@ -290,52 +281,6 @@ for experiment in ${@:-verify}; do
     knobs=shipped+DEPENDENTS_AFTER_FIRST_ISSUE=0+FLASHMLA_BACKEND_COMBINE_DEFINES=-DSPLITS_BEFORE_WAIT=0
     check_one splits_early late $knobs tests/test_programmatic_launch.py
     checked_ok splits_early late && latency_ab splits_early 3 $knobs ;;
-  kv_cluster)  # clusters sharing pages by multicast: report, checks, bursts A/B, anatomy, sustained (~7 min)
-    run kv_cluster
-    . benchmarks/versions.sh
-    ok=()
-    for n in 2 4; do
-      FLASHMLA_BACKEND_KV_CLUSTER=$n timeout 60 python benchmarks/cluster_report.py \
-        > "$ROOT_OUT/kv_cluster/report$n.log" 2>&1
-      cat "$ROOT_OUT/kv_cluster/report$n.log"
-      check_one kv_cluster c$n shipped+FLASHMLA_BACKEND_KV_CLUSTER=$n tests/test_kv_multicast.py
-      checked_ok kv_cluster c$n && ok+=(shipped+FLASHMLA_BACKEND_KV_CLUSTER=$n)
-    done
-    [ ${#ok[@]} -gt 0 ] || continue
-    OUT=$ROOT_OUT/kv_cluster/ab AB_TIMING_ONLY=1 timeout 300 bash benchmarks/ab_session.sh "${ok[@]}" | tail -14
-    FLASHMLA_BACKEND_KV_CLUSTER=2 timeout 100 python benchmarks/phase_trace.py --pages --rows "128, 1, 128" \
-      --out "$ROOT_OUT/kv_cluster/pages_c2" > "$ROOT_OUT/kv_cluster/pages_c2.log" 2>&1
-    sed -n '/page anatomy/,$p' "$ROOT_OUT/kv_cluster/pages_c2.log"
-    for round in 1 2; do  # back to back at the power cap
-      for version in shipped "${ok[0]}"; do
-        label=${version//[+=]/_}_sustained$round
-        with_version "$version" timeout 60 python benchmarks/clock_probe.py --rows 128x1x128x4096 \
-          128x2x128x4096 --seconds 3 --out "$ROOT_OUT/kv_cluster/$label" > "$ROOT_OUT/kv_cluster/$label.log" 2>&1
-        echo "$version sustained round $round: $(sed -n '/^## Sustained/,$p' "$ROOT_OUT/kv_cluster/$label.log" | grep '^| 128' | cut -d'|' -f2,3 | tr '\n' ' ')"
-      done
-    done ;;
-  kv_cluster_quick)  # v37 on a short budget: report, checks of clusters of 2 and 4, then the 128-head rows alternated (~4.5 min)
-    run kv_cluster_quick
-    . benchmarks/versions.sh
-    ok=()
-    for n in 2 4; do
-      FLASHMLA_BACKEND_KV_CLUSTER=$n timeout 60 python benchmarks/cluster_report.py \
-        > "$ROOT_OUT/kv_cluster_quick/report$n.log" 2>&1
-      cat "$ROOT_OUT/kv_cluster_quick/report$n.log"
-      # test_kv_multicast.py sets clusters of 2 and 4 itself: it runs once, beside c2's check.
-      check_one kv_cluster_quick c$n shipped+FLASHMLA_BACKEND_KV_CLUSTER=$n \
-        $([ "$n" = 2 ] && echo tests/test_kv_multicast.py)
-      checked_ok kv_cluster_quick c$n && ok+=(shipped+FLASHMLA_BACKEND_KV_CLUSTER=$n)
-    done
-    [ ${#ok[@]} -gt 0 ] || continue
-    for round in 1 2; do
-      for v in shipped "${ok[@]}"; do
-        label=${v//[+=]/_}_round$round
-        with_version "$v" timeout 90 python -m flashmla_backend.bench --no-peers --no-plots --rows ", 128," \
-          --out "$ROOT_OUT/kv_cluster_quick/$label" > "$ROOT_OUT/kv_cluster_quick/$label.md" 2>&1
-        echo "$label: $(grep -E '^\| (compute|latency)|^Whole' "$ROOT_OUT/kv_cluster_quick/$label.md" | cut -d'|' -f2,3 | tr '\n' ' ')"
-      done
-    done ;;
   trace)
     run trace
     . benchmarks/versions.sh

@@ -31,7 +31,7 @@ from .kernel_sources import (
 )
 from .kv_producer import load_by_cp_async
 from .reference import mla_decode_reference
-from .launch import KernelSignature, launch_kernel, max_active_clusters
+from .launch import KernelSignature, launch_kernel
 from .runtime import check_device, get_kernel, sm_count
 from .schedule import no_split_slack, num_sm_parts, schedule_reference, split_overhead_pages
 from .settings import Settings, settings
@@ -69,28 +69,6 @@ def _call_kernels(index: int, dtype: torch.dtype) -> _CallKernels:
                           get_kernel(combine, "mla_combine", index))
     _call_kernels_cache[(index, dtype)] = cached
     return cached
-
-
-def kv_cluster_ctas(m_blocks: int, most: int) -> int:
-    """How many of a KV head's ``m_blocks`` query blocks share pages in one cluster: the largest
-    power of two up to ``most`` (the ``FLASHMLA_BACKEND_KV_CLUSTER`` setting) dividing
-    ``m_blocks``."""
-    ctas = 1
-    while ctas * 2 <= most and m_blocks % (ctas * 2) == 0:
-        ctas *= 2
-    return ctas
-
-
-def decode_cluster_ctas(index: int, dtype: torch.dtype, grid: tuple[int, int, int]) -> int:
-    """CTAs per cluster of the TMA-fed decode launched on ``grid`` (query blocks, KV heads,
-    parts) on GPU ``index``: ``kv_cluster_ctas`` under the ``FLASHMLA_BACKEND_KV_CLUSTER``
-    setting, halved until the whole grid fits in one wave of clusters (they stay within a GPC)."""
-    kernels = _call_kernels(index, dtype)
-    cluster = kv_cluster_ctas(grid[0], kernels.settings.kv_cluster)
-    while cluster > 1 and max_active_clusters(kernels.decode, DECODE_THREADS, DECODE_SMEM_BYTES, cluster,
-                                              index) * cluster < grid[0] * grid[1] * grid[2]:
-        cluster //= 2
-    return cluster
 
 
 def _unsupported_flags(is_fp8_kvcache: object, extra: object, extra_name: str) -> None:
@@ -270,19 +248,13 @@ def flash_mla_with_kvcache(
             q_strides[2], block_table.data_ptr(), block_table.stride(0),
             cache_seqlens.data_ptr(), tile_scheduler_metadata.data_ptr(), num_splits.data_ptr(),
             out.data_ptr(), lse.data_ptr(), o_part.data_ptr(), lse_part.data_ptr(),
-            shape.s_q, shape.h_q, shape.h_k, int(causal), scale * _LOG2E)
-    by_cp_async = contract.selects_kv_producer and load_by_cp_async(index, m_blocks)
-    cluster = 1 if by_cp_async or kernels.settings.kv_cluster == 1 else decode_cluster_ctas(
-        index, q.dtype, (m_blocks, shape.h_k, parts))
-    # Pages are read from L2 once per cluster: evict them first when one cluster reads them all.
-    args += (int(m_blocks == cluster),)
+            shape.s_q, shape.h_q, shape.h_k, int(causal), scale * _LOG2E, int(m_blocks == 1))
     if contract.takes_kv_pointer:
         args += (k_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1))
     if contract.selects_kv_producer:
-        args += (int(by_cp_async),)
+        args += (int(load_by_cp_async(index, m_blocks)),)
     launch_kernel(kernels.decode, kernels.decode_signature, (m_blocks, shape.h_k, parts), DECODE_THREADS, args,
-                  index, shared_mem=DECODE_SMEM_BYTES, programmatic=kernels.settings.programmatic_launch,
-                  cluster_x=cluster)
+                  index, shared_mem=DECODE_SMEM_BYTES, programmatic=kernels.settings.programmatic_launch)
     warps_per_row = _combine_warps_per_row(shape.batch, parts)
     rows_per_cta = COMBINE_WARPS // warps_per_row
     launch_kernel(kernels.combine, COMBINE_SIGNATURE, (-(-shape.h_k * rows // rows_per_cta), shape.batch, 1),

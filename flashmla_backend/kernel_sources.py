@@ -62,13 +62,9 @@ def decode_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModul
     with the same interface, for A/B benchmarks of kernel versions in one process; unset or
     empty means the shipped source. ``FLASHMLA_BACKEND_DECODE_DEFINES`` adds ``-D`` options
     (space-separated, e.g. ``-DDIAG_STAGES=3``) for such a version's knobs.
-    ``FLASHMLA_BACKEND_KV_CLUSTER`` above 1 adds ``-DKV_MULTICAST=1`` (pages shared by TMA
-    multicast within the clusters the API then launches).
     """
     s = settings()
     extra = decode_launch_defines() + s.decode_defines + (("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ())
-    if s.kv_cluster > 1:  # FLASHMLA_BACKEND_KV_CLUSTER: the decode shares pages within clusters
-        extra += ("-DKV_MULTICAST=1",)
     return KernelModule(s.decode_file, ("mla_decode",), dtype, extra)
 
 

@@ -23,8 +23,6 @@ import torch
 
 #: ``CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`` (cuda.h).
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6
-#: ``CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION`` (cuda.h): the value holds x, y, z as unsigned ints.
-_CLUSTER_DIMENSION = 4
 
 
 class _LaunchAttribute(ctypes.Structure):
@@ -105,9 +103,6 @@ def _driver() -> ctypes.CDLL:
     lib.cuDeviceGet.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
     lib.cuDevicePrimaryCtxRetain.restype = ctypes.c_int
     lib.cuDevicePrimaryCtxRetain.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
-    lib.cuOccupancyMaxActiveClusters.restype = ctypes.c_int
-    lib.cuOccupancyMaxActiveClusters.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p,
-                                                 ctypes.POINTER(_LaunchConfig)]
     lib.cuGetErrorName.restype = ctypes.c_int
     lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
     return lib
@@ -179,55 +174,30 @@ def count_parameters(function: int) -> int:
     return count
 
 
-def launch_attributes(programmatic: bool, cluster_x: int) -> ctypes.Array:
-    """The ``CUlaunchAttribute`` array of a launch (empty for a plain one): programmatic stream
-    serialization if ``programmatic``, and the cluster shape (``cluster_x``, 1, 1) above 1."""
-    ids = ([_PROGRAMMATIC_STREAM_SERIALIZATION] if programmatic else []) + (
-        [_CLUSTER_DIMENSION] if cluster_x > 1 else [])
-    attributes = (_LaunchAttribute * len(ids))()
-    for attribute, kind in zip(attributes, ids):
-        attribute.id = kind
-        if kind == _PROGRAMMATIC_STREAM_SERIALIZATION:
-            attribute.value[0] = 1  # programmaticStreamSerializationAllowed
-        else:
-            struct.pack_into("<III", attribute.value, 0, cluster_x, 1, 1)
+@lru_cache(maxsize=None)
+def launch_attributes(programmatic: bool) -> ctypes.Array:
+    """The ``CUlaunchAttribute`` array of a launch, built once per kind (the driver copies it at
+    each launch): empty for a plain launch, else programmatic stream serialization."""
+    attributes = (_LaunchAttribute * int(programmatic))()
+    for attribute in attributes:
+        attribute.id = _PROGRAMMATIC_STREAM_SERIALIZATION
+        attribute.value[0] = 1  # programmaticStreamSerializationAllowed
     return attributes
 
 
-@lru_cache(maxsize=None)
-def max_active_clusters(function: int, block: int, shared_mem: int, cluster_x: int, device_index: int) -> int:
-    """How many clusters of ``cluster_x`` CTAs of ``function`` (``block`` threads, ``shared_mem``
-    bytes of dynamic shared memory) the device can run at once: clusters stay within a GPC, so
-    this can be below the SM count ÷ ``cluster_x``."""
-    lib, count = _driver(), ctypes.c_int()
-    attributes = launch_attributes(False, cluster_x)
-    config = _LaunchConfig(cluster_x, 1, 1, block, 1, 1, shared_mem, None, attributes, len(attributes))
-    pushed = _make_primary_current(device_index)
-    try:
-        _check(lib.cuOccupancyMaxActiveClusters(ctypes.byref(count), function, ctypes.byref(config)),
-               "cuOccupancyMaxActiveClusters")
-    finally:
-        _restore_context(pushed)
-    return count.value
-
-
 def launch_kernel(function: int, signature: KernelSignature, grid: tuple[int, int, int], block: int,
-                  args: tuple, device_index: int, shared_mem: int = 0, programmatic: bool = False,
-                  cluster_x: int = 1) -> None:
+                  args: tuple, device_index: int, shared_mem: int = 0, programmatic: bool = False) -> None:
     """Launches the kernel ``function`` (a ``CUfunction`` loaded on ``device_index``, from
     ``runtime.get_kernel``) with ``args`` packed by ``signature`` on torch's current stream of
     that device. ``programmatic``: with programmatic stream serialization, so it may start while
-    the stream's previous kernel runs (the kernel then waits for that one's results itself).
-    ``cluster_x``: CTAs per cluster along x (must divide ``grid[0]``; 1 launches no clusters)."""
-    if cluster_x < 1 or grid[0] % cluster_x:
-        raise LaunchError(f"{signature.name}: a cluster of {cluster_x} CTAs does not divide grid x = {grid[0]}")
+    the stream's previous kernel runs (the kernel then waits for that one's results itself)."""
     params = signature.pack(args)
     stream = torch._C._cuda_getCurrentRawStream(device_index)
     lib = _driver()
     pushed = _make_primary_current(device_index)
     try:
         check_signature(function, signature)
-        attributes = launch_attributes(programmatic, cluster_x)
+        attributes = launch_attributes(programmatic)
         if attributes:
             config = _LaunchConfig(grid[0], grid[1], grid[2], block, 1, 1, shared_mem, stream, attributes,
                                    len(attributes))

@@ -16,7 +16,6 @@ from ._constants import NO_SPLIT_SLACK_16THS, SPLIT_OVERHEAD_PAGES
 KV_PRODUCER_ENV = "FLASHMLA_BACKEND_KV_PRODUCER"
 KV_PRODUCER_CHOICES = ("auto", "tma", "cp_async")
 PROGRAMMATIC_LAUNCH_ENV = "FLASHMLA_BACKEND_PDL"
-KV_CLUSTER_ENV = "FLASHMLA_BACKEND_KV_CLUSTER"
 L2_PROMOTION_256B = 3  # the tensor map's NONE, 64B, 128B, 256B = 0..3
 
 
@@ -34,9 +33,7 @@ class Settings:
     the KV map's L2 promotion 0-3 (``_TMA_L2_PROMOTION``); ``small_schedule``: batches of at most
     32 requests take the one-warp scheduler (``_SMALL_SCHEDULE``: 1, the default, or 0 for the
     CTA-wide one); ``check_contents``: the content checks
-    of GPU tensors (``_CHECK_CONTENTS=0`` turns them off); ``kv_cluster``: an A/B knob, the
-    most query blocks that share each KV page by TMA multicast in one cluster (``_KV_CLUSTER``:
-    1, the default, 2 or 4; see ``kernels/mla_decode.cu``, ``KV_MULTICAST``)."""
+    of GPU tensors (``_CHECK_CONTENTS=0`` turns them off)."""
 
     decode_file: str = "mla_decode.cu"
     decode_defines: tuple[str, ...] = ()
@@ -50,7 +47,6 @@ class Settings:
     tma_l2_promotion: int = L2_PROMOTION_256B
     small_schedule: bool = True
     check_contents: bool = True
-    kv_cluster: int = 1
 
 
 def _defines(variable: str) -> tuple[str, ...]:
@@ -78,13 +74,6 @@ def _int(variable: str, default: int | None, low: int, high: int | None = None) 
     return int(raw)
 
 
-def _kv_cluster() -> int:
-    value = _int(KV_CLUSTER_ENV, 1, 1, 4)
-    if value == 3:
-        raise ValueError(f"{KV_CLUSTER_ENV}: expected 1, 2 or 4, got 3")
-    return value
-
-
 def read_settings() -> Settings:
     """Parses every setting from the environment now (no cache)."""
     return Settings(
@@ -100,7 +89,6 @@ def read_settings() -> Settings:
         tma_l2_promotion=_int("FLASHMLA_BACKEND_TMA_L2_PROMOTION", L2_PROMOTION_256B, 0, 3),
         small_schedule=_int("FLASHMLA_BACKEND_SMALL_SCHEDULE", 1, 0, 1) == 1,
         check_contents=os.environ.get("FLASHMLA_BACKEND_CHECK_CONTENTS", "1") != "0",
-        kv_cluster=_kv_cluster(),
     )
 
 

@@ -57,14 +57,6 @@ constexpr int HB_STATS = 1;      // WG0 stored row max/sum  (128 arrivals, WG1 w
 constexpr int HB_P_READY = 2;    // + stage: WG0 stored P and scales of that stage (128 arrivals)
 constexpr int HANDOFF_BARRIERS = 2 + KV_STAGES;
 constexpr int ROPE_CHUNK = QK_CHUNKS - 1;  // a page's chunk that holds its P after its scores
-// A/B knob (off; FLASHMLA_BACKEND_KV_CLUSTER sets it and launches clusters along x): the CTAs
-// of a cluster are query blocks of one KV head and part, so they read the same pages. CTA r
-// loads chunks r, r + n, ... of each page and multicasts them to all n, which divides the L2
-// to SM traffic by n; a stage is refilled once the consumers of every CTA released it.
-#ifndef KV_MULTICAST
-#define KV_MULTICAST 0
-#endif
-
 // Named barriers (0 is __syncthreads).
 constexpr int BAR_WG0 = 2;       // WG0's V-tail zeroes, before its P V wgmma
 
@@ -103,12 +95,11 @@ DEVICE void setmaxnreg_inc_224() { asm volatile("setmaxnreg.inc.sync.aligned.u32
 DEVICE void setmaxnreg_dec_40() { asm volatile("setmaxnreg.dec.sync.aligned.u32 40;"); }
 
 // Thread 0: the KV ring's and the hand-offs' mbarriers, fenced for the async proxy.
-DEVICE void init_ring_barriers(const SharedTiles& sm, int load_by_cp_async, uint32_t cluster_ctas) {
+DEVICE void init_ring_barriers(const SharedTiles& sm, int load_by_cp_async) {
     for (int s = 0; s < KV_STAGES; ++s) {
         // cp.async: one arrival per producer thread; TMA: the issuing thread's expect_tx.
         mbarrier_init(&sm.full_bar()[s], load_by_cp_async ? WG_THREADS : 1);
-        // Every local consumer thread, and one arrival per consumer warp of each other CTA.
-        mbarrier_init(&sm.empty_bar()[s], CONSUMER_THREADS + CONSUMER_THREADS / 32 * (cluster_ctas - 1));
+        mbarrier_init(&sm.empty_bar()[s], CONSUMER_THREADS);
     }
     mbarrier_init(sm.handoff_bar(HB_Q_READY), CONSUMER_THREADS);
     for (int s = 0; s < KV_STAGES; ++s) mbarrier_init(sm.handoff_bar(HB_P_READY + s), WG_THREADS);
@@ -140,22 +131,15 @@ DEVICE void for_each_ring_page(const DecodeArgs& a, const SharedTiles& sm, FillS
 
 // TMA producer: one thread streams every page of every piece through the KV ring.
 DEVICE void run_tma_producer(const DecodeArgs& a, const SharedTiles& sm) {
-    // Evict first when each page leaves L2 once: one query block, or one cluster over all of them.
+    // One query block streams each page once; several blocks re-read it from L2.
     const uint64_t policy = a.kv_evict_first ? l2_policy_evict_first() : l2_policy_evict_last();
     bool first = true;
-    const uint32_t ctas = KV_MULTICAST ? cluster_size() : 1, rank = KV_MULTICAST ? cluster_rank() : 0;
     for_each_ring_page(a, sm, [&](int stage, int page_id) {
-        mbarrier_arrive_expect_tx(&sm.full_bar()[stage], TILE_BYTES);  // all chunks, whoever loads them
-        if (KV_MULTICAST && ctas > 1) {
-            for (int c = rank; c < QK_CHUNKS; c += ctas)
-                tma_load_4d_multicast(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, &sm.full_bar()[stage],
-                                      c * CHUNK_COLS, a.kh, 0, page_id, (1u << ctas) - 1, policy);
-        } else {
+        mbarrier_arrive_expect_tx(&sm.full_bar()[stage], TILE_BYTES);
 #pragma unroll
-            for (int c = 0; c < QK_CHUNKS; ++c)
-                tma_load_4d(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, &sm.full_bar()[stage],
-                            c * CHUNK_COLS, a.kh, 0, page_id, policy);
-        }
+        for (int c = 0; c < QK_CHUNKS; ++c)
+            tma_load_4d(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, &sm.full_bar()[stage],
+                        c * CHUNK_COLS, a.kh, 0, page_id, policy);
         if (TRACE_PHASES && first) trace_phase(EV_FIRST_KV_ISSUED);
         first = false;
     });
@@ -186,20 +170,6 @@ DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int req, i
     fence_proxy_async_smem();
     mbarrier_arrive(sm.handoff_bar(HB_Q_READY));
     if (waits) mbarrier_wait(sm.handoff_bar(HB_Q_READY), q_phase & 1);
-}
-
-// A consumer thread is done with a stage: its own arrival, and with KV_MULTICAST one arrival
-// per warp on the same stage of every other CTA in the cluster (whose producers refill this
-// CTA's copy of the stage too).
-DEVICE void release_stage(const SharedTiles& sm, int stage, int lane) {
-    mbarrier_arrive(&sm.empty_bar()[stage]);
-    if (KV_MULTICAST) {
-        __syncwarp();
-        const uint32_t ctas = cluster_size(), rank = cluster_rank();
-        if (lane == 0)
-            for (uint32_t r = 0; r < ctas; ++r)
-                if (r != rank) mbarrier_arrive_in_cta(&sm.empty_bar()[stage], r);
-    }
 }
 
 // Warpgroup 0: scores, softmax, P, and the left half of O.
@@ -299,7 +269,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
             fence_accumulators(o);
             fence_fragments(p);  // the P V wgmma read p until the wait
             if (TRACE_PHASES && tid == 0) trace_page(pieces == 0, page - piece.page_begin, PG_PV0_DONE);
-            release_stage(sm, stage, lane);
+            mbarrier_arrive(&sm.empty_bar()[stage]);
         }
 
         if (TRACE_PHASES && has_pages && tid == 0) trace_piece(pieces, PIECE_PAGES_DONE);
@@ -349,7 +319,7 @@ DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
             rescale_rows_if_needed(o, sm.row_scale(stage)[row0], sm.row_scale(stage)[row0 + 8]);
             pv_gemm(o, smem_addr(sm.p(stage)), smem_addr(sm.kv(stage)) + RIGHT_HALF_BYTES);
             if (TRACE_PHASES && tid == 0) trace_page(pieces == 0, page - piece.page_begin, PG_PV1_DONE);
-            release_stage(sm, stage, lane);
+            mbarrier_arrive(&sm.empty_bar()[stage]);
         }
         float row_sum[2] = {0.f, 0.f}, row_lse[2] = {0.f, 0.f};
         if (has_pages) {
@@ -403,12 +373,8 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     if (a.work.end_req < a.work.begin_req) return;  // idle part (the whole CTA)
 
     const int tid = threadIdx.x;
-    const uint32_t cluster_ctas = KV_MULTICAST ? cluster_size() : 1;
-    if (tid == 0) init_ring_barriers(sm, load_by_cp_async, cluster_ctas);
+    if (tid == 0) init_ring_barriers(sm, load_by_cp_async);
     __syncthreads();
-    // The cluster's CTAs share one part (same blockIdx.z), so all of them got here: every
-    // barrier of the cluster is initialized before any CTA loads into or releases another's.
-    if (cluster_ctas > 1) cluster_sync();
 
     const int wg = tid / WG_THREADS;
     if (wg == 2) {
@@ -424,6 +390,4 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
         setmaxnreg_inc_224();
         run_pv_wg(a, sm, tid - WG_THREADS);
     }
-    // No CTA leaves while another may still arrive on its barriers.
-    if (cluster_ctas > 1) cluster_sync();
 }

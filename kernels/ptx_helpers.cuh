@@ -73,37 +73,6 @@ DEVICE void mbarrier_wait(uint64_t* bar, uint32_t parity) {
         "}" ::"r"(smem_addr(bar)), "r"(parity) : "memory");
 }
 
-// Arrives on the mbarrier at the same shared offset as `bar` in CTA `rank` of this cluster.
-// Default (CTA-scope) release, as CUTLASS's multicast pipelines release a stage: a cluster-
-// scope release compiles to a MEMBAR.ALL.GPU per arrival.
-DEVICE void mbarrier_arrive_in_cta(uint64_t* bar, uint32_t rank) {
-    asm volatile(
-        "{\n"
-        " .reg .b32 remote;\n"
-        " mapa.shared::cluster.u32 remote, %0, %1;\n"
-        " mbarrier.arrive.shared::cluster.b64 _, [remote];\n"
-        "}" ::"r"(smem_addr(bar)), "r"(rank) : "memory");
-}
-
-// ---------------------------------------------------------------------------------------
-// Clusters: this CTA's rank and the cluster's size (1 when launched without clusters), and a
-// barrier over every thread of the cluster that has not exited.
-DEVICE uint32_t cluster_rank() {
-    uint32_t r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return r;
-}
-
-DEVICE uint32_t cluster_size() {
-    uint32_t n;
-    asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
-    return n;
-}
-
-DEVICE void cluster_sync() {
-    asm volatile("barrier.cluster.arrive.release;\n barrier.cluster.wait.acquire;" ::: "memory");
-}
-
 // The GPU's global nanosecond timer (the same on every SM): for phase traces across CTAs.
 DEVICE uint64_t global_timer_ns() {
     uint64_t t;
@@ -132,18 +101,6 @@ DEVICE void tma_load_4d(void* dst, const void* tensor_map, uint64_t* bar,
         " [%0], [%1, {%2, %3, %4, %5}], [%6], %7;"
         ::"r"(smem_addr(dst)), "l"(tensor_map), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
           "r"(smem_addr(bar)), "l"(l2_policy)
-        : "memory");
-}
-
-// The same tile into the same shared offset of every CTA in `cta_mask` (this cluster's ranks),
-// each completing the bytes on its own mbarrier at `bar`'s offset.
-DEVICE void tma_load_4d_multicast(void* dst, const void* tensor_map, uint64_t* bar, int c0, int c1, int c2,
-                                  int c3, uint16_t cta_mask, uint64_t l2_policy) {
-    asm volatile(
-        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
-        ".L2::cache_hint [%0], [%1, {%2, %3, %4, %5}], [%6], %7, %8;"
-        ::"r"(smem_addr(dst)), "l"(tensor_map), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
-          "r"(smem_addr(bar)), "h"(cta_mask), "l"(l2_policy)
         : "memory");
 }
 

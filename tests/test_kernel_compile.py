@@ -165,7 +165,6 @@ def test_pipeline_diagnostic_knobs_compile_within_the_launch(knobs: tuple[str, .
         assert "GLOBALTIMER" in text.upper()
 
 @pytest.mark.parametrize("kernel,knob", [("decode", "-DDEPENDENTS_AFTER_FIRST_ISSUE=0"),
-                                         ("decode", "-DKV_MULTICAST=1"),
                                          ("combine", "-DSPLITS_BEFORE_WAIT=0")])
 def test_ab_knobs_of_the_shipped_kernels_compile_within_their_registers(kernel: str, knob: str) -> None:
     """The A/B settings device_experiments.sh sets against the shipped defaults must build: no
