@@ -92,31 +92,25 @@ set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=/tmp/cupy
 ROOT_OUT=${OUT:-/tmp/out}
 run() { mkdir -p "$ROOT_OUT/$1"; echo "=== $1"; }
-# check_variants EXPERIMENT VERSION...: each version's reference check and GPU decode tests.
-check_variants() {
-  local experiment=$1 version label; shift
-  . benchmarks/versions.sh
-  for version in "$@"; do
-    label=${version//[+=]/_}
-    with_version "$version" timeout 120 python benchmarks/check_decode_version.py --max-rows 512 \
-      > "$ROOT_OUT/$experiment/$label.check" 2>&1
-    echo "== $version correctness (rc $?): $(tail -1 "$ROOT_OUT/$experiment/$label.check")"
-    with_version "$version" timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py \
-      > "$ROOT_OUT/$experiment/$label.tests" 2>&1
-    echo "== $version GPU decode tests: $(tail -1 "$ROOT_OUT/$experiment/$label.tests")"
-  done
-}
 # check_one EXPERIMENT LABEL VERSION [TEST_FILE...]: one version's reference check, then those
 # test files under it (if any).
 check_one() {
   local experiment=$1 label=$2 version=$3; shift 3
-  with_version "$version" timeout 100 python benchmarks/check_decode_version.py --max-rows 512 \
+  . benchmarks/versions.sh
+  with_version "$version" timeout 120 python benchmarks/check_decode_version.py --max-rows 512 \
     > "$ROOT_OUT/$experiment/$label.check" 2>&1
   echo "== $label correctness (rc $?): $(tail -1 "$ROOT_OUT/$experiment/$label.check")"
   [ $# -eq 0 ] && return
   with_version "$version" timeout 240 python -m pytest -q -p no:cacheprovider "$@" \
     > "$ROOT_OUT/$experiment/$label.tests" 2>&1
   echo "== $label tests ($*): $(tail -1 "$ROOT_OUT/$experiment/$label.tests")"
+}
+# check_variants EXPERIMENT VERSION...: each version's reference check and GPU decode tests.
+check_variants() {
+  local experiment=$1 version; shift
+  for version in "$@"; do
+    check_one "$experiment" "${version//[+=]/_}" "$version" tests/test_gpu_decode.py
+  done
 }
 # checked_ok EXPERIMENT LABEL: check_one's reference check found nothing wrong and its tests (if
 # any ran) all passed; else prints the first failures, so a broken variant's timing is skipped.

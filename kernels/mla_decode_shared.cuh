@@ -224,9 +224,8 @@ DEVICE void store_p_by_stmatrix(uint32_t tile_addr, const uint32_t (&p)[16], int
                     p[4 * j + 3]);
 }
 
-// O[:, col_base:col_base+256] += P V for one page, P from smem: issued and committed, not
-// waited for (the seesaw version keeps it in flight behind its scores).
-DEVICE void issue_pv_gemm(float (&o)[128], uint32_t p_addr, uint32_t v_addr) {
+// O[:, col_base:col_base+256] += P V for one page, P from smem.
+DEVICE void pv_gemm(float (&o)[128], uint32_t p_addr, uint32_t v_addr) {
     const SmemOperand<> p_tile(p_addr);
     const SmemOperand<CHUNK_BYTES> v_tile(v_addr);
     wgmma_fence();
@@ -234,11 +233,6 @@ DEVICE void issue_pv_gemm(float (&o)[128], uint32_t p_addr, uint32_t v_addr) {
     for (int k = 0; k < PAGE_SIZE / K_STEP; ++k)
         wgmma_m64n256k16_ss_bt(o, p_tile.at(k * K_STEP * 2), v_tile.at(k * K_STEP * 128));
     wgmma_commit();
-}
-
-// The same, waited for.
-DEVICE void pv_gemm(float (&o)[128], uint32_t p_addr, uint32_t v_addr) {
-    issue_pv_gemm(o, p_addr, v_addr);
     wgmma_wait<0>();
     fence_accumulators(o);
 }
