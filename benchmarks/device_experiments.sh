@@ -11,9 +11,9 @@
 #   hold:     the pipeline diagnostic with each stage held 1.5 us (the math's hold time at
 #             h_q = 16), 2 and 3 stages: is a held 2-stage ring latency-bound? And the same
 #             pipeline loading by cp.async from 128 threads instead of TMA (~3 min)
-#   v22:      the cp.async producer with FA3's row-segment thread mapping and/or asynchronous
-#             arrival, cp.async forced, beside the shipped rule and cp.async as shipped: reference
-#             checks, timing-only A/B (~3 min; on an H200, where cp.async loses today)
+#   v38:      v22's two knobs on the shipped cp.async producer (asynchronous arrival, and FA3's
+#             row-segment thread mapping): reference checks with cp.async forced, then the
+#             one-query-block rows (cp.async by the H100 rule) alternated twice (~3.5 min)
 #   producer_map: benchmarks/producer_map.py: our decode with each KV producer forced and by the
 #             rule, h_q = 16 batches of 1-128 requests, s_k 512-32768, beside the scheduler
 #             parts' page counts (~1.5 min)
@@ -182,20 +182,20 @@ for experiment in ${@:-verify}; do
       mla_decode_diag_pipeline_only+DIAG_STAGES=3+DIAG_HOLD_NS=1500 \
       mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1 \
       mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1+DIAG_HOLD_NS=1500 ;;
-  v22)
-    run v22
-    v22=$PWD/benchmarks/kernel_versions/mla_decode_v22_cp_async_variants.cu
-    for knobs in "" "-DCP_ASYNC_ASYNC_ARRIVAL=1" "-DCP_ASYNC_ROW_MAP=0 -DCP_ASYNC_ASYNC_ARRIVAL=1"; do
-      label=$(echo "v22 $knobs" | tr ' =' '__')
-      FLASHMLA_BACKEND_KV_PRODUCER=cp_async FLASHMLA_BACKEND_DECODE_FILE=$v22 FLASHMLA_BACKEND_DECODE_DEFINES="$knobs" \
-        timeout 120 python benchmarks/check_decode_version.py --max-rows 512 > "$ROOT_OUT/v22/$label.check" 2>&1
-      echo "== $label correctness (rc $?): $(tail -1 "$ROOT_OUT/v22/$label.check")"
+  v38)  # v22's cp.async knobs on the shipped decode: checks with cp.async forced, then the
+        # one-query-block rows (cp.async on an H100) alternated twice, ours only (~3.5 min)
+    run v38
+    for v in shipped+CP_ASYNC_ASYNC_ARRIVAL=1 shipped+CP_ASYNC_ASYNC_ARRIVAL=1+CP_ASYNC_ROW_MAP=1; do
+      check_one v38 "${v//[+=]/_}" "$v+FLASHMLA_BACKEND_KV_PRODUCER=cp_async"
     done
-    OUT=$ROOT_OUT/v22 AB_TIMING_ONLY=1 timeout 400 bash benchmarks/ab_session.sh \
-      shipped+FLASHMLA_BACKEND_KV_PRODUCER=cp_async \
-      mla_decode_v22_cp_async_variants+FLASHMLA_BACKEND_KV_PRODUCER=cp_async \
-      mla_decode_v22_cp_async_variants+FLASHMLA_BACKEND_KV_PRODUCER=cp_async+CP_ASYNC_ASYNC_ARRIVAL=1 \
-      mla_decode_v22_cp_async_variants+FLASHMLA_BACKEND_KV_PRODUCER=cp_async+CP_ASYNC_ROW_MAP=0+CP_ASYNC_ASYNC_ARRIVAL=1 ;;
+    for round in 1 2; do
+      for v in shipped shipped+CP_ASYNC_ASYNC_ARRIVAL=1 shipped+CP_ASYNC_ASYNC_ARRIVAL=1+CP_ASYNC_ROW_MAP=1; do
+        label=${v//[+=]/_}_round$round
+        with_version "$v" timeout 120 python -m flashmla_backend.bench --no-peers --no-plots --no-check \
+          --rows ", 16,|, 1, 64," --out "$ROOT_OUT/v38/$label" > "$ROOT_OUT/v38/$label.md" 2>&1
+        echo "$label: $(grep -E '^\| (memory|mixed|latency)' "$ROOT_OUT/v38/$label.md" | cut -d'|' -f3 | tr '\n' ' ')"
+      done
+    done ;;
   producer_map)  # TMA, cp.async and the rule against pages per scheduler part (~1.5 min)
     run producer_map
     timeout 200 python benchmarks/producer_map.py --out "$ROOT_OUT/producer_map/producer_map.md" > /dev/null 2>&1

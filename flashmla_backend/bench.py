@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-check", action="store_true", help="skip the reference check of each row")
-    ap.add_argument("--rows", default="", help="only rows whose label contains this text")
+    ap.add_argument("--rows", default="",
+                    help="only rows whose label contains this text (several texts: separated by '|')")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("flashmla_backend.bench: no CUDA GPU here; the benchmark runs on an H100/H200.")
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     timer = Timer(args.iters)
     ceilings = measure_ceilings(timer)
     peers = {} if args.no_peers else load_peers()
-    cases = [c for c in ANCHOR_CASES if args.rows in c.label]
+    cases = [c for c in ANCHOR_CASES if any(text in c.label for text in args.rows.split("|"))]
     results = [run_case(c, timer, peers, not args.no_check) for c in cases]
     table = format_table(results, ceilings, card)
     args.out.mkdir(parents=True, exist_ok=True)
