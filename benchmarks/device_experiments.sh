@@ -82,9 +82,11 @@
 #   table:    the side-by-side table with the peers and test_backend_forward.py (needs the
 #             bundle; ~2.5 min)
 #   e2e1:     the end-to-end decode rate on one GPU (benchmarks/e2e_vllm.py): CUSTOM and FLASHMLA
-#             one after the other, 128 requests of 4096 + 1024 tokens, best of 2 repeats; run it
-#             twice in separate calls, the order reversed (E2E_ORDER="FLASHMLA CUSTOM"), since
-#             the rate moves between runs (needs the bundle; ~8 min)
+#             one after the other, 128 requests of 4096 + 1024 tokens, 2 repeats each (~4.5 min
+#             on an H100; needs the bundle). The first engine of a call runs ~5% faster (run
+#             22), so run it twice in separate calls, the second with E2E_ORDER="FLASHMLA CUSTOM",
+#             put each call's JSON under round0/ and round1/ of one folder and pool them there
+#             with `e2e_vllm.py --report-only --rounds 2 --backends CUSTOM FLASHMLA --out DIR`
 #   engine_eager, engine_graphs, engine_mtp_server, engine_soak: one group of the engine-level
 #             vLLM tests (integration_tests/README.md; needs the bundle; up to ~9 min each)
 set -uo pipefail

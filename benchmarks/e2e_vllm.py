@@ -6,6 +6,7 @@
     python benchmarks/e2e_vllm.py --backends CUSTOM FLASHMLA ...   # a subset; rerun for the rest
     python benchmarks/e2e_vllm.py --report-only --out bench_out/e2e_vllm   # table of saved runs
     python benchmarks/e2e_vllm.py --parallel-gpus 2    # 2 backends at a time, one GPU each
+    python benchmarks/e2e_vllm.py --rounds 2 --backends CUSTOM FLASHMLA   # one GPU, order alternated
     python benchmarks/e2e_vllm.py --parallel-gpus 2 --swap-gpus --backends CUSTOM FLASHMLA
 
 Model: DeepSeek-V2-Lite's shapes (27 layers, hidden 2048, 16 heads, MLA kv_lora_rank 512 +
@@ -29,6 +30,12 @@ ran on is recorded. With ``--swap-gpus`` each group runs a second time with the 
 (results of that pass under ``<out>/gpus_swapped/``); a backend's repeats from both GPUs are
 pooled, and each pairing's ratio to CUSTOM is printed, so a GPU-to-GPU difference shows as the
 spread between the two pairings instead of as a difference between backends.
+
+On one GPU, ``--rounds R`` runs the backends R times, in the order given and then reversed,
+alternately (round k under ``<out>/round<k>/``), and pools them the same way, with each round's
+ratio to CUSTOM and their geometric mean: run 22 (H100) measured the first engine of a call
+~5% faster than the second, whichever backend it was, which a fixed order would credit to the
+backend that runs first.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -288,35 +296,54 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def pool_passes(passes: list[dict[str, Any]], tags: list[dict[str, Any]]) -> dict[str, Any]:
+    """One backend's results from several passes (other GPUs, or later rounds) as one: the
+    repeats of all of them, each tagged with its pass, the best of them, and each pass's best and
+    steady rates (``passes``). Failed passes are dropped; if all failed, the first is returned."""
+    ok = [(res, tag) for res, tag in zip(passes, tags) if "best" in res]
+    if not ok:
+        return passes[0]
+    if len(ok) == 1:
+        return ok[0][0]
+    runs = [dict(r, **tag) for res, tag in ok for r in res["runs"]]
+    summary = [dict(tag, decode_tok_per_s=res["best"]["decode_tok_per_s"],
+                    steady_tok_per_s=fastest_timings_rate(res)) for res, tag in ok]
+    return dict(ok[0][0], runs=runs, best=max(runs, key=lambda r: r["decode_tok_per_s"]), passes=summary)
+
+
 def pool_placements(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
-    """One backend's results from two GPUs as one: the repeats of both (each tagged with its
-    GPU), the best of them, and each placement's best rate."""
-    if "best" not in first or "best" not in second:  # a failed placement: keep the other
-        return second if "best" not in first else first
-    runs = [dict(r, cuda_visible_devices=res.get("cuda_visible_devices")) for res in (first, second)
-            for r in res["runs"]]
-    placements = [{"cuda_visible_devices": res.get("cuda_visible_devices"),
-                   "decode_tok_per_s": res["best"]["decode_tok_per_s"],
-                   "steady_tok_per_s": fastest_timings_rate(res)} for res in (first, second)]
-    return dict(first, runs=runs, best=max(runs, key=lambda r: r["decode_tok_per_s"]),
-                cuda_visible_devices="both", placements=placements)
+    """One backend's results from two GPUs as one (``pool_passes``, tagged by GPU)."""
+    pooled = pool_passes([first, second], [{"cuda_visible_devices": res.get("cuda_visible_devices")}
+                                           for res in (first, second)])
+    return dict(pooled, cuda_visible_devices="both") if "passes" in pooled else pooled
+
+
+def _describe_pass(tag: dict[str, Any]) -> str:
+    if "round" in tag:
+        return f"in round {tag['round']} ({tag['order']})"
+    return f"with CUSTOM on GPU {tag['cuda_visible_devices']}"
 
 
 def pairing_ratios(results: list[dict[str, Any]]) -> list[str]:
-    """For pooled results: each other backend's steady rate relative to CUSTOM, per placement
-    (CUSTOM's GPU named), and their geometric mean."""
-    ours = next((r for r in results if r.get("backend") == "CUSTOM" and "placements" in r), None)
+    """For pooled results: each other backend's steady rate relative to CUSTOM, per pass (the
+    GPU CUSTOM ran on, or the round and whether CUSTOM ran first), and their geometric mean,
+    which cancels a GPU's or a position's advantage to first order."""
+    ours = next((r for r in results if r.get("backend") == "CUSTOM" and "passes" in r), None)
     lines = []
     for r in results:
-        if ours is None or r is ours or "placements" not in r:
+        if ours is None or r is ours or "passes" not in r or len(r["passes"]) != len(ours["passes"]):
             continue
-        ratios = [o["steady_tok_per_s"] / t["steady_tok_per_s"]
-                  for o, t in zip(ours["placements"], r["placements"])]
-        where = ", ".join(f"{ratio:.3f}x with CUSTOM on GPU {o['cuda_visible_devices']}"
-                          for ratio, o in zip(ratios, ours["placements"]))
-        mean = (ratios[0] * ratios[1]) ** 0.5
+        ratios = [o["steady_tok_per_s"] / t["steady_tok_per_s"] for o, t in zip(ours["passes"], r["passes"])]
+        where = ", ".join(f"{ratio:.3f}x {_describe_pass(o)}" for ratio, o in zip(ratios, ours["passes"]))
+        mean = math.prod(ratios) ** (1 / len(ratios))
         lines.append(f"CUSTOM / {r['backend']} (steady rates): {where}; geometric mean {mean:.3f}x")
     return lines
+
+
+def backend_orders(backends: list[str], rounds: int) -> list[list[str]]:
+    """The order of each round: as given, then reversed, alternately, so that every backend runs
+    as often early as late (the first engine of a call measured ~5% faster, run 22)."""
+    return [list(backends) if k % 2 == 0 else list(reversed(backends)) for k in range(rounds)]
 
 
 def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
@@ -351,6 +378,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run this many backends at once, each on its own GPU (TP 1 only)")
     parser.add_argument("--swap-gpus", action="store_true",
                         help="with --parallel-gpus 2: run each pair again with the GPUs reversed and pool them")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="one GPU: run the backends this many times, the order reversed every second "
+                             "round, and pool them (each a fresh engine)")
     parser.add_argument("--report-only", action="store_true", help="print the table of results already in --out")
     parser.add_argument("--worker", metavar="BACKEND", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
@@ -359,6 +389,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("need --gen-len >= 2, --num-requests >= 1 and --prompt-len >= 1")
     if args.parallel_gpus < 1 or (args.parallel_gpus > 1 and args.tensor_parallel_size != 1):
         parser.error("--parallel-gpus needs a positive count, and --tensor-parallel-size 1 when above 1")
+    if args.rounds < 1 or (args.rounds > 1 and args.parallel_gpus != 1):
+        parser.error("--rounds needs a positive count, and --parallel-gpus 1 when above 1")
     if args.swap_gpus and args.parallel_gpus != 2:
         parser.error("--swap-gpus needs --parallel-gpus 2")
     return args
@@ -373,16 +405,36 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / f"{args.worker}.json").write_text(json.dumps(result, indent=2))
         return
     if args.report_only:
-        results = [json.loads((args.out / f"{b}.json").read_text()) for b in args.backends
-                   if (args.out / f"{b}.json").exists()]
+        if args.rounds == 1:
+            results = [json.loads((args.out / f"{b}.json").read_text()) for b in args.backends
+                       if (args.out / f"{b}.json").exists()]
+        else:
+            results = []
+            for b in args.backends:
+                found = [(k, args.out / f"round{k}" / f"{b}.json") for k in range(args.rounds)]
+                found = [(k, path) for k, path in found if path.exists()]
+                if found:
+                    orders = backend_orders(args.backends, args.rounds)
+                    results.append(pool_passes([json.loads(path.read_text()) for _, path in found],
+                                               [{"round": k, "order": " then ".join(orders[k])} for k, _ in found]))
         report(args, results)
         return
     model_dir = write_model_dir(args.out / "deepseek-v2-lite-dummy")
     env = plugin_environment(args.out)
     for backend in args.backends:
         (args.out / f"{backend}.json").unlink(missing_ok=True)
-    if args.parallel_gpus == 1:
+    if args.parallel_gpus == 1 and args.rounds == 1:
         results = [run_backend(args, backend, model_dir, env) for backend in args.backends]
+    elif args.parallel_gpus == 1:
+        by_backend: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {b: [] for b in args.backends}
+        for k, order in enumerate(backend_orders(args.backends, args.rounds)):
+            round_args = argparse.Namespace(**{**vars(args), "out": args.out / f"round{k}"})
+            round_args.out.mkdir(parents=True, exist_ok=True)
+            for backend in order:
+                tag = {"round": k, "order": " then ".join(order)}
+                by_backend[backend].append((run_backend(round_args, backend, model_dir, env), tag))
+        results = [pool_passes([res for res, _ in by_backend[b]], [tag for _, tag in by_backend[b]])
+                   for b in args.backends]
     else:
         results = []
         swapped_args = argparse.Namespace(**{**vars(args), "out": args.out / "gpus_swapped"})

@@ -62,3 +62,31 @@ def test_a_failed_placement_keeps_the_other(e2e) -> None:
     ok = dict(result("CUSTOM", [(6.0, 16.0)]), cuda_visible_devices="0")
     assert e2e.pool_placements(ok, {"backend": "CUSTOM", "error": "1"}) is ok
     assert e2e.pool_placements({"backend": "CUSTOM", "error": "1"}, ok) is ok
+
+
+def test_rounds_alternate_the_order(e2e) -> None:
+    assert e2e.backend_orders(["CUSTOM", "FLASHMLA"], 3) == [["CUSTOM", "FLASHMLA"], ["FLASHMLA", "CUSTOM"],
+                                                              ["CUSTOM", "FLASHMLA"]]
+    assert e2e.parse_args(["--rounds", "2"]).rounds == 2
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--rounds", "2", "--parallel-gpus", "2"])
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--rounds", "0"])
+
+
+def test_pooled_rounds_give_each_rounds_ratio_and_cancel_the_position(e2e) -> None:
+    # Truly CUSTOM 100 tok/s and FLASHMLA 100 / 1.05; whoever runs first gets 10% more. Round 0:
+    # 110 against 95.2 (1.155x); round 1: 100 against 104.8 (0.955x); the geometric mean is 1.05x.
+    tags = [{"round": 0, "order": "CUSTOM then FLASHMLA"}, {"round": 1, "order": "FLASHMLA then CUSTOM"}]
+    rate = lambda r: (6.0, 6.0 + 1000 / r)
+    flash = 100 / 1.05
+    custom = e2e.pool_passes([result("CUSTOM", [rate(110)]), result("CUSTOM", [rate(100)])], tags)
+    flashmla = e2e.pool_passes([result("FLASHMLA", [rate(flash)]), result("FLASHMLA", [rate(1.1 * flash)])], tags)
+    assert [r["round"] for r in custom["runs"]] == [0, 1]
+    assert custom["best"]["decode_tok_per_s"] == pytest.approx(110)
+    (line,) = e2e.pairing_ratios([custom, flashmla])
+    assert "1.155x in round 0 (CUSTOM then FLASHMLA)" in line and "0.955x in round 1 (FLASHMLA then CUSTOM)" in line
+    assert "geometric mean 1.050x" in line
+    # A failed round leaves the other, with no per-pass ratio to print.
+    alone = e2e.pool_passes([result("FLASHMLA", [rate(100)]), {"backend": "FLASHMLA", "error": "1"}], tags)
+    assert "passes" not in alone and e2e.pairing_ratios([custom, alone]) == []
