@@ -138,6 +138,14 @@ DEVICE void load_q_block(uint8_t* q_smem, const uint16_t* q, long long q_stride_
     }
 }
 
+// Knob (0: none, shipped): the L2 prefetch size of the page copies by cp.async (v38).
+#ifndef CP_ASYNC_L2_PREFETCH
+#define CP_ASYNC_L2_PREFETCH 0
+#endif
+
+// 16 bytes of a page, global -> shared, by cp.async.
+DEVICE void cp_async_page_16(void* dst, const void* src) { cp_async_16_l2_prefetch<CP_ASYNC_L2_PREFETCH>(dst, src); }
+
 // One 64-token page of one KV head (576 columns, token rows token_stride elements apart) into
 // a 128B-swizzled page tile, by 16-byte cp.async from a warpgroup's 128 threads; consecutive
 // threads read consecutive 16-byte vectors of a token row (72 per token). The caller completes
@@ -150,8 +158,8 @@ DEVICE void copy_page_cp_async(uint8_t* tile, const uint16_t* page_src, long lon
     int r = tid / VECS_PER_TOKEN, v = tid % VECS_PER_TOKEN;
 #pragma unroll 4
     for (int j = 0; j < PAGE_SIZE * VECS_PER_TOKEN / WG_THREADS; ++j) {
-        cp_async_16(tile + (v / 8) * CHUNK_BYTES + r * 128 + (((v % 8) ^ (r & 7)) << 4),
-                    page_src + r * token_stride + v * 8);
+        cp_async_page_16(tile + (v / 8) * CHUNK_BYTES + r * 128 + (((v % 8) ^ (r & 7)) << 4),
+                         page_src + r * token_stride + v * 8);
         v += WG_THREADS - VECS_PER_TOKEN;
         r += 1;
         if (v >= VECS_PER_TOKEN) { v -= VECS_PER_TOKEN; r += 1; }
@@ -168,8 +176,8 @@ DEVICE void copy_page_cp_async_row_segments(uint8_t* tile, const uint16_t* page_
     for (int c = 0; c < QK_CHUNKS; ++c)
 #pragma unroll
         for (int r = first_row; r < PAGE_SIZE; r += ROW_GROUPS)
-            cp_async_16(tile + c * CHUNK_BYTES + r * 128 + ((unit ^ (r & 7)) << 4),
-                        page_src + r * token_stride + c * CHUNK_COLS + unit * 8);
+            cp_async_page_16(tile + c * CHUNK_BYTES + r * 128 + ((unit ^ (r & 7)) << 4),
+                             page_src + r * token_stride + c * CHUNK_COLS + unit * 8);
 }
 
 // Zeroes V rows [first_row, TILE_ROWS) of a KV tile whose 64-column chunks lie CHUNK_STRIDE
