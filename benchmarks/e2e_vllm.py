@@ -313,9 +313,14 @@ def pool_passes(passes: list[dict[str, Any]], tags: list[dict[str, Any]]) -> dic
 
 def pool_placements(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
     """One backend's results from two GPUs as one (``pool_passes``, tagged by GPU)."""
-    pooled = pool_passes([first, second], [{"cuda_visible_devices": res.get("cuda_visible_devices")}
-                                           for res in (first, second)])
+    pooled = pool_passes([first, second], [{"pass": k, "cuda_visible_devices": res.get("cuda_visible_devices")}
+                                           for k, res in enumerate((first, second))])
     return dict(pooled, cuda_visible_devices="both") if "passes" in pooled else pooled
+
+
+def _pass_key(tag: dict[str, Any]) -> int:
+    """What pairs the passes of two backends: the round, or the pass of a GPU placement."""
+    return tag["round"] if "round" in tag else tag["pass"]
 
 
 def _describe_pass(tag: dict[str, Any]) -> str:
@@ -325,16 +330,20 @@ def _describe_pass(tag: dict[str, Any]) -> str:
 
 
 def pairing_ratios(results: list[dict[str, Any]]) -> list[str]:
-    """For pooled results: each other backend's steady rate relative to CUSTOM, per pass (the
-    GPU CUSTOM ran on, or the round and whether CUSTOM ran first), and their geometric mean,
+    """For pooled results: each other backend's steady rate relative to CUSTOM, per pass that
+    both completed (the GPU CUSTOM ran on, or the round and its order), and their geometric mean,
     which cancels a GPU's or a position's advantage to first order."""
     ours = next((r for r in results if r.get("backend") == "CUSTOM" and "passes" in r), None)
     lines = []
     for r in results:
-        if ours is None or r is ours or "passes" not in r or len(r["passes"]) != len(ours["passes"]):
+        if ours is None or r is ours or "passes" not in r:
             continue
-        ratios = [o["steady_tok_per_s"] / t["steady_tok_per_s"] for o, t in zip(ours["passes"], r["passes"])]
-        where = ", ".join(f"{ratio:.3f}x {_describe_pass(o)}" for ratio, o in zip(ratios, ours["passes"]))
+        theirs = {_pass_key(t): t for t in r["passes"]}
+        pairs = [(o, theirs[_pass_key(o)]) for o in ours["passes"] if _pass_key(o) in theirs]
+        if len(pairs) < 2:  # a ratio from one pass alone is what the table already shows
+            continue
+        ratios = [o["steady_tok_per_s"] / t["steady_tok_per_s"] for o, t in pairs]
+        where = ", ".join(f"{ratio:.3f}x {_describe_pass(o)}" for ratio, (o, _) in zip(ratios, pairs))
         mean = math.prod(ratios) ** (1 / len(ratios))
         lines.append(f"CUSTOM / {r['backend']} (steady rates): {where}; geometric mean {mean:.3f}x")
     return lines

@@ -90,3 +90,15 @@ def test_pooled_rounds_give_each_rounds_ratio_and_cancel_the_position(e2e) -> No
     # A failed round leaves the other, with no per-pass ratio to print.
     alone = e2e.pool_passes([result("FLASHMLA", [rate(100)]), {"backend": "FLASHMLA", "error": "1"}], tags)
     assert "passes" not in alone and e2e.pairing_ratios([custom, alone]) == []
+
+
+def test_rounds_pair_by_round_when_a_round_failed(e2e) -> None:
+    # Three rounds; CUSTOM's round 1 and FLASHMLA's round 2 failed: only round 0 pairs, and one
+    # pass alone gives no pooled ratio line.
+    tags = [{"round": k, "order": "x"} for k in range(3)]
+    rate = lambda r: (6.0, 6.0 + 1000 / r)
+    failed = {"backend": "?", "error": "1"}
+    custom = e2e.pool_passes([result("CUSTOM", [rate(100)]), failed, result("CUSTOM", [rate(100)])], tags)
+    flashmla = e2e.pool_passes([result("FLASHMLA", [rate(90)]), result("FLASHMLA", [rate(90)]), failed], tags)
+    assert [p["round"] for p in custom["passes"]] == [0, 2] and [p["round"] for p in flashmla["passes"]] == [0, 1]
+    assert e2e.pairing_ratios([custom, flashmla]) == []
