@@ -418,12 +418,11 @@ def main(argv: list[str] | None = None) -> None:
             results = [json.loads((args.out / f"{b}.json").read_text()) for b in args.backends
                        if (args.out / f"{b}.json").exists()]
         else:
-            results = []
+            orders, results = backend_orders(args.backends, args.rounds), []
             for b in args.backends:
                 found = [(k, args.out / f"round{k}" / f"{b}.json") for k in range(args.rounds)]
                 found = [(k, path) for k, path in found if path.exists()]
                 if found:
-                    orders = backend_orders(args.backends, args.rounds)
                     results.append(pool_passes([json.loads(path.read_text()) for _, path in found],
                                                [{"round": k, "order": " then ".join(orders[k])} for k, _ in found]))
         report(args, results)
