@@ -11,10 +11,6 @@
 #   hold:     the pipeline diagnostic with each stage held 1.5 us (the math's hold time at
 #             h_q = 16), 2 and 3 stages: is a held 2-stage ring latency-bound? And the same
 #             pipeline loading by cp.async from 128 threads instead of TMA (~3 min)
-#   v38:      knobs of the shipped cp.async producer (v22's asynchronous arrival and FA3's
-#             row-segment thread mapping; an L2 prefetch-size hint): reference checks with
-#             cp.async forced, then the one-query-block rows (cp.async by the H100 rule) of the
-#             shipped decode and three settings, alternated twice, ours only (~5 min)
 #   producer_map: benchmarks/producer_map.py: our decode with each KV producer forced and by the
 #             rule, h_q = 16 batches of 1-128 requests, s_k 512-32768, beside the scheduler
 #             parts' page counts (~1.5 min)
@@ -185,23 +181,6 @@ for experiment in ${@:-verify}; do
       mla_decode_diag_pipeline_only+DIAG_STAGES=3+DIAG_HOLD_NS=1500 \
       mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1 \
       mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1+DIAG_HOLD_NS=1500 ;;
-  v38)  # the cp.async producer's knobs on the shipped decode: checks with cp.async forced, then
-        # the one-query-block rows (cp.async on an H100) alternated twice, ours only (~5 min)
-    run v38
-    . benchmarks/versions.sh
-    v38_all=shipped+CP_ASYNC_ASYNC_ARRIVAL=1+CP_ASYNC_ROW_MAP=1+CP_ASYNC_L2_PREFETCH=256
-    for v in shipped+CP_ASYNC_ASYNC_ARRIVAL=1 $v38_all; do
-      check_one v38 "${v//[+=]/_}" "$v+FLASHMLA_BACKEND_KV_PRODUCER=cp_async"
-    done
-    for round in 1 2; do
-      for v in shipped shipped+CP_ASYNC_ASYNC_ARRIVAL=1 shipped+CP_ASYNC_ASYNC_ARRIVAL=1+CP_ASYNC_ROW_MAP=1 \
-               shipped+CP_ASYNC_ASYNC_ARRIVAL=1+CP_ASYNC_L2_PREFETCH=256; do
-        label=${v//[+=]/_}_round$round
-        with_version "$v" timeout 120 python -m flashmla_backend.bench --no-peers --no-plots --no-check \
-          --rows ", 16,|, 1, 64," --out "$ROOT_OUT/v38/$label" > "$ROOT_OUT/v38/$label.md" 2>&1
-        echo "$label: $(grep -E '^\| (memory|mixed|latency)' "$ROOT_OUT/v38/$label.md" | cut -d'|' -f3 | tr '\n' ' ')"
-      done
-    done ;;
   producer_map)  # TMA, cp.async and the rule against pages per scheduler part (~1.5 min)
     run producer_map
     timeout 200 python benchmarks/producer_map.py --out "$ROOT_OUT/producer_map/producer_map.md" > /dev/null 2>&1

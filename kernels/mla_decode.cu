@@ -38,20 +38,6 @@ constexpr int KV_STAGES = 2;
 constexpr int SOFTMAX_WG_REGS = 240;
 constexpr int PV_WG_REGS = 224;
 constexpr int PRODUCER_WG_REGS = 40;
-// Knobs of the cp.async producer (both off: the shipped scheme), from v22 (H200, run 12: +6.6%
-// on the memory rows with cp.async forced, both on); on an H100 the rule picks cp.async for the
-// one-query-block rows, so there they are the memory rows' lever (NOTES.md "v38").
-//   CP_ASYNC_ASYNC_ARRIVAL=1: each producer thread arrives through cp.async.mbarrier.arrive and
-//     moves on to the next free stage at once (two pages in flight when the math is the faster
-//     side); warpgroup 0 then fences to the async proxy after its full wait.
-//   CP_ASYNC_ROW_MAP=1: 8 threads per 128-byte row segment of a chunk (FA3's mapping).
-#ifndef CP_ASYNC_ASYNC_ARRIVAL
-#define CP_ASYNC_ASYNC_ARRIVAL 0
-#endif
-#ifndef CP_ASYNC_ROW_MAP
-#define CP_ASYNC_ROW_MAP 0
-#endif
-
 static_assert(WG_THREADS * (SOFTMAX_WG_REGS + PV_WG_REGS + PRODUCER_WG_REGS) <=
                   DECODE_THREADS * LAUNCH_REGS_PER_THREAD,
               "register split exceeds the registers the CTA is launched with");
@@ -160,22 +146,16 @@ DEVICE void run_tma_producer(const DecodeArgs& a, const SharedTiles& sm) {
 }
 
 // cp.async producer: all 128 threads copy every page by cp.async, in the 128B-swizzled
-// chunks the wgmma descriptors expect. Shipped: each thread waits for its own copies and fences
-// them to the async proxy before it arrives, so the consumers' wgmma read the stage with no
-// fence. CP_ASYNC_ASYNC_ARRIVAL: the arrival comes when the copies land, and the consumer fences.
+// chunks the wgmma descriptors expect. Each thread waits for its own copies and fences them to
+// the async proxy before it arrives, so the consumers' wgmma read the stage with no fence.
 DEVICE void run_cp_async_producer(const DecodeArgs& a, const SharedTiles& sm, const uint16_t* k_cache,
                                   long long page_stride, long long token_stride, int tid) {
     for_each_ring_page(a, sm, [&](int stage, int page_id) {
-        const uint16_t* page_src = k_cache + (size_t)page_id * page_stride + a.kh * HEAD_DIM_QK;
-        if (CP_ASYNC_ROW_MAP) copy_page_cp_async_row_segments(sm.kv(stage), page_src, token_stride, tid);
-        else copy_page_cp_async(sm.kv(stage), page_src, token_stride, tid);
-        if (CP_ASYNC_ASYNC_ARRIVAL) {
-            cp_async_arrive(&sm.full_bar()[stage]);
-        } else {
-            cp_async_wait_all();
-            fence_proxy_async_smem();
-            mbarrier_arrive(&sm.full_bar()[stage]);
-        }
+        copy_page_cp_async(sm.kv(stage), k_cache + (size_t)page_id * page_stride + a.kh * HEAD_DIM_QK,
+                           token_stride, tid);
+        cp_async_wait_all();
+        fence_proxy_async_smem();
+        mbarrier_arrive(&sm.full_bar()[stage]);
     });
 }
 
@@ -193,7 +173,7 @@ DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int req, i
 }
 
 // Warpgroup 0: scores, softmax, P, and the left half of O.
-DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid, int load_by_cp_async) {
+DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
     const int warp = tid / 32, lane = tid % 32;
     const int row0 = warp * 16 + lane / 4;  // this thread's rows: row0 and row0 + 8
     const SmemOperand<> q_tile(smem_addr(sm.q()));
@@ -224,9 +204,6 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid, 
             const SmemOperand<> kv_tile_k(smem_addr(kv_tile));             // K for the scores
             const SmemOperand<CHUNK_BYTES> kv_tile_v(smem_addr(kv_tile));  // V for P V
             mbarrier_wait(&sm.full_bar()[stage], (it / KV_STAGES) & 1);
-            // cp.async writes arrive unfenced under CP_ASYNC_ASYNC_ARRIVAL (warpgroup 1 reads
-            // the stage after P_READY, which comes after this fence).
-            if (CP_ASYNC_ASYNC_ARRIVAL && load_by_cp_async) fence_proxy_async_smem();
             if (TRACE_PHASES && tid == 0 && page == piece.page_begin) trace_piece(pieces, PIECE_FIRST_PAGE);
             if (TRACE_PHASES && tid == 0) trace_page(pieces == 0, page - piece.page_begin, PG_READY);
 
@@ -408,7 +385,7 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
             run_tma_producer(a, sm);
     } else if (wg == 0) {
         setmaxnreg_inc_240();
-        run_softmax_wg(a, sm, tid, load_by_cp_async);
+        run_softmax_wg(a, sm, tid);
     } else {
         setmaxnreg_inc_224();
         run_pv_wg(a, sm, tid - WG_THREADS);

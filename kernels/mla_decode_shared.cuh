@@ -138,18 +138,10 @@ DEVICE void load_q_block(uint8_t* q_smem, const uint16_t* q, long long q_stride_
     }
 }
 
-// Knob (0: none, shipped): the L2 prefetch size of the page copies by cp.async (v38).
-#ifndef CP_ASYNC_L2_PREFETCH
-#define CP_ASYNC_L2_PREFETCH 0
-#endif
-
-// 16 bytes of a page, global -> shared, by cp.async.
-DEVICE void cp_async_page_16(void* dst, const void* src) { cp_async_16_l2_prefetch<CP_ASYNC_L2_PREFETCH>(dst, src); }
-
 // One 64-token page of one KV head (576 columns, token rows token_stride elements apart) into
 // a 128B-swizzled page tile, by 16-byte cp.async from a warpgroup's 128 threads; consecutive
 // threads read consecutive 16-byte vectors of a token row (72 per token). The caller completes
-// it on the stage's full barrier (wait and arrive, or cp_async_arrive).
+// it on the stage's full barrier (the shipped producer waits for its copies, then arrives).
 DEVICE void copy_page_cp_async(uint8_t* tile, const uint16_t* page_src, long long token_stride, int tid) {
     constexpr int VECS_PER_TOKEN = HEAD_DIM_QK / 8;
     static_assert(PAGE_SIZE * VECS_PER_TOKEN % WG_THREADS == 0, "whole vectors per thread");
@@ -158,26 +150,12 @@ DEVICE void copy_page_cp_async(uint8_t* tile, const uint16_t* page_src, long lon
     int r = tid / VECS_PER_TOKEN, v = tid % VECS_PER_TOKEN;
 #pragma unroll 4
     for (int j = 0; j < PAGE_SIZE * VECS_PER_TOKEN / WG_THREADS; ++j) {
-        cp_async_page_16(tile + (v / 8) * CHUNK_BYTES + r * 128 + (((v % 8) ^ (r & 7)) << 4),
-                         page_src + r * token_stride + v * 8);
+        cp_async_16(tile + (v / 8) * CHUNK_BYTES + r * 128 + (((v % 8) ^ (r & 7)) << 4),
+                    page_src + r * token_stride + v * 8);
         v += WG_THREADS - VECS_PER_TOKEN;
         r += 1;
         if (v >= VECS_PER_TOKEN) { v -= VECS_PER_TOKEN; r += 1; }
     }
-}
-
-// The same page with FA3's thread mapping: 8 threads per 128-byte row segment, 16 row groups;
-// thread t copies unit t % 8 of tokens t / 8 + 16 i (i < 4) in every chunk.
-DEVICE void copy_page_cp_async_row_segments(uint8_t* tile, const uint16_t* page_src, long long token_stride,
-                                            int tid) {
-    constexpr int UNITS_PER_ROW = 8, ROW_GROUPS = WG_THREADS / UNITS_PER_ROW;
-    const int unit = tid % UNITS_PER_ROW, first_row = tid / UNITS_PER_ROW;
-#pragma unroll 1
-    for (int c = 0; c < QK_CHUNKS; ++c)
-#pragma unroll
-        for (int r = first_row; r < PAGE_SIZE; r += ROW_GROUPS)
-            cp_async_page_16(tile + c * CHUNK_BYTES + r * 128 + ((unit ^ (r & 7)) << 4),
-                             page_src + r * token_stride + c * CHUNK_COLS + unit * 8);
 }
 
 // Zeroes V rows [first_row, TILE_ROWS) of a KV tile whose 64-column chunks lie CHUNK_STRIDE

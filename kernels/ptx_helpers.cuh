@@ -109,22 +109,6 @@ DEVICE void cp_async_16(void* dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
 }
 
-// The same with an L2 prefetch-size hint (PTX .L2::64B/128B/256B: L2 may fetch that many bytes
-// around the request from DRAM); 0 gives cp_async_16.
-template <int PREFETCH_BYTES>
-DEVICE void cp_async_16_l2_prefetch(void* dst, const void* src) {
-    static_assert(PREFETCH_BYTES == 0 || PREFETCH_BYTES == 64 || PREFETCH_BYTES == 128 || PREFETCH_BYTES == 256,
-                  "the L2 prefetch size is 0, 64, 128 or 256 bytes");
-    if constexpr (PREFETCH_BYTES == 256)
-        asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
-    else if constexpr (PREFETCH_BYTES == 128)
-        asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
-    else if constexpr (PREFETCH_BYTES == 64)
-        asm volatile("cp.async.cg.shared.global.L2::64B [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
-    else
-        cp_async_16(dst, src);
-}
-
 // The same, or 16 zero bytes when !valid (a source size of 0 reads nothing).
 DEVICE void cp_async_16_or_zero(void* dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),

@@ -182,25 +182,6 @@ def test_ab_knobs_of_the_shipped_kernels_compile_within_their_registers(kernel: 
     assert int(re.search(r"(\d+) bytes spill stores", log).group(1)) <= 8, log
 
 
-@pytest.mark.parametrize("knobs", [("-DCP_ASYNC_ASYNC_ARRIVAL=1",), ("-DCP_ASYNC_ROW_MAP=1",),
-                                   ("-DCP_ASYNC_ASYNC_ARRIVAL=1", "-DCP_ASYNC_ROW_MAP=1"),
-                                   ("-DCP_ASYNC_L2_PREFETCH=256",),
-                                   ("-DCP_ASYNC_ASYNC_ARRIVAL=1", "-DCP_ASYNC_L2_PREFETCH=128")])
-def test_cp_async_producer_knobs(knobs: tuple[str, ...]) -> None:
-    """v38's knobs on the cp.async producer: asynchronous arrival replaces the producer's wait for
-    its own copies by an mbarrier arrival when they land; the prefetch size goes on every page
-    copy (not on Q's); no spill, no warning either way."""
-    base, knob = shipped_decode_with(*knobs)
-    shipped_text, knob_text = sass(base), sass(knob)
-    assert "LDGSTS" in knob_text and not re.search(r"\b(LDL|STL)\b", knob_text), "register spills to local memory"
-    assert "ARRIVES.LDGSTSBAR" not in shipped_text and "LTC" not in shipped_text
-    assert ("ARRIVES.LDGSTSBAR" in knob_text) == ("-DCP_ASYNC_ASYNC_ARRIVAL=1" in knobs)
-    prefetch = next((k.split("=")[1] for k in knobs if "L2_PREFETCH" in k), None)
-    page_copies = re.findall(r"LDGSTS\.E\.BYPASS\.(?:LTC\d+B\.)?128", knob_text)
-    hinted = [c for c in page_copies if f"LTC{prefetch}B" in c]
-    assert (len(hinted) > 0) == (prefetch is not None)
-
-
 def test_small_scheduler_has_no_barrier_and_no_shared_memory() -> None:
     # The one-warp scheduler exists to keep CTA barriers and shared-memory round trips off the
     # path from the seqlens load to the metadata stores (the latency rows' first kernel).
