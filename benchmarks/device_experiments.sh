@@ -11,6 +11,12 @@
 #   hold:     the pipeline diagnostic with each stage held 1.5 us (the math's hold time at
 #             h_q = 16), 2 and 3 stages: is a held 2-stage ring latency-bound? And the same
 #             pipeline loading by cp.async from 128 threads instead of TMA (~3 min)
+#   pipeline_h100: what our load path alone sustains on the one-query-block rows (the memory rows,
+#             MTP, mixed, b = 1): kernel_versions/mla_decode_diag_pipeline_only.cu (no math,
+#             outputs zeros) by cp.async (2 and 3 stages) and by TMA beside the shipped decode,
+#             alternated twice, ours only, no reference check (~2 min). Run 13 measured it on an
+#             H200 only; on the H100 it bounds what the memory rows can gain (NOTES.md
+#             "What the 1.05x goal asks of each row (H100)")
 #   producer_map: benchmarks/producer_map.py: our decode with each KV producer forced and by the
 #             rule, h_q = 16 batches of 1-128 requests, s_k 512-32768, beside the scheduler
 #             parts' page counts (~1.5 min)
@@ -181,6 +187,18 @@ for experiment in ${@:-verify}; do
       mla_decode_diag_pipeline_only+DIAG_STAGES=3+DIAG_HOLD_NS=1500 \
       mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1 \
       mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1+DIAG_HOLD_NS=1500 ;;
+  pipeline_h100)  # the math-free pipeline against the shipped decode, one-query-block rows
+    run pipeline_h100
+    . benchmarks/versions.sh
+    for round in 1 2; do
+      for v in shipped mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1 \
+               mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1+DIAG_STAGES=3 mla_decode_diag_pipeline_only; do
+        label=${v//[+=]/_}_round$round
+        with_version "$v" timeout 120 python -m flashmla_backend.bench --no-peers --no-plots --no-check \
+          --rows ", 16,|, 1, 64," --out "$ROOT_OUT/pipeline_h100/$label" > "$ROOT_OUT/pipeline_h100/$label.md" 2>&1
+        echo "$label: $(grep -E '^\| (memory|mixed|latency)' "$ROOT_OUT/pipeline_h100/$label.md" | cut -d'|' -f3 | tr '\n' ' ')"
+      done
+    done ;;
   producer_map)  # TMA, cp.async and the rule against pages per scheduler part (~1.5 min)
     run producer_map
     timeout 200 python benchmarks/producer_map.py --out "$ROOT_OUT/producer_map/producer_map.md" > /dev/null 2>&1
