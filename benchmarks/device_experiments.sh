@@ -14,7 +14,7 @@
 #   pipeline_h100: what our load path alone sustains on the one-query-block rows (the memory rows,
 #             MTP, mixed, b = 1): kernel_versions/mla_decode_diag_pipeline_only.cu (no math,
 #             outputs zeros) by cp.async (2 and 3 stages) and by TMA beside the shipped decode,
-#             alternated twice, ours only, no reference check (~2 min). Run 13 measured it on an
+#             alternated twice, ours only, no reference check (~2 min). Runs 8-9 measured it on an
 #             H200 only; on the H100 it bounds what the memory rows can gain (NOTES.md
 #             "What the 1.05x goal asks of each row (H100)")
 #   producer_map: benchmarks/producer_map.py: our decode with each KV producer forced and by the
