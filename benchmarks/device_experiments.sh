@@ -85,11 +85,15 @@
 #   table:    the side-by-side table with the peers and test_backend_forward.py (needs the
 #             bundle; ~2.5 min)
 #   e2e1:     the end-to-end decode rate on one GPU (benchmarks/e2e_vllm.py): CUSTOM and FLASHMLA
-#             one after the other, 128 requests of 4096 + 1024 tokens, 2 repeats each (~4.5 min
-#             on an H100; needs the bundle). The first engine of a call runs ~5% faster (run
-#             22), so run it twice in separate calls, the second with E2E_ORDER="FLASHMLA CUSTOM",
-#             put each call's JSON under round0/ and round1/ of one folder and pool them there
-#             with `e2e_vllm.py --report-only --rounds 2 --backends CUSTOM FLASHMLA --out DIR`
+#             one after the other, 128 requests of 4096 + 1024 tokens, E2E_REPEATS (3) repeats
+#             each (~6 min on an H100; needs the bundle). The first engine of a call runs ~5%
+#             faster (run 22), so run it twice in separate calls, the second with
+#             E2E_ORDER="FLASHMLA CUSTOM", put each call's JSON under round0/ and round1/ of one
+#             folder and pool them there with `e2e_vllm.py --report-only --rounds 2 --backends
+#             CUSTOM FLASHMLA --out DIR`
+#   e2e_share: the same engines with 1-token prompts and 512 generated tokens (~4 min; needs the
+#             bundle): the decode step with almost no attention, i.e. the rest of the step that
+#             e2e1's step time minus it leaves to attention in the engine (NOTES, "Run 24")
 #   engine_eager, engine_graphs, engine_mtp_server, engine_soak: one group of the engine-level
 #             vLLM tests (integration_tests/README.md; needs the bundle; up to ~9 min each)
 set -uo pipefail
@@ -367,9 +371,19 @@ for experiment in ${@:-verify}; do
     echo "test_backend_forward.py: $(tail -1 "$ROOT_OUT/table/backend_forward.log")" ;;
   e2e1)
     run e2e1
+    # Clocks beside the repeats (e2e_vllm.py logs each repeat's wall-clock start).
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
+      --format=csv,noheader -lms 500 > "$ROOT_OUT/e2e1/smi.csv" 2>/dev/null &
+    sampler=$!
     timeout 570 python benchmarks/e2e_vllm.py --backends ${E2E_ORDER:-CUSTOM FLASHMLA} --timeout 280 \
-      --out "$ROOT_OUT/e2e1" > "$ROOT_OUT/e2e1/e2e.log" 2>&1
+      --repeats "${E2E_REPEATS:-3}" --out "$ROOT_OUT/e2e1" > "$ROOT_OUT/e2e1/e2e.log" 2>&1
+    kill $sampler 2>/dev/null
     tail -8 "$ROOT_OUT/e2e1/e2e.log" ;;
+  e2e_share)
+    run e2e_share
+    timeout 500 python benchmarks/e2e_vllm.py --backends ${E2E_ORDER:-FLASHMLA CUSTOM} --timeout 240 \
+      --prompt-len 1 --gen-len 512 --repeats 5 --out "$ROOT_OUT/e2e_share" > "$ROOT_OUT/e2e_share/e2e.log" 2>&1
+    tail -8 "$ROOT_OUT/e2e_share/e2e.log" ;;
   engine_eager) engine_tests engine_eager integration_tests/test_offline_parity.py -k eager ;;
   engine_graphs) engine_tests engine_graphs integration_tests/test_offline_parity.py -k "not eager" ;;
   engine_mtp_server) engine_tests engine_mtp_server integration_tests/test_mtp_speculative.py \
