@@ -17,6 +17,12 @@
 #             alternated twice, ours only, no reference check (~2 min). Runs 8-9 measured it on an
 #             H200 only; on the H100 it bounds what the memory rows can gain (NOTES.md
 #             "What the 1.05x goal asks of each row (H100)")
+#   hold_h100: the cp.async pipeline diagnostic with each stage held 0, 1.5 and 2.3 us (the
+#             shipped decode's hold on the H100's memory row: ~4,500 cycles, run 20's page
+#             anatomy) with 2 stages, and 2.3 us with 3, beside the shipped decode, one-query-block
+#             rows, alternated twice, ours only (~2.5 min). Does the hold explain the 3.2% between
+#             the shipped decode and its math-free pipeline (run 24), and would ring capacity
+#             recover it?
 #   producer_map: benchmarks/producer_map.py: our decode with each KV producer forced and by the
 #             rule, h_q = 16 batches of 1-128 requests, s_k 512-32768, beside the scheduler
 #             parts' page counts (~1.5 min)
@@ -201,6 +207,18 @@ for experiment in ${@:-verify}; do
         with_version "$v" timeout 120 python -m flashmla_backend.bench --no-peers --no-plots --no-check \
           --rows ", 16,|, 1, 64," --out "$ROOT_OUT/pipeline_h100/$label" > "$ROOT_OUT/pipeline_h100/$label.md" 2>&1
         echo "$label: $(grep -E '^\| (memory|mixed|latency)' "$ROOT_OUT/pipeline_h100/$label.md" | cut -d'|' -f3 | tr '\n' ' ')"
+      done
+    done ;;
+  hold_h100)  # is the shipped decode's 3.2% over its pipeline the stage hold? (H100, cp.async)
+    run hold_h100
+    . benchmarks/versions.sh
+    diag=mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1
+    for round in 1 2; do
+      for v in shipped $diag $diag+DIAG_HOLD_NS=1500 $diag+DIAG_HOLD_NS=2300 $diag+DIAG_STAGES=3+DIAG_HOLD_NS=2300; do
+        label=${v//[+=]/_}_round$round
+        with_version "$v" timeout 120 python -m flashmla_backend.bench --no-peers --no-plots --no-check \
+          --rows ", 16,|, 1, 64," --out "$ROOT_OUT/hold_h100/$label" > "$ROOT_OUT/hold_h100/$label.md" 2>&1
+        echo "$label: $(grep -E '^\| (memory|mixed|latency)' "$ROOT_OUT/hold_h100/$label.md" | cut -d'|' -f3 | tr '\n' ' ')"
       done
     done ;;
   producer_map)  # TMA, cp.async and the rule against pages per scheduler part (~1.5 min)

@@ -149,7 +149,8 @@ def test_archived_decode_versions_still_compile(path: Path) -> None:
 
 @pytest.mark.parametrize("knobs", [("-DDIAG_STAGES=3",), ("-DDIAG_HOLD_NS=1500",),
                                    ("-DDIAG_STAGES=3", "-DDIAG_HOLD_NS=1500"), ("-DDIAG_CP_ASYNC=1",),
-                                   ("-DDIAG_CP_ASYNC=1", "-DDIAG_STAGES=3")])
+                                   ("-DDIAG_CP_ASYNC=1", "-DDIAG_STAGES=3"),
+                                   ("-DDIAG_CP_ASYNC=1", "-DDIAG_STAGES=3", "-DDIAG_HOLD_NS=2300")])
 def test_pipeline_diagnostic_knobs_compile_within_the_launch(knobs: tuple[str, ...]) -> None:
     """The knobs ab_session.sh passes (e.g. mla_decode_diag_pipeline_only+DIAG_STAGES=3) must
     compile within the shared memory the API reserves (the source static_asserts it)."""
