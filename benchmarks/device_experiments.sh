@@ -23,6 +23,11 @@
 #             rows, alternated twice, ours only (~2.5 min). Does the hold explain the 3.2% between
 #             the shipped decode and its math-free pipeline (run 24), and would ring capacity
 #             recover it?
+#   v39:      the split ring (kernel_versions/mla_decode_v39_split_ring.cu: V halves and rope
+#             chunks in separate rings, compact Q at <= 16 rows): reference check with each
+#             producer forced and the GPU decode tests with cp.async forced, then (if both are
+#             clean) the shipped decode and v39 alternated twice, every anchor row, ours only
+#             (~6 min)
 #   producer_map: benchmarks/producer_map.py: our decode with each KV producer forced and by the
 #             rule, h_q = 16 batches of 1-128 requests, s_k 512-32768, beside the scheduler
 #             parts' page counts (~1.5 min)
@@ -221,6 +226,22 @@ for experiment in ${@:-verify}; do
         echo "$label: $(grep -E '^\| (memory|mixed|latency)' "$ROOT_OUT/hold_h100/$label.md" | cut -d'|' -f3 | tr '\n' ' ')"
       done
     done ;;
+  v39)  # the split ring against the shipped decode
+    run v39
+    . benchmarks/versions.sh
+    v=mla_decode_v39_split_ring
+    check_one v39 cp_async "$v+FLASHMLA_BACKEND_KV_PRODUCER=cp_async" tests/test_gpu_decode.py
+    check_one v39 tma "$v+FLASHMLA_BACKEND_KV_PRODUCER=tma"
+    if checked_ok v39 cp_async && checked_ok v39 tma; then
+      for round in 1 2; do
+        for ver in shipped $v; do
+          label=${ver}_round$round
+          with_version "$ver" timeout 150 python -m flashmla_backend.bench --no-peers --no-plots --no-check \
+            --out "$ROOT_OUT/v39/$label" > "$ROOT_OUT/v39/$label.md" 2>&1
+          echo "$label: $(grep -E '^\| (memory|mixed|compute|latency)' "$ROOT_OUT/v39/$label.md" | cut -d'|' -f3 | tr '\n' ' ')"
+        done
+      done
+    fi ;;
   producer_map)  # TMA, cp.async and the rule against pages per scheduler part (~1.5 min)
     run producer_map
     timeout 200 python benchmarks/producer_map.py --out "$ROOT_OUT/producer_map/producer_map.md" > /dev/null 2>&1
