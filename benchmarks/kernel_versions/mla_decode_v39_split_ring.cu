@@ -1,4 +1,4 @@
-// EXPERIMENT v39 (NOTES.md "A split ring for the one-query-block rows"; written 2026-12-07,
+// EXPERIMENT v39 (NOTES.md "v39 — a split ring for the one-query-block rows"; written 2026-12-07,
 // eighteenth session, not yet run): the shipped decode's math (warpgroup roles, softmax, P V,
 // stores) on a ring that frees a page in parts and holds more of them.
 //
@@ -17,13 +17,15 @@
 //   the math holds one; today 1), Q in 40 KB + 5 halves + 2 rope slots, or the full Q + 4 halves
 //   + 2 rope slots (the left half freed early, as v35b, on rows > 32).
 // - Warpgroup 0 can lead warpgroup 1 by up to 3 pages (page j's slots were last used by page
-//   j - 3's right half), so P_READY and the row scales have 3 slots.
+//   j - 3's right half), so P_READY and the row scales have 3 slots. (A model of the three roles'
+//   waits and arrivals over random interleavings finds no lapped phase and no deadlock for the
+//   three layouts' ring sizes, and a lapped P_READY with 2 slots.)
 // - cp.async producer: each slot completes by asynchronous arrival (cp.async.mbarrier.arrive
 //   .noinc), so the producer runs ahead into every free slot; warpgroup 0 fences to the async
 //   proxy after each full wait, warpgroup 1 after each P_READY.
 //   TMA producer: one expect_tx per slot (4 boxes for a half, 1 for a rope chunk).
-// Run: device_experiments.sh v39 (shipped against v39 with each producer, one-query-block and
-// compute rows, after a reference check).
+// Run: device_experiments.sh v39 (a reference check with each producer forced, then the shipped
+// decode and v39 alternated on every anchor row).
 #include "mla_decode_shared.cuh"
 #include "mla_softmax.cuh"
 
