@@ -17,9 +17,9 @@
 //   the math holds one; today 1), Q in 40 KB + 5 halves + 2 rope slots, or the full Q + 4 halves
 //   + 2 rope slots (the left half freed early, as v35b, on rows > 32).
 // - Warpgroup 0 can lead warpgroup 1 by up to 3 pages (page j's slots were last used by page
-//   j - 3's right half), so P_READY and the row scales have 3 slots. (A model of the three roles'
-//   waits and arrivals over random interleavings finds no lapped phase and no deadlock for the
-//   three layouts' ring sizes, and a lapped P_READY with 2 slots.)
+//   j - 3's right half), so P_READY and the row scales have 3 slots. benchmarks/split_ring_model.py
+//   (the three roles' waits and arrivals over random interleavings) finds no lapped phase and no
+//   deadlock at the three layouts' ring sizes, and a lapped P_READY with 2 slots.
 // - cp.async producer: each slot completes by asynchronous arrival (cp.async.mbarrier.arrive
 //   .noinc), so the producer runs ahead into every free slot; warpgroup 0 fences to the async
 //   proxy after each full wait, warpgroup 1 after each P_READY.
