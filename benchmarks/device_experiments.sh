@@ -24,7 +24,7 @@
 #             the shipped decode and its math-free pipeline (run 24), and would ring capacity
 #             recover it?
 #   v39:      the split ring (kernel_versions/mla_decode_v39_split_ring.cu: V halves and rope
-#             chunks in separate rings, compact Q at <= 16 rows): reference check with each
+#             chunks in separate rings, compact Q at <= 32 rows): reference check with each
 #             producer forced and the GPU decode tests with cp.async forced, then (if both are
 #             clean) the shipped decode and v39 alternated twice, every anchor row, ours only
 #             (~6 min)
@@ -155,17 +155,21 @@ engine_tests() {
     python -m pytest -q -ra -x -p no:cacheprovider "$@" > "$ROOT_OUT/$name/pytest.log" 2>&1
   echo "$name: $(tail -1 "$ROOT_OUT/$name/pytest.log")"
 }
-# latency_ab EXPERIMENT ROUNDS VERSION...: the latency rows and their whole call, shipped and each
-# version alternated ROUNDS times (bench --no-peers), one line per run.
-latency_ab() {
-  local experiment=$1 rounds=$2 round v label; shift 2
+# alternated_ab EXPERIMENT ROUNDS ROWS VERSION...: shipped and each version alternated ROUNDS
+# times, ours only (bench --no-peers --no-check: run the reference check before, with check_one),
+# on the bench rows matching ROWS ("" for every anchor row); one line per run with each row's time.
+alternated_ab() {
+  local experiment=$1 rounds=$2 rows=$3 round v label; shift 3
+  local -a row_args=()
+  [ -n "$rows" ] && row_args=(--rows "$rows")
   . benchmarks/versions.sh
   for round in $(seq "$rounds"); do
     for v in shipped "$@"; do
       label=${v//[+=]/_}_round$round
-      with_version "$v" timeout 90 python -m flashmla_backend.bench --no-peers --no-plots --rows latency \
-        --out "$ROOT_OUT/$experiment/$label" > "$ROOT_OUT/$experiment/$label.md" 2>&1
-      echo "$label: $(grep -E '^\| latency|^Whole' "$ROOT_OUT/$experiment/$label.md" | cut -d'|' -f2,3 | tr '\n' ' ')"
+      with_version "$v" timeout 150 python -m flashmla_backend.bench --no-peers --no-plots --no-check \
+        "${row_args[@]}" --out "$ROOT_OUT/$experiment/$label" > "$ROOT_OUT/$experiment/$label.md" 2>&1
+      echo "$label: $(grep -E '^\| (memory|mixed|compute|latency)|^Whole' "$ROOT_OUT/$experiment/$label.md" \
+        | cut -d'|' -f2,3 | tr '\n' ' ')"
     done
   done
 }
@@ -204,44 +208,19 @@ for experiment in ${@:-verify}; do
       mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1+DIAG_HOLD_NS=1500 ;;
   pipeline_h100)  # the math-free pipeline against the shipped decode, one-query-block rows
     run pipeline_h100
-    . benchmarks/versions.sh
-    for round in 1 2; do
-      for v in shipped mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1 \
-               mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1+DIAG_STAGES=3 mla_decode_diag_pipeline_only; do
-        label=${v//[+=]/_}_round$round
-        with_version "$v" timeout 120 python -m flashmla_backend.bench --no-peers --no-plots --no-check \
-          --rows ", 16,|, 1, 64," --out "$ROOT_OUT/pipeline_h100/$label" > "$ROOT_OUT/pipeline_h100/$label.md" 2>&1
-        echo "$label: $(grep -E '^\| (memory|mixed|latency)' "$ROOT_OUT/pipeline_h100/$label.md" | cut -d'|' -f3 | tr '\n' ' ')"
-      done
-    done ;;
+    alternated_ab pipeline_h100 2 ", 16,|, 1, 64," mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1 \
+      mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1+DIAG_STAGES=3 mla_decode_diag_pipeline_only ;;
   hold_h100)  # is the shipped decode's 3.2% over its pipeline the stage hold? (H100, cp.async)
     run hold_h100
-    . benchmarks/versions.sh
     diag=mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1
-    for round in 1 2; do
-      for v in shipped $diag $diag+DIAG_HOLD_NS=1500 $diag+DIAG_HOLD_NS=2300 $diag+DIAG_STAGES=3+DIAG_HOLD_NS=2300; do
-        label=${v//[+=]/_}_round$round
-        with_version "$v" timeout 120 python -m flashmla_backend.bench --no-peers --no-plots --no-check \
-          --rows ", 16,|, 1, 64," --out "$ROOT_OUT/hold_h100/$label" > "$ROOT_OUT/hold_h100/$label.md" 2>&1
-        echo "$label: $(grep -E '^\| (memory|mixed|latency)' "$ROOT_OUT/hold_h100/$label.md" | cut -d'|' -f3 | tr '\n' ' ')"
-      done
-    done ;;
+    alternated_ab hold_h100 2 ", 16,|, 1, 64," $diag $diag+DIAG_HOLD_NS=1500 $diag+DIAG_HOLD_NS=2300 \
+      $diag+DIAG_STAGES=3+DIAG_HOLD_NS=2300 ;;
   v39)  # the split ring against the shipped decode
     run v39
-    . benchmarks/versions.sh
     v=mla_decode_v39_split_ring
     check_one v39 cp_async "$v+FLASHMLA_BACKEND_KV_PRODUCER=cp_async" tests/test_gpu_decode.py
     check_one v39 tma "$v+FLASHMLA_BACKEND_KV_PRODUCER=tma"
-    if checked_ok v39 cp_async && checked_ok v39 tma; then
-      for round in 1 2; do
-        for ver in shipped $v; do
-          label=${ver}_round$round
-          with_version "$ver" timeout 150 python -m flashmla_backend.bench --no-peers --no-plots --no-check \
-            --out "$ROOT_OUT/v39/$label" > "$ROOT_OUT/v39/$label.md" 2>&1
-          echo "$label: $(grep -E '^\| (memory|mixed|compute|latency)' "$ROOT_OUT/v39/$label.md" | cut -d'|' -f3 | tr '\n' ' ')"
-        done
-      done
-    fi ;;
+    checked_ok v39 cp_async && checked_ok v39 tma && alternated_ab v39 2 "" $v ;;
   producer_map)  # TMA, cp.async and the rule against pages per scheduler part (~1.5 min)
     run producer_map
     timeout 200 python benchmarks/producer_map.py --out "$ROOT_OUT/producer_map/producer_map.md" > /dev/null 2>&1
@@ -320,7 +299,7 @@ for experiment in ${@:-verify}; do
     . benchmarks/versions.sh
     knobs=shipped+DEPENDENTS_AFTER_FIRST_ISSUE=0+FLASHMLA_BACKEND_COMBINE_DEFINES=-DSPLITS_BEFORE_WAIT=0
     check_one splits_early late $knobs tests/test_programmatic_launch.py
-    checked_ok splits_early late && latency_ab splits_early 3 $knobs ;;
+    checked_ok splits_early late && alternated_ab splits_early 3 latency $knobs ;;
   trace)
     run trace
     . benchmarks/versions.sh

@@ -17,8 +17,8 @@ plain (the real model's YaRN scaling changes frequencies and the softmax scale, 
 Method, per backend in its own subprocess (one engine each, nothing shared): one warm-up
 generate (every prompt, two tokens); then ``--repeats`` times: a prefill-only run
 (``max_tokens=1``) and a full run (``max_tokens=--gen-len``), greedy, ``ignore_eos``, prefix
-caching off so the full run prefills again. Decode rate = tokens generated beyond the first, ``N * (gen_len - 1)``, divided by
-(full time - prefill-only time); the best repeat is reported. Time to first token is vLLM's
+caching off so the full run prefills again. Decode rate = tokens generated beyond the first,
+``N * (gen_len - 1)``, divided by (full time - prefill-only time); the best repeat is reported. Time to first token is vLLM's
 per-request first-token latency in the full run (mean and median over requests; with all
 requests submitted at once it includes queueing behind other prefills). Prints a markdown
 table; writes ``<backend>.json``, ``<backend>.log`` and ``summary.json`` into ``--out``.

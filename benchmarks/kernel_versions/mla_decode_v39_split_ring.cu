@@ -51,7 +51,7 @@ constexpr int P_SLOTS = 3;                                // pages warpgroup 0 m
 
 // Q's layouts by the rows it stores (16, 32 or all 64): each chunk's rows at a q_rows * 128 byte
 // stride, then the zeros that the garbage rows of the last chunks read.
-__host__ __device__ constexpr int q_chunk_stride(int q_rows) { return q_rows * 128; }
+__host__ __device__ constexpr int q_chunk_stride(int q_rows) { return q_rows * 128; }  // as load_q_block stores it
 __host__ __device__ constexpr int q_bytes(int q_rows) {
     return QK_CHUNKS * q_chunk_stride(q_rows) + (BLOCK_M - q_rows) * 128;  // 24, 40 or 72 KB
 }
@@ -234,34 +234,11 @@ DEVICE void run_cp_async_producer(const DecodeArgs& a, const SharedTiles& sm, co
     });
 }
 
-// Q block -> smem in a compact layout (rows 0..q_rows-1 of each chunk at a q_rows * 128 byte
-// stride); rows past the end are zero. THREADS threads share it (tid in [0, THREADS)).
-template <int THREADS = CONSUMER_THREADS>
-DEVICE void load_q_block_compact(uint8_t* q_smem, int q_rows, const uint16_t* q, long long q_stride_b,
-                                 long long q_stride_s, long long q_stride_h, int req, int kh, int row_base,
-                                 const RowMap& rows, int tid) {
-    constexpr int VECS_PER_ROW = HEAD_DIM_QK / 8;
-    for (int idx = tid; idx < q_rows * VECS_PER_ROW; idx += THREADS) {
-        const int r = idx / VECS_PER_ROW, v = idx % VECS_PER_ROW;
-        const int grow = row_base + r;
-        const bool valid = grow < rows.rows;
-        const uint16_t* src = valid ? q + req * q_stride_b + rows.s_idx(grow) * q_stride_s +
-                                          rows.head(grow, kh) * q_stride_h + v * 8
-                                    : q;
-        const int chunk = v / 8, unit = v % 8;
-        cp_async_16_or_zero(q_smem + chunk * q_chunk_stride(q_rows) + r * 128 + ((unit ^ (r & 7)) << 4), src, valid);
-    }
-}
-
 // Both math warpgroups copy their share of the Q block and arrive at HB_Q_READY; warpgroup 0
 // waits for phase q_phase (the number of earlier pieces with pages).
 DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int q_rows, int req, int tid,
                           bool waits, int q_phase) {
-    if (q_rows < BLOCK_M)
-        load_q_block_compact(sm.q(), q_rows, a.q, a.q_stride_b, a.q_stride_s, a.q_stride_h, req, a.kh, a.row_base,
-                             a.rows, tid);
-    else
-        load_q_block(sm.q(), a.q, a.q_stride_b, a.q_stride_s, a.q_stride_h, req, a.kh, a.row_base, a.rows, tid);
+    load_q_block(sm.q(), a.q, a.q_stride_b, a.q_stride_s, a.q_stride_h, req, a.kh, a.row_base, a.rows, tid, q_rows);
     cp_async_wait_all();
     fence_proxy_async_smem();
     mbarrier_arrive(sm.handoff_bar(HB_Q_READY));
