@@ -23,11 +23,13 @@
 #             rows, alternated twice, ours only (~2.5 min). Does the hold explain the 3.2% between
 #             the shipped decode and its math-free pipeline (run 24), and would ring capacity
 #             recover it?
-#   v39:      the split ring (kernel_versions/mla_decode_v39_split_ring.cu: V halves and rope
-#             chunks in separate rings, compact Q at <= 32 rows): reference check with each
-#             producer forced and the GPU decode tests with cp.async forced, then (if both are
-#             clean) the shipped decode and v39 alternated twice, every anchor row, ours only
-#             (~6 min)
+#   load_levers: three questions about the load path of the one-query-block rows on the math-free
+#             cp.async pipeline (diag_pipeline_only), alternated twice beside the shipped decode,
+#             ours only, plus the memory row at b = 132 (every SM busy) (~4 min):
+#             is the 3-stage ring's loss under a 2.3 us hold (run 25) the consumers' busy spin
+#             (held by __nanosleep instead, 2 and 3 stages)? Does a page split between the
+#             cp.async and TMA engines (5 or 8 chunks by cp.async) load faster per SM? Is the
+#             pipeline bound per SM (b = 132 as fast as b = 128) or by DRAM (3% slower)?
 #   producer_map: benchmarks/producer_map.py: our decode with each KV producer forced and by the
 #             rule, h_q = 16 batches of 1-128 requests, s_k 512-32768, beside the scheduler
 #             parts' page counts (~1.5 min)
@@ -157,11 +159,13 @@ engine_tests() {
 }
 # alternated_ab EXPERIMENT ROUNDS ROWS VERSION...: shipped and each version alternated ROUNDS
 # times, ours only (bench --no-peers --no-check: run the reference check before, with check_one),
-# on the bench rows matching ROWS ("" for every anchor row); one line per run with each row's time.
+# on the bench rows matching ROWS ("" for every anchor row) and the extra rows AB_CASES (bench
+# --case, space-separated); one line per run with each row's time.
 alternated_ab() {
-  local experiment=$1 rounds=$2 rows=$3 round v label; shift 3
+  local experiment=$1 rounds=$2 rows=$3 round v label case; shift 3
   local -a row_args=()
   [ -n "$rows" ] && row_args=(--rows "$rows")
+  for case in ${AB_CASES:-}; do row_args+=(--case "$case"); done
   . benchmarks/versions.sh
   for round in $(seq "$rounds"); do
     for v in shipped "$@"; do
@@ -215,12 +219,13 @@ for experiment in ${@:-verify}; do
     diag=mla_decode_diag_pipeline_only+DIAG_CP_ASYNC=1
     alternated_ab hold_h100 2 ", 16,|, 1, 64," $diag $diag+DIAG_HOLD_NS=1500 $diag+DIAG_HOLD_NS=2300 \
       $diag+DIAG_STAGES=3+DIAG_HOLD_NS=2300 ;;
-  v39)  # the split ring against the shipped decode
-    run v39
-    v=mla_decode_v39_split_ring
-    check_one v39 cp_async "$v+FLASHMLA_BACKEND_KV_PRODUCER=cp_async" tests/test_gpu_decode.py
-    check_one v39 tma "$v+FLASHMLA_BACKEND_KV_PRODUCER=tma"
-    checked_ok v39 cp_async && checked_ok v39 tma && alternated_ab v39 2 "" $v ;;
+  load_levers)  # hold by sleep, both load engines, b = 132 (H100, cp.async pipeline)
+    run load_levers
+    diag=mla_decode_diag_pipeline_only
+    AB_CASES="memory:132,1,16,4096" alternated_ab load_levers 2 ", 16,|, 1, 64," $diag+DIAG_CP_ASYNC=1 \
+      $diag+DIAG_CP_ASYNC=1+DIAG_HOLD_NS=2300+DIAG_HOLD_SLEEP=1 \
+      $diag+DIAG_CP_ASYNC=1+DIAG_STAGES=3+DIAG_HOLD_NS=2300+DIAG_HOLD_SLEEP=1 \
+      $diag+DIAG_CP_ASYNC=1+DIAG_STAGES=3+DIAG_HOLD_NS=2300 $diag+DIAG_CP_CHUNKS=5 $diag+DIAG_CP_CHUNKS=8 ;;
   producer_map)  # TMA, cp.async and the rule against pages per scheduler part (~1.5 min)
     run producer_map
     timeout 200 python benchmarks/producer_map.py --out "$ROOT_OUT/producer_map/producer_map.md" > /dev/null 2>&1

@@ -1,6 +1,7 @@
 """Kernel benchmark: our decode beside FlashMLA, FA3-MLA and Triton MLA, same card, same process.
 
     python -m flashmla_backend.bench [--out DIR] [--quick] [--no-peers] [--no-plots]
+                                     [--rows TEXT] [--case memory:132,1,16,4096 ...]
 
 Method (as in ``anchors.md``): bf16 KV cache in 64-token pages, shuffled block table, causal;
 each call timed with CUDA events after an L2 flush, median of ``--iters`` calls; scheduler
@@ -70,6 +71,23 @@ class Result:
     whole_call_host_us: float | None = None  # ours, host time of one eager whole call
     gbps: dict[str, float] = field(default_factory=dict)
     tflops: dict[str, float] = field(default_factory=dict)
+
+
+def parse_case(text: str) -> Case:
+    """``REGIME:B,S_Q,H_Q,S_K`` or ``REGIME:B,S_Q,H_Q,S_K,varlen`` (``--case``) as a Case."""
+    regime, sep, shape = text.partition(":")
+    fields = shape.split(",")
+    varlen = fields[-1].strip() == "varlen"
+    numbers = fields[:-1] if varlen else fields
+    try:
+        b, s_q, h_q, s_k = (int(f) for f in numbers)
+    except ValueError:
+        b = s_q = h_q = s_k = 0
+    if not sep or not regime.strip() or len(numbers) != 4 or min(b, s_q, h_q, s_k) < 1:
+        raise argparse.ArgumentTypeError(
+            f"--case {text!r}: expected REGIME:B,S_Q,H_Q,S_K[,varlen] with positive integers, "
+            "e.g. memory:132,1,16,4096")
+    return Case(regime.strip(), b, s_q, h_q, s_k, varlen)
 
 
 def flops_and_bytes(p: DecodeProblem) -> tuple[float, float]:
@@ -341,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-check", action="store_true", help="skip the reference check of each row")
     ap.add_argument("--rows", default="",
                     help="only rows whose label contains this text (several texts: separated by '|')")
+    ap.add_argument("--case", type=parse_case, action="append", default=[],
+                    metavar="REGIME:B,S_Q,H_Q,S_K[,varlen]",
+                    help="an extra row after the anchor rows (repeatable), e.g. memory:132,1,16,4096")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("flashmla_backend.bench: no CUDA GPU here; the benchmark runs on an H100/H200.")
@@ -350,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     timer = Timer(args.iters)
     ceilings = measure_ceilings(timer)
     peers = {} if args.no_peers else load_peers()
-    cases = [c for c in ANCHOR_CASES if any(text in c.label for text in args.rows.split("|"))]
+    cases = [c for c in ANCHOR_CASES if any(text in c.label for text in args.rows.split("|"))] + args.case
     results = [run_case(c, timer, peers, not args.no_check) for c in cases]
     table = format_table(results, ceilings, card)
     args.out.mkdir(parents=True, exist_ok=True)

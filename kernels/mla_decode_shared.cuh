@@ -120,14 +120,13 @@ struct RowMap {
 // every load of the block is in flight at once: a load-then-store loop waits one memory round
 // trip per 16-byte vector (18 per thread), which cost 1-25% per row on an H200 (NOTES.md, v9).
 // The caller waits with cp_async_wait_all and fences to the async proxy before wgmma reads it.
-// THREADS threads share the block (tid in [0, THREADS)). q_rows < BLOCK_M stores only the
-// first q_rows rows of each chunk, at a q_rows * 128 byte chunk stride (v39's compact Q).
+// THREADS threads share the block (tid in [0, THREADS)).
 template <int THREADS = CONSUMER_THREADS>
 DEVICE void load_q_block(uint8_t* q_smem, const uint16_t* q, long long q_stride_b,
                          long long q_stride_s, long long q_stride_h, int req, int kh,
-                         int row_base, const RowMap& rows, int tid, int q_rows = BLOCK_M) {
+                         int row_base, const RowMap& rows, int tid) {
     constexpr int VECS_PER_ROW = HEAD_DIM_QK / 8;
-    for (int idx = tid; idx < q_rows * VECS_PER_ROW; idx += THREADS) {
+    for (int idx = tid; idx < BLOCK_M * VECS_PER_ROW; idx += THREADS) {
         const int r = idx / VECS_PER_ROW, v = idx % VECS_PER_ROW;
         const int grow = row_base + r;
         const bool valid = grow < rows.rows;
@@ -135,7 +134,7 @@ DEVICE void load_q_block(uint8_t* q_smem, const uint16_t* q, long long q_stride_
                                           rows.head(grow, kh) * q_stride_h + v * 8
                                     : q;
         const int chunk = v / 8, unit = v % 8;
-        cp_async_16_or_zero(q_smem + chunk * (q_rows * 128) + r * 128 + ((unit ^ (r & 7)) << 4), src, valid);
+        cp_async_16_or_zero(q_smem + chunk * CHUNK_BYTES + r * 128 + ((unit ^ (r & 7)) << 4), src, valid);
     }
 }
 

@@ -150,7 +150,10 @@ def test_archived_decode_versions_still_compile(path: Path) -> None:
 @pytest.mark.parametrize("knobs", [("-DDIAG_STAGES=3",), ("-DDIAG_HOLD_NS=1500",),
                                    ("-DDIAG_STAGES=3", "-DDIAG_HOLD_NS=1500"), ("-DDIAG_CP_ASYNC=1",),
                                    ("-DDIAG_CP_ASYNC=1", "-DDIAG_STAGES=3"),
-                                   ("-DDIAG_CP_ASYNC=1", "-DDIAG_STAGES=3", "-DDIAG_HOLD_NS=2300")])
+                                   ("-DDIAG_CP_ASYNC=1", "-DDIAG_STAGES=3", "-DDIAG_HOLD_NS=2300"),
+                                   ("-DDIAG_CP_ASYNC=1", "-DDIAG_STAGES=3", "-DDIAG_HOLD_NS=2300",
+                                    "-DDIAG_HOLD_SLEEP=1"),
+                                   ("-DDIAG_CP_CHUNKS=5",), ("-DDIAG_CP_CHUNKS=8",)])
 def test_pipeline_diagnostic_knobs_compile_within_the_launch(knobs: tuple[str, ...]) -> None:
     """The knobs ab_session.sh passes (e.g. mla_decode_diag_pipeline_only+DIAG_STAGES=3) must
     compile within the shared memory the API reserves (the source static_asserts it)."""
@@ -160,10 +163,14 @@ def test_pipeline_diagnostic_knobs_compile_within_the_launch(knobs: tuple[str, .
     text = sass(KernelModule(str(path), ("mla_decode",), torch.bfloat16, decode_launch_defines() + knobs))
     if any("CP_ASYNC" in k for k in knobs):
         assert "LDGSTS" in text and "UTMALDG" not in text  # cp.async instead of TMA
+    elif any("CP_CHUNKS" in k for k in knobs):
+        assert "LDGSTS" in text and "UTMALDG.4D" in text  # both engines
     else:
         assert "UTMALDG.4D" in text
-    if any("HOLD" in k for k in knobs):
+    if any("HOLD_NS" in k for k in knobs):
         assert "GLOBALTIMER" in text.upper()
+    if any("HOLD_SLEEP" in k for k in knobs):
+        assert "NANOSLEEP" in text.upper()
 
 @pytest.mark.parametrize("kernel,knob", [("decode", "-DDEPENDENTS_AFTER_FIRST_ISSUE=0"),
                                          ("combine", "-DSPLITS_BEFORE_WAIT=0")])

@@ -6,7 +6,10 @@
 // hold time (is a 2-stage ring latency-bound once the stages are held?). -DDIAG_CP_ASYNC=1
 // loads the pages with 16-byte cp.async from all 128 producer threads instead of one thread's
 // TMA boxes (FA3's MLA decode does so when a sequence has <= 64 query rows; its source says
-// TMA was slower there). Timed with benchmarks/ab_session.sh, e.g.
+// TMA was slower there). -DDIAG_HOLD_SLEEP=1 holds by __nanosleep instead of a busy spin, so
+// the waiting consumer warps leave the issue slots to the producer. -DDIAG_CP_CHUNKS=N (1-8)
+// loads chunks [0, N) of each page by cp.async and the rest by TMA boxes on the same full
+// barrier: two load engines per SM at once. Timed with benchmarks/ab_session.sh, e.g.
 // mla_decode_diag_pipeline_only+DIAG_STAGES=3.
 // Split-KV MLA decode for Hopper (sm_90a): one CTA per (64-row query block, KV head,
 // scheduler part). The part's share of (request, page range) pieces comes from
@@ -31,11 +34,20 @@
 #ifndef DIAG_CP_ASYNC
 #define DIAG_CP_ASYNC 0
 #endif
+#ifndef DIAG_HOLD_SLEEP
+#define DIAG_HOLD_SLEEP 0
+#endif
+#ifndef DIAG_CP_CHUNKS
+#define DIAG_CP_CHUNKS 0
+#endif
 // The API passes the cache pointer and strides to sources that declare this (a literal).
 constexpr bool TAKES_KV_POINTER = true;
 constexpr bool LOAD_BY_CP_ASYNC = DIAG_CP_ASYNC != 0;
 constexpr int KV_STAGES = DIAG_STAGES;
 constexpr long long HOLD_NS = DIAG_HOLD_NS;
+constexpr int MIXED_CP_CHUNKS = DIAG_CP_CHUNKS;  // 0: one engine only
+static_assert(MIXED_CP_CHUNKS >= 0 && MIXED_CP_CHUNKS < QK_CHUNKS, "DIAG_CP_CHUNKS: 0 to 8");
+static_assert(!(LOAD_BY_CP_ASYNC && MIXED_CP_CHUNKS), "DIAG_CP_ASYNC and DIAG_CP_CHUNKS exclude each other");
 
 constexpr int SOFTMAX_WG_REGS = 240;
 constexpr int PV_WG_REGS = 224;
@@ -106,6 +118,38 @@ DEVICE void run_producer_cp_async(const DecodeArgs& a, const SharedTiles& sm, co
     }
 }
 
+// Producer warpgroup, both engines: thread 0 puts chunks [MIXED_CP_CHUNKS, 9) on TMA, then all
+// 128 threads copy chunks [0, MIXED_CP_CHUNKS) by cp.async. The full barrier expects 128
+// cp.async arrivals, thread 0's expect_tx arrival and the TMA bytes.
+DEVICE void run_producer_mixed(const DecodeArgs& a, const SharedTiles& sm, const uint16_t* k_cache,
+                               long long page_stride, long long token_stride, int tid) {
+    constexpr int CP_VECS_PER_TOKEN = MIXED_CP_CHUNKS > 0 ? MIXED_CP_CHUNKS * 8 : 1;  // 1: not called
+    const uint64_t policy = a.kv_evict_first ? l2_policy_evict_first() : l2_policy_evict_last();
+    int it = 0;
+    for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
+        const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
+        const int* pages = a.block_table + (size_t)req * a.bt_stride;
+        for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
+            const int stage = it % KV_STAGES;
+            mbarrier_wait(&sm.empty_bar()[stage], ((it / KV_STAGES) & 1) ^ 1);
+            const int page_id = pages[page];
+            if (tid == 0) {
+                mbarrier_arrive_expect_tx(&sm.full_bar()[stage], (QK_CHUNKS - MIXED_CP_CHUNKS) * CHUNK_BYTES);
+                for (int c = MIXED_CP_CHUNKS; c < QK_CHUNKS; ++c)
+                    tma_load_4d(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, &sm.full_bar()[stage],
+                                c * CHUNK_COLS, a.kh, 0, page_id, policy);
+            }
+            const uint16_t* src = k_cache + (size_t)page_id * page_stride + a.kh * HEAD_DIM_QK;
+            for (int idx = tid; idx < PAGE_SIZE * CP_VECS_PER_TOKEN; idx += WG_THREADS) {
+                const int r = idx / CP_VECS_PER_TOKEN, v = idx % CP_VECS_PER_TOKEN;
+                cp_async_16(sm.kv(stage) + (v / 8) * CHUNK_BYTES + r * 128 + (((v % 8) ^ (r & 7)) << 4),
+                            src + r * token_stride + v * 8);
+            }
+            cp_async_arrive(&sm.full_bar()[stage]);
+        }
+    }
+}
+
 // Both math warpgroups: take each page as soon as it lands and hand the stage straight back
 // (no Q, no wgmma, no softmax); then write a zero output (final or partial) as v1 would.
 DEVICE void run_drain_wg(const DecodeArgs& a, const SharedTiles& sm, int tid, int col_base, bool write_lse) {
@@ -119,6 +163,7 @@ DEVICE void run_drain_wg(const DecodeArgs& a, const SharedTiles& sm, int tid, in
             if (HOLD_NS > 0) {
                 const uint64_t t0 = global_timer_ns();  // ptx_helpers.cuh
                 while ((long long)(global_timer_ns() - t0) < HOLD_NS) {
+                    if (DIAG_HOLD_SLEEP) __nanosleep(64);
                 }
             }
             mbarrier_arrive(&sm.empty_bar()[stage]);
@@ -164,7 +209,7 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     const int tid = threadIdx.x;
     if (tid == 0) {
         for (int s = 0; s < KV_STAGES; ++s) {
-            mbarrier_init(&sm.full_bar()[s], LOAD_BY_CP_ASYNC ? WG_THREADS : 1);
+            mbarrier_init(&sm.full_bar()[s], LOAD_BY_CP_ASYNC ? WG_THREADS : MIXED_CP_CHUNKS ? WG_THREADS + 1 : 1);
             mbarrier_init(&sm.empty_bar()[s], CONSUMER_THREADS);
         }
         fence_barrier_init();
@@ -174,7 +219,9 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     const int wg = tid / WG_THREADS;
     if (wg == 2) {
         setmaxnreg_dec_40();
-        if (LOAD_BY_CP_ASYNC)
+        if (MIXED_CP_CHUNKS)
+            run_producer_mixed(a, sm, k_cache, kv_page_stride, kv_token_stride, tid - 2 * WG_THREADS);
+        else if (LOAD_BY_CP_ASYNC)
             run_producer_cp_async(a, sm, k_cache, kv_page_stride, kv_token_stride, tid - 2 * WG_THREADS);
         else if (tid == 2 * WG_THREADS)
             run_producer(a, sm);
