@@ -30,6 +30,9 @@
 #             (held by __nanosleep instead, 2 and 3 stages)? Does a page split between the
 #             cp.async and TMA engines (5 or 8 chunks by cp.async) load faster per SM? Is the
 #             pipeline bound per SM (b = 132 as fast as b = 128) or by DRAM (3% slower)?
+#   empty_combine: benchmarks/empty_combine.py: the rows whose scheduler splits no request, timed
+#             with and without the combine launch (it has nothing to merge there), alternated
+#             three times, plus b = 132 (~1 min)
 #   producer_map: benchmarks/producer_map.py: our decode with each KV producer forced and by the
 #             rule, h_q = 16 batches of 1-128 requests, s_k 512-32768, beside the scheduler
 #             parts' page counts (~1.5 min)
@@ -226,6 +229,11 @@ for experiment in ${@:-verify}; do
       $diag+DIAG_CP_ASYNC=1+DIAG_HOLD_NS=2300+DIAG_HOLD_SLEEP=1 \
       $diag+DIAG_CP_ASYNC=1+DIAG_STAGES=3+DIAG_HOLD_NS=2300+DIAG_HOLD_SLEEP=1 \
       $diag+DIAG_CP_ASYNC=1+DIAG_STAGES=3+DIAG_HOLD_NS=2300 $diag+DIAG_CP_CHUNKS=5 $diag+DIAG_CP_CHUNKS=8 ;;
+  empty_combine)  # what the combine costs where it has nothing to merge
+    run empty_combine
+    timeout 200 python benchmarks/empty_combine.py --case memory:132,1,16,4096 \
+      > "$ROOT_OUT/empty_combine/empty_combine.md" 2>&1
+    cat "$ROOT_OUT/empty_combine/empty_combine.md" ;;
   producer_map)  # TMA, cp.async and the rule against pages per scheduler part (~1.5 min)
     run producer_map
     timeout 200 python benchmarks/producer_map.py --out "$ROOT_OUT/producer_map/producer_map.md" > /dev/null 2>&1
