@@ -257,9 +257,10 @@ def flash_mla_with_kvcache(
                   index, shared_mem=DECODE_SMEM_BYTES, programmatic=kernels.settings.programmatic_launch)
     warps_per_row = _combine_warps_per_row(shape.batch, parts)
     rows_per_cta = COMBINE_WARPS // warps_per_row
-    launch_kernel(kernels.combine, COMBINE_SIGNATURE, (-(-shape.h_k * rows // rows_per_cta), shape.batch, 1),
+    request_ctas = -(-shape.batch // kernels.settings.combine_requests_per_cta)
+    launch_kernel(kernels.combine, COMBINE_SIGNATURE, (-(-shape.h_k * rows // rows_per_cta), request_ctas, 1),
                   COMBINE_WARPS * 32, (o_part.data_ptr(), lse_part.data_ptr(), num_splits.data_ptr(), out.data_ptr(),
-                                       lse.data_ptr(), shape.s_q, shape.h_q, shape.h_k, warps_per_row),
+                                       lse.data_ptr(), shape.s_q, shape.h_q, shape.h_k, warps_per_row, shape.batch),
                   index, programmatic=kernels.settings.programmatic_launch)
     return out, lse
 
