@@ -82,10 +82,10 @@ def test_both_kv_producers(producer: str, h_q: int, h_k: int, s_q: int, dtype: t
     run_and_check(p, dtype)
 
 
-# Combine CTAs that serve several requests (FLASHMLA_BACKEND_COMBINE_REQUESTS_PER_CTA): split and
+# Combine CTAs that serve several requests (FLASHMLA_BACKEND_COMBINE_REQUESTS_PER_CTA; 0: the rule): split and
 # unsplit requests mixed in one CTA, batches not a multiple of the count, several warps per row
 # (few long requests) and one (many requests), one and several query blocks.
-@pytest.mark.parametrize("requests_per_cta", ["2", "5", "32"])
+@pytest.mark.parametrize("requests_per_cta", ["0", "2", "5", "32"])
 @pytest.mark.parametrize("lengths_kind,h_q,s_q", [("few_long", 16, 1), ("few_long", 128, 2),
                                                    ("many_varlen", 16, 1), ("many_varlen", 64, 1),
                                                    ("many_varlen", 128, 2)])

@@ -51,7 +51,7 @@ def test_values_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
     ("FLASHMLA_BACKEND_PDL", "2"),
     ("FLASHMLA_BACKEND_SMALL_SCHEDULE", "on"),
     ("FLASHMLA_BACKEND_SMALL_SCHEDULE", "2"),
-    ("FLASHMLA_BACKEND_COMBINE_REQUESTS_PER_CTA", "0"),
+    ("FLASHMLA_BACKEND_COMBINE_REQUESTS_PER_CTA", "-1"),
     ("FLASHMLA_BACKEND_COMBINE_REQUESTS_PER_CTA", "33"),
 ])
 def test_bad_values_name_their_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
