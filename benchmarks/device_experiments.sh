@@ -241,11 +241,11 @@ for experiment in ${@:-verify}; do
     cat "$ROOT_OUT/empty_combine/empty_combine.md" ;;
   combine_ctas)  # requests per combine CTA
     run combine_ctas
-    timeout 300 python -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py tests/test_launch.py \
+    timeout 300 python -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py tests/test_launch.py ${COMBINE_CTAS_TESTS:+-k "$COMBINE_CTAS_TESTS"} \
       > "$ROOT_OUT/combine_ctas/gpu_decode.tests" 2>&1
     echo "GPU decode and launch tests: $(tail -1 "$ROOT_OUT/combine_ctas/gpu_decode.tests")"
     k=shipped+FLASHMLA_BACKEND_COMBINE_REQUESTS_PER_CTA
-    alternated_ab combine_ctas 2 "" $k=1 $k=2 $k=8 ;;
+    alternated_ab combine_ctas 2 "" $k=1 ${COMBINE_CTAS_MORE:+$k=2 $k=8} ;;
   producer_map)  # TMA, cp.async and the rule against pages per scheduler part (~1.5 min)
     run producer_map
     timeout 200 python benchmarks/producer_map.py --out "$ROOT_OUT/producer_map/producer_map.md" > /dev/null 2>&1
