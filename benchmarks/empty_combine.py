@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -20,12 +22,20 @@ from flashmla_backend import flash_mla_with_kvcache, get_mla_metadata, precompil
 from flashmla_backend.bench import ANCHOR_CASES, HEAD_QK, HEAD_V, Case, Timer, build_problem, parse_case
 from flashmla_backend.kernel_sources import COMBINE_SIGNATURE
 
-_launch = api.launch_kernel
+@contextmanager
+def combine_skipped() -> Iterator[None]:
+    """Inside, the API launches everything but the combine."""
+    launch = api.launch_kernel
 
+    def launch_all_but_combine(function, signature, *args, **kwargs) -> None:
+        if signature is not COMBINE_SIGNATURE:
+            launch(function, signature, *args, **kwargs)
 
-def _launch_without_combine(function, signature, *args, **kwargs) -> None:
-    if signature is not COMBINE_SIGNATURE:
-        _launch(function, signature, *args, **kwargs)
+    api.launch_kernel = launch_all_but_combine
+    try:
+        yield
+    finally:
+        api.launch_kernel = launch
 
 
 def time_case(case: Case, timer: Timer, rounds: int) -> str | None:
@@ -41,21 +51,15 @@ def time_case(case: Case, timer: Timer, rounds: int) -> str | None:
                                       softmax_scale=HEAD_QK ** -0.5, causal=True)[0]
 
     with_combine = call().clone()
-    api.launch_kernel = _launch_without_combine
-    try:
+    with combine_skipped():
         without = call()
-    finally:
-        api.launch_kernel = _launch
     if not torch.equal(with_combine, without):
         raise AssertionError(f"{case.label}: the output differs without the combine")
     runs: dict[str, list[float]] = {"with": [], "without": []}
     for _ in range(rounds):
         runs["with"].append(timer.median_us(call))
-        api.launch_kernel = _launch_without_combine
-        try:
+        with combine_skipped():
             runs["without"].append(timer.median_us(call))
-        finally:
-            api.launch_kernel = _launch
     a, c = statistics.median(runs["with"]), statistics.median(runs["without"])
     fmt = lambda xs: " / ".join(f"{x:.1f}" for x in xs)  # noqa: E731
     return f"| {case.label} | {fmt(runs['with'])} | {fmt(runs['without'])} | {a - c:+.2f} ({(a - c) / a:+.1%}) |"

@@ -79,6 +79,14 @@ DEVICE void setmaxnreg_inc_240() { asm volatile("setmaxnreg.inc.sync.aligned.u32
 DEVICE void setmaxnreg_inc_224() { asm volatile("setmaxnreg.inc.sync.aligned.u32 224;"); }
 DEVICE void setmaxnreg_dec_40() { asm volatile("setmaxnreg.dec.sync.aligned.u32 40;"); }
 
+// Chunks [first_chunk, 9) of one page into a stage by TMA boxes, completing on its full barrier.
+DEVICE void load_chunks_tma(const DecodeArgs& a, const SharedTiles& sm, int stage, int page_id, int first_chunk,
+                            uint64_t policy) {
+    for (int c = first_chunk; c < QK_CHUNKS; ++c)
+        tma_load_4d(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, &sm.full_bar()[stage], c * CHUNK_COLS, a.kh, 0,
+                    page_id, policy);
+}
+
 // Producer: streams every page of every piece through the KV ring.
 DEVICE void run_producer(const DecodeArgs& a, const SharedTiles& sm) {
     // One query block streams each page once; several blocks re-read it from L2.
@@ -91,11 +99,7 @@ DEVICE void run_producer(const DecodeArgs& a, const SharedTiles& sm) {
             const int stage = it % KV_STAGES;
             mbarrier_wait(&sm.empty_bar()[stage], ((it / KV_STAGES) & 1) ^ 1);
             mbarrier_arrive_expect_tx(&sm.full_bar()[stage], TILE_BYTES);
-            const int page_id = pages[page];
-#pragma unroll
-            for (int c = 0; c < QK_CHUNKS; ++c)
-                tma_load_4d(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, &sm.full_bar()[stage],
-                            c * CHUNK_COLS, a.kh, 0, page_id, policy);
+            load_chunks_tma(a, sm, stage, pages[page], 0, policy);
         }
     }
 }
@@ -135,9 +139,7 @@ DEVICE void run_producer_mixed(const DecodeArgs& a, const SharedTiles& sm, const
             const int page_id = pages[page];
             if (tid == 0) {
                 mbarrier_arrive_expect_tx(&sm.full_bar()[stage], (QK_CHUNKS - MIXED_CP_CHUNKS) * CHUNK_BYTES);
-                for (int c = MIXED_CP_CHUNKS; c < QK_CHUNKS; ++c)
-                    tma_load_4d(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, &sm.full_bar()[stage],
-                                c * CHUNK_COLS, a.kh, 0, page_id, policy);
+                load_chunks_tma(a, sm, stage, page_id, MIXED_CP_CHUNKS, policy);
             }
             const uint16_t* src = k_cache + (size_t)page_id * page_stride + a.kh * HEAD_DIM_QK;
             for (int idx = tid; idx < PAGE_SIZE * CP_VECS_PER_TOKEN; idx += WG_THREADS) {
