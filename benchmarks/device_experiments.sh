@@ -33,6 +33,11 @@
 #   empty_combine: benchmarks/empty_combine.py: the rows whose scheduler splits no request, timed
 #             with and without the combine launch (it has nothing to merge there), alternated
 #             three times, plus b = 132 (~1 min)
+#   combine_ctas: requests per combine CTA by the rule (shipped: one wave of resident CTAs)
+#             against 1 (the grid before run 26), 2 and 8 (FLASHMLA_BACKEND_COMBINE_REQUESTS_PER_CTA):
+#             the grid's drain after the decode (empty_combine: 1-3 µs on the unsplit rows)
+#             against the split rows' merge parallelism; the GPU decode and launch tests first,
+#             then every anchor row alternated twice, ours only (~6 min)
 #   producer_map: benchmarks/producer_map.py: our decode with each KV producer forced and by the
 #             rule, h_q = 16 batches of 1-128 requests, s_k 512-32768, beside the scheduler
 #             parts' page counts (~1.5 min)
@@ -234,6 +239,13 @@ for experiment in ${@:-verify}; do
     timeout 200 python benchmarks/empty_combine.py --case memory:132,1,16,4096 \
       > "$ROOT_OUT/empty_combine/empty_combine.md" 2>&1
     cat "$ROOT_OUT/empty_combine/empty_combine.md" ;;
+  combine_ctas)  # requests per combine CTA
+    run combine_ctas
+    timeout 300 python -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py tests/test_launch.py ${COMBINE_CTAS_TESTS:+-k "$COMBINE_CTAS_TESTS"} \
+      > "$ROOT_OUT/combine_ctas/gpu_decode.tests" 2>&1
+    echo "GPU decode and launch tests: $(tail -1 "$ROOT_OUT/combine_ctas/gpu_decode.tests")"
+    k=shipped+FLASHMLA_BACKEND_COMBINE_REQUESTS_PER_CTA
+    alternated_ab combine_ctas 2 "" $k=1 ${COMBINE_CTAS_MORE:+$k=2 $k=8} ;;
   producer_map)  # TMA, cp.async and the rule against pages per scheduler part (~1.5 min)
     run producer_map
     timeout 200 python benchmarks/producer_map.py --out "$ROOT_OUT/producer_map/producer_map.md" > /dev/null 2>&1

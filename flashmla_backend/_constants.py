@@ -22,6 +22,8 @@ SMALL_SCHEDULE_MAX_BATCH = 32
 #: Largest batch the one-CTA scheduler holds in shared memory (int32 per request).
 MAX_BATCH = 48 * 1024
 COMBINE_WARPS = 8
+#: Most requests one combine CTA serves (its shared-memory table of split ranges).
+COMBINE_MAX_REQUESTS_PER_CTA = 32
 
 _TILE_BYTES = PAGE_SIZE * HEAD_DIM_QK * 2
 #: Q block + two KV stages + P + up to four per-row float arrays + up to eight mbarriers +

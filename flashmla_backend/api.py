@@ -8,6 +8,7 @@ import torch
 
 from ._constants import (
     BLOCK_M,
+    COMBINE_MAX_REQUESTS_PER_CTA,
     COMBINE_WARPS,
     DECODE_SMEM_BYTES,
     DECODE_THREADS,
@@ -31,7 +32,7 @@ from .kernel_sources import (
 )
 from .kv_producer import load_by_cp_async
 from .reference import mla_decode_reference
-from .launch import KernelSignature, launch_kernel
+from .launch import KernelSignature, launch_kernel, resident_ctas_per_sm
 from .runtime import check_device, get_kernel, sm_count
 from .schedule import no_split_slack, num_sm_parts, schedule_reference, split_overhead_pages
 from .settings import Settings, settings
@@ -50,6 +51,7 @@ class _CallKernels:
     contract: DecodeLaunchContract
     decode_signature: KernelSignature
     combine: int
+    combine_resident_ctas: int  # combine CTAs the whole GPU holds at once
 
 
 _call_kernels_cache: dict[tuple[int, torch.dtype], _CallKernels] = {}
@@ -65,8 +67,10 @@ def _call_kernels(index: int, dtype: torch.dtype) -> _CallKernels:
     module = decode_module(dtype, programmatic)
     contract = decode_launch_contract(module)
     combine = combine_module(dtype, programmatic)
+    combine_kernel = get_kernel(combine, "mla_combine", index)
+    resident = resident_ctas_per_sm(combine_kernel, COMBINE_WARPS * 32, index) * sm_count(index)
     cached = _CallKernels(current, get_kernel(module, "mla_decode", index), contract, decode_signature(contract),
-                          get_kernel(combine, "mla_combine", index))
+                          combine_kernel, max(1, resident))
     _call_kernels_cache[(index, dtype)] = cached
     return cached
 
@@ -133,6 +137,16 @@ def _combine_warps_per_row(batch: int, parts: int) -> int:
         if splits_per_request >= 4 * warps:
             return warps
     return 1
+
+
+def _combine_requests_per_cta(batch: int, column_ctas: int, resident_ctas: int, forced: int) -> int:
+    """Requests one combine CTA serves: ``forced`` when the setting names a count, else the
+    fewest that keep the grid (``column_ctas`` CTAs per request) within one wave of resident CTAs.
+    The grid drains after the decode even where nothing is split (1-3 µs for 1-4 waves on an
+    H100, NOTES.md run 26), while beyond one wave more CTAs add no merge parallelism."""
+    if forced:
+        return forced
+    return min(COMBINE_MAX_REQUESTS_PER_CTA, max(1, -(-column_ctas * batch // resident_ctas)))
 
 
 _workspaces: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -257,9 +271,12 @@ def flash_mla_with_kvcache(
                   index, shared_mem=DECODE_SMEM_BYTES, programmatic=kernels.settings.programmatic_launch)
     warps_per_row = _combine_warps_per_row(shape.batch, parts)
     rows_per_cta = COMBINE_WARPS // warps_per_row
-    launch_kernel(kernels.combine, COMBINE_SIGNATURE, (-(-shape.h_k * rows // rows_per_cta), shape.batch, 1),
+    column_ctas = -(-shape.h_k * rows // rows_per_cta)
+    requests_per_cta = _combine_requests_per_cta(shape.batch, column_ctas, kernels.combine_resident_ctas,
+                                                 kernels.settings.combine_requests_per_cta)
+    launch_kernel(kernels.combine, COMBINE_SIGNATURE, (column_ctas, -(-shape.batch // requests_per_cta), 1),
                   COMBINE_WARPS * 32, (o_part.data_ptr(), lse_part.data_ptr(), num_splits.data_ptr(), out.data_ptr(),
-                                       lse.data_ptr(), shape.s_q, shape.h_q, shape.h_k, warps_per_row),
+                                       lse.data_ptr(), shape.s_q, shape.h_q, shape.h_k, warps_per_row, shape.batch),
                   index, programmatic=kernels.settings.programmatic_launch)
     return out, lse
 

@@ -105,6 +105,9 @@ def _driver() -> ctypes.CDLL:
     lib.cuDevicePrimaryCtxRetain.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
     lib.cuGetErrorName.restype = ctypes.c_int
     lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    lib.cuOccupancyMaxActiveBlocksPerMultiprocessor.restype = ctypes.c_int
+    lib.cuOccupancyMaxActiveBlocksPerMultiprocessor.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p,
+                                                                ctypes.c_int, ctypes.c_size_t]
     return lib
 
 
@@ -172,6 +175,20 @@ def count_parameters(function: int) -> int:
     while lib.cuFuncGetParamInfo(function, count, ctypes.byref(offset), ctypes.byref(size)) == 0:
         count += 1
     return count
+
+
+def resident_ctas_per_sm(function: int, block: int, device_index: int, shared_mem: int = 0) -> int:
+    """How many CTAs of ``block`` threads of the kernel ``function`` an SM holds at once (its
+    registers, shared memory and threads), by the driver's occupancy calculator."""
+    count = ctypes.c_int()
+    pushed = _make_primary_current(device_index)
+    try:
+        _check(_driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(count), function, block,
+                                                                        shared_mem),
+               "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+    finally:
+        _restore_context(pushed)
+    return count.value
 
 
 @lru_cache(maxsize=None)

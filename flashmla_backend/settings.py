@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ._constants import NO_SPLIT_SLACK_16THS, SPLIT_OVERHEAD_PAGES
+from ._constants import COMBINE_MAX_REQUESTS_PER_CTA, NO_SPLIT_SLACK_16THS, SPLIT_OVERHEAD_PAGES
 
 KV_PRODUCER_ENV = "FLASHMLA_BACKEND_KV_PRODUCER"
 KV_PRODUCER_CHOICES = ("auto", "tma", "cp_async")
@@ -32,7 +32,9 @@ class Settings:
     the scheduler's cost knobs (``_SPLIT_OVERHEAD``, ``_NO_SPLIT_SLACK``); ``tma_l2_promotion``:
     the KV map's L2 promotion 0-3 (``_TMA_L2_PROMOTION``); ``small_schedule``: batches of at most
     32 requests take the one-warp scheduler (``_SMALL_SCHEDULE``: 1, the default, or 0 for the
-    CTA-wide one); ``check_contents``: the content checks
+    CTA-wide one); ``combine_requests_per_cta``: requests one combine CTA serves (1-32, or 0,
+    the default: the fewest that keep its grid within one wave; ``_COMBINE_REQUESTS_PER_CTA``);
+    ``check_contents``: the content checks
     of GPU tensors (``_CHECK_CONTENTS=0`` turns them off)."""
 
     decode_file: str = "mla_decode.cu"
@@ -46,6 +48,7 @@ class Settings:
     no_split_slack: int = NO_SPLIT_SLACK_16THS
     tma_l2_promotion: int = L2_PROMOTION_256B
     small_schedule: bool = True
+    combine_requests_per_cta: int = 0
     check_contents: bool = True
 
 
@@ -88,6 +91,8 @@ def read_settings() -> Settings:
         no_split_slack=_int("FLASHMLA_BACKEND_NO_SPLIT_SLACK", NO_SPLIT_SLACK_16THS, 0, 16),
         tma_l2_promotion=_int("FLASHMLA_BACKEND_TMA_L2_PROMOTION", L2_PROMOTION_256B, 0, 3),
         small_schedule=_int("FLASHMLA_BACKEND_SMALL_SCHEDULE", 1, 0, 1) == 1,
+        combine_requests_per_cta=_int("FLASHMLA_BACKEND_COMBINE_REQUESTS_PER_CTA", 0, 0,
+                                      COMBINE_MAX_REQUESTS_PER_CTA),
         check_contents=os.environ.get("FLASHMLA_BACKEND_CHECK_CONTENTS", "1") != "0",
     )
 

@@ -1,7 +1,9 @@
 // Combine: merges the float32 partial outputs of a split request, weighting each split by
-// exp(lse_split - lse_total). A CTA of 8 warps serves 8 / warps_per_row output rows of one
-// request; the warps of a row share its splits and reduce through shared memory. Requests with
-// one split were written directly by the decode kernel and are skipped.
+// exp(lse_split - lse_total). A CTA of 8 warps serves 8 / warps_per_row output rows of requests
+// blockIdx.y, blockIdx.y + gridDim.y, ... (the host may give a CTA several requests: where few
+// or none are split, fewer CTAs drain faster after the decode); the warps of a row share its
+// splits and reduce through shared memory. Requests with one split were written directly by the
+// decode kernel and are skipped.
 // A warp requests its first SPLITS_IN_FLIGHT partial rows, their LSEs and LSE_CHUNK lane-strided
 // LSEs for the max before reducing anything: one L2 round trip before the first FMA, not three
 // (NOTES.md, c2: -0.5 to -0.7 us on the latency rows, H200).
@@ -22,6 +24,7 @@ constexpr int SPLITS_IN_FLIGHT = COMBINE_SPLITS_IN_FLIGHT;
 #define SPLITS_BEFORE_WAIT 1
 #endif
 constexpr int LSE_CHUNK = 4;  // LSEs per lane loaded at once: 128 splits per round trip
+constexpr int MAX_REQUESTS_PER_CTA = 32;  // the host's bound (_constants.py)
 
 // A group of SPLITS_IN_FLIGHT partial rows of one warp: rows i0, i0 + step, ... (zero rows and
 // -inf LSEs past count), VEC_PER_LANE float4 columns per lane (a row is 128 float4 columns).
@@ -58,13 +61,11 @@ DEVICE void load_lse_chunk(float (&l)[LSE_CHUNK], const float* lse_part, size_t 
     }
 }
 
-// One CTA's rows of request blockIdx.y, whose splits are first .. first + count - 1.
-DEVICE void combine_rows(const float* __restrict__ o_part, const float* __restrict__ lse_part, int first, int count,
-                         uint16_t* __restrict__ out, float* __restrict__ lse, int s_q, int h_q, int h_k,
-                         int warps_per_row, float4 (&partial)[COMBINE_WARPS][HEAD_DIM_V / 4]) {
-    const int req = blockIdx.y;
-    if (count <= 1) return;  // the same for the whole CTA
-
+// One CTA's rows of request req, whose splits are first .. first + count - 1 (count > 1). Every
+// thread of the CTA calls it and returns from it (it may run again for the CTA's next request).
+DEVICE void combine_rows(const float* __restrict__ o_part, const float* __restrict__ lse_part, int req,
+                         int first, int count, uint16_t* __restrict__ out, float* __restrict__ lse, int s_q,
+                         int h_q, int h_k, int warps_per_row, float4 (&partial)[COMBINE_WARPS][HEAD_DIM_V / 4]) {
     const int group = h_q / h_k, rows = s_q * group;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int sub = warp % warps_per_row;
@@ -126,15 +127,16 @@ DEVICE void combine_rows(const float* __restrict__ o_part, const float* __restri
 #pragma unroll
         for (int j = 0; j < VEC_PER_LANE; ++j) partial[warp][j * 32 + lane] = acc[j];
         __syncthreads();
-        if (sub != 0) return;
-        for (int w = 1; w < warps_per_row; ++w)
+        if (sub == 0)
+            for (int w = 1; w < warps_per_row; ++w)
 #pragma unroll
-            for (int j = 0; j < VEC_PER_LANE; ++j) {
-                const float4 v = partial[warp + w][j * 32 + lane];
-                acc[j].x += v.x; acc[j].y += v.y; acc[j].z += v.z; acc[j].w += v.w;
-            }
+                for (int j = 0; j < VEC_PER_LANE; ++j) {
+                    const float4 v = partial[warp + w][j * 32 + lane];
+                    acc[j].x += v.x; acc[j].y += v.y; acc[j].z += v.z; acc[j].w += v.w;
+                }
+        __syncthreads();  // partial is free for the CTA's next request
     }
-    if (!active) return;
+    if (!active || sub != 0) return;
     const int s_idx = row / group, head = kh * group + row % group;
     uint16_t* dst = out + ((size_t)(req * s_q + s_idx) * h_q + head) * HEAD_DIM_V;
 #pragma unroll
@@ -147,21 +149,36 @@ DEVICE void combine_rows(const float* __restrict__ o_part, const float* __restri
 
 // o_part: [splits, h_k, rows, 512] f32; lse_part: [splits, h_k, rows] f32 with rows = s_q*G.
 // out: contiguous [b, s_q, h_q, 512]; lse: contiguous [b, h_q, s_q].
-// Grid (ceil(h_k * rows / (8 / warps_per_row)), b); warps_per_row in {1, 2, 4, 8}.
+// Grid (ceil(h_k * rows / (8 / warps_per_row)), ceil(batch / requests_per_cta)) with
+// requests_per_cta <= MAX_REQUESTS_PER_CTA; warps_per_row in {1, 2, 4, 8}.
 extern "C" __global__ void __launch_bounds__(COMBINE_WARPS * 32)
 mla_combine(const float* __restrict__ o_part, const float* __restrict__ lse_part,
             const int* __restrict__ num_splits, uint16_t* __restrict__ out,
-            float* __restrict__ lse, int s_q, int h_q, int h_k, int warps_per_row) {
+            float* __restrict__ lse, int s_q, int h_q, int h_k, int warps_per_row, int batch) {
     __shared__ float4 partial[COMBINE_WARPS][HEAD_DIM_V / 4];
-    const int req = blockIdx.y;
-    int first = 0, count = 0;
-    if (SPLITS_BEFORE_WAIT) first = num_splits[req], count = num_splits[req + 1] - first;
+    __shared__ int2 split_range[MAX_REQUESTS_PER_CTA];  // (first split, count) of each request
+    const int requests = (batch - 1 - (int)blockIdx.y) / (int)gridDim.y + 1;  // this CTA's
+    const int t = threadIdx.x;
+    const auto read_split_ranges = [&] {
+        if (t < requests) {
+            const int req = blockIdx.y + t * gridDim.y;
+            const int first = num_splits[req];
+            split_range[t] = make_int2(first, num_splits[req + 1] - first);
+        }
+    };
+    if (SPLITS_BEFORE_WAIT) read_split_ranges();
 #ifdef MLA_PROGRAMMATIC_LAUNCH
     // Launched behind the decode with programmatic stream serialization: the partials come
     // from the decode, which may still be running. Every CTA waits, the idle ones too, so that
     // this grid never completes (and releases the stream's next kernel) before the decode has.
     grid_dependency_wait();
 #endif
-    if (!SPLITS_BEFORE_WAIT) first = num_splits[req], count = num_splits[req + 1] - first;
-    combine_rows(o_part, lse_part, first, count, out, lse, s_q, h_q, h_k, warps_per_row, partial);
+    if (!SPLITS_BEFORE_WAIT) read_split_ranges();
+    __syncthreads();
+    for (int i = 0; i < requests; ++i) {
+        const int2 range = split_range[i];
+        if (range.y > 1)  // the same for the whole CTA
+            combine_rows(o_part, lse_part, blockIdx.y + i * gridDim.y, range.x, range.y, out, lse, s_q, h_q,
+                         h_k, warps_per_row, partial);
+    }
 }

@@ -82,6 +82,27 @@ def test_both_kv_producers(producer: str, h_q: int, h_k: int, s_q: int, dtype: t
     run_and_check(p, dtype)
 
 
+# Combine CTAs that serve several requests (FLASHMLA_BACKEND_COMBINE_REQUESTS_PER_CTA; 0: the rule): split and
+# unsplit requests mixed in one CTA, batches not a multiple of the count, several warps per row
+# (few long requests) and one (many requests), one and several query blocks.
+@pytest.mark.parametrize("requests_per_cta", ["0", "2", "5", "32"])
+@pytest.mark.parametrize("lengths_kind,h_q,s_q", [("few_long", 16, 1), ("few_long", 128, 2),
+                                                   ("many_varlen", 16, 1), ("many_varlen", 64, 1),
+                                                   ("many_varlen", 128, 2)])
+def test_combine_ctas_serving_several_requests(requests_per_cta: str, lengths_kind: str, h_q: int, s_q: int,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLASHMLA_BACKEND_COMBINE_REQUESTS_PER_CTA", requests_per_cta)
+    gen = torch.Generator().manual_seed(int(requests_per_cta) * 31 + h_q + s_q)
+    if lengths_kind == "few_long":
+        lengths = [16384, 0, 9000, 20000, 1]
+    else:
+        lengths = draw_lengths(97, 3000, True, gen, with_zeros=True) + [8192, 64, 65]
+    p = make_problem(lengths, s_q, h_q, 1, torch.bfloat16, causal=True, seed=h_q + 7 * s_q)
+    _, ns = get_mla_metadata(p.cache_seqlens, s_q * h_q, 1)
+    assert int((ns[1:] - ns[:-1]).max()) > 1, "the case must split some request"
+    run_and_check(p, torch.bfloat16)
+
+
 def test_long_context_mixed_batch() -> None:
     p = make_problem([1, 65536, 0, 70000, 63], 2, 16, causal=True, seed=3)
     run_and_check(p, torch.bfloat16)

@@ -257,7 +257,9 @@ def test_python_constants_mirror_the_cuda_sources() -> None:
     schedule = assembled_source("mla_schedule.cu")
     for name in ("SCHEDULE_THREADS", "SMALL_SCHEDULE_THREADS", "SMALL_SCHEDULE_MAX_BATCH"):
         assert int(_constexpr(schedule, name)) == getattr(C, name), name
-    assert int(_constexpr(assembled_source("mla_combine.cu"), "COMBINE_WARPS")) == C.COMBINE_WARPS
+    combine = assembled_source("mla_combine.cu")
+    assert int(_constexpr(combine, "COMBINE_WARPS")) == C.COMBINE_WARPS
+    assert int(_constexpr(combine, "MAX_REQUESTS_PER_CTA")) == C.COMBINE_MAX_REQUESTS_PER_CTA
 
 
 def test_decode_keeps_tile_accesses_in_the_shared_window() -> None:

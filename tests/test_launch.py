@@ -86,3 +86,31 @@ def test_launch_attributes_hold_what_the_driver_reads(programmatic: bool) -> Non
     raw = bytes(attributes)
     records = [(struct.unpack_from("<i", raw, i)[0], raw[i + 8:i + 12]) for i in range(0, len(raw), 72)]
     assert records == ([(6, struct.pack("<i", 1))] if programmatic else [])
+
+
+@requires_hopper
+def test_combine_occupancy_is_whole_ctas() -> None:
+    """The combine's rule sizes its grid to one wave of resident CTAs: at least one per SM."""
+    from flashmla_backend._constants import COMBINE_WARPS
+    from flashmla_backend.kernel_sources import combine_module
+    from flashmla_backend.launch import resident_ctas_per_sm
+    from flashmla_backend.runtime import get_kernel
+
+    per_sm = resident_ctas_per_sm(get_kernel(combine_module(torch.bfloat16), "mla_combine", 0), COMBINE_WARPS * 32, 0)
+    assert 1 <= per_sm <= 2048 // (COMBINE_WARPS * 32)
+
+
+def test_combine_requests_per_cta_keeps_one_wave() -> None:
+    from flashmla_backend._constants import COMBINE_MAX_REQUESTS_PER_CTA
+    from flashmla_backend.api import _combine_requests_per_cta
+
+    resident = 264
+    for batch in (1, 7, 64, 128, 1000, 48 * 1024):
+        for column_ctas in (1, 2, 8, 32):
+            k = _combine_requests_per_cta(batch, column_ctas, resident, 0)
+            ctas = column_ctas * -(-batch // k)
+            assert 1 <= k <= COMBINE_MAX_REQUESTS_PER_CTA
+            # One wave where the cap allows it; no fewer requests per CTA would fit one wave.
+            assert ctas <= resident or k == COMBINE_MAX_REQUESTS_PER_CTA or column_ctas > resident
+            assert k == 1 or column_ctas * -(-batch // (k - 1)) > resident
+    assert _combine_requests_per_cta(128, 8, resident, 3) == 3  # the setting forces a count
