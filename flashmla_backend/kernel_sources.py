@@ -102,7 +102,8 @@ def decode_launch_contract(module: KernelModule) -> DecodeLaunchContract:
 
 #: Parameters of ``mla_schedule``: seqlens, batch, parts, overhead, slack, metadata, num_splits.
 SCHEDULE_SIGNATURE = KernelSignature("mla_schedule", "Q i i i i Q Q")
-#: Parameters of ``mla_combine``: o_part, lse_part, num_splits, out, lse, s_q, h_q, h_k, warps_per_row.
+#: Parameters of ``mla_combine``: o_part, lse_part, num_splits, out, lse, s_q, h_q, h_k, warps_per_row,
+#: batch.
 COMBINE_SIGNATURE = KernelSignature("mla_combine", "Q Q Q Q Q i i i i i")
 #: The decode parameters every version takes: the KV tensor map; q and its batch, token and
 #: head strides; block_table and its row stride; seqlens, metadata, num_splits, out, lse,
