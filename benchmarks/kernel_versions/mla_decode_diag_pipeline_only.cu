@@ -87,10 +87,10 @@ DEVICE void load_chunks_tma(const DecodeArgs& a, const SharedTiles& sm, int stag
                     page_id, policy);
 }
 
-// Producer: streams every page of every piece through the KV ring.
-DEVICE void run_producer(const DecodeArgs& a, const SharedTiles& sm) {
-    // One query block streams each page once; several blocks re-read it from L2.
-    const uint64_t policy = a.kv_evict_first ? l2_policy_evict_first() : l2_policy_evict_last();
+// Every page of the part's pieces in ring order: waits until the page's stage is free, then
+// load_page(stage, page_id) fills it and arrives on its full barrier.
+template <typename LoadPage>
+DEVICE void for_each_ring_page(const DecodeArgs& a, const SharedTiles& sm, LoadPage load_page) {
     int it = 0;
     for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
         const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
@@ -98,28 +98,30 @@ DEVICE void run_producer(const DecodeArgs& a, const SharedTiles& sm) {
         for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
             const int stage = it % KV_STAGES;
             mbarrier_wait(&sm.empty_bar()[stage], ((it / KV_STAGES) & 1) ^ 1);
-            mbarrier_arrive_expect_tx(&sm.full_bar()[stage], TILE_BYTES);
-            load_chunks_tma(a, sm, stage, pages[page], 0, policy);
+            load_page(stage, pages[page]);
         }
     }
+}
+
+// Producer: one thread streams every page through the KV ring by TMA boxes.
+DEVICE void run_producer(const DecodeArgs& a, const SharedTiles& sm) {
+    // One query block streams each page once; several blocks re-read it from L2.
+    const uint64_t policy = a.kv_evict_first ? l2_policy_evict_first() : l2_policy_evict_last();
+    for_each_ring_page(a, sm, [&](int stage, int page_id) {
+        mbarrier_arrive_expect_tx(&sm.full_bar()[stage], TILE_BYTES);
+        load_chunks_tma(a, sm, stage, page_id, 0, policy);
+    });
 }
 
 // Producer warpgroup, cp.async flavour: all 128 threads copy each page into the same
 // 128B-swizzled chunks TMA would write; consecutive threads read consecutive 16-byte vectors.
 DEVICE void run_producer_cp_async(const DecodeArgs& a, const SharedTiles& sm, const uint16_t* k_cache,
                                   long long page_stride, long long token_stride, int tid) {
-    int it = 0;
-    for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
-        const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
-        const int* pages = a.block_table + (size_t)req * a.bt_stride;
-        for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
-            const int stage = it % KV_STAGES;
-            mbarrier_wait(&sm.empty_bar()[stage], ((it / KV_STAGES) & 1) ^ 1);
-            copy_page_cp_async(sm.kv(stage), k_cache + (size_t)pages[page] * page_stride + a.kh * HEAD_DIM_QK,
-                               token_stride, tid);
-            cp_async_arrive(&sm.full_bar()[stage]);
-        }
-    }
+    for_each_ring_page(a, sm, [&](int stage, int page_id) {
+        copy_page_cp_async(sm.kv(stage), k_cache + (size_t)page_id * page_stride + a.kh * HEAD_DIM_QK,
+                           token_stride, tid);
+        cp_async_arrive(&sm.full_bar()[stage]);
+    });
 }
 
 // Producer warpgroup, both engines: thread 0 puts chunks [MIXED_CP_CHUNKS, 9) on TMA, then all
@@ -129,27 +131,19 @@ DEVICE void run_producer_mixed(const DecodeArgs& a, const SharedTiles& sm, const
                                long long page_stride, long long token_stride, int tid) {
     constexpr int CP_VECS_PER_TOKEN = MIXED_CP_CHUNKS > 0 ? MIXED_CP_CHUNKS * 8 : 1;  // 1: not called
     const uint64_t policy = a.kv_evict_first ? l2_policy_evict_first() : l2_policy_evict_last();
-    int it = 0;
-    for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
-        const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
-        const int* pages = a.block_table + (size_t)req * a.bt_stride;
-        for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
-            const int stage = it % KV_STAGES;
-            mbarrier_wait(&sm.empty_bar()[stage], ((it / KV_STAGES) & 1) ^ 1);
-            const int page_id = pages[page];
-            if (tid == 0) {
-                mbarrier_arrive_expect_tx(&sm.full_bar()[stage], (QK_CHUNKS - MIXED_CP_CHUNKS) * CHUNK_BYTES);
-                load_chunks_tma(a, sm, stage, page_id, MIXED_CP_CHUNKS, policy);
-            }
-            const uint16_t* src = k_cache + (size_t)page_id * page_stride + a.kh * HEAD_DIM_QK;
-            for (int idx = tid; idx < PAGE_SIZE * CP_VECS_PER_TOKEN; idx += WG_THREADS) {
-                const int r = idx / CP_VECS_PER_TOKEN, v = idx % CP_VECS_PER_TOKEN;
-                cp_async_16(sm.kv(stage) + (v / 8) * CHUNK_BYTES + r * 128 + (((v % 8) ^ (r & 7)) << 4),
-                            src + r * token_stride + v * 8);
-            }
-            cp_async_arrive(&sm.full_bar()[stage]);
+    for_each_ring_page(a, sm, [&](int stage, int page_id) {
+        if (tid == 0) {
+            mbarrier_arrive_expect_tx(&sm.full_bar()[stage], (QK_CHUNKS - MIXED_CP_CHUNKS) * CHUNK_BYTES);
+            load_chunks_tma(a, sm, stage, page_id, MIXED_CP_CHUNKS, policy);
         }
-    }
+        const uint16_t* src = k_cache + (size_t)page_id * page_stride + a.kh * HEAD_DIM_QK;
+        for (int idx = tid; idx < PAGE_SIZE * CP_VECS_PER_TOKEN; idx += WG_THREADS) {
+            const int r = idx / CP_VECS_PER_TOKEN, v = idx % CP_VECS_PER_TOKEN;
+            cp_async_16(sm.kv(stage) + (v / 8) * CHUNK_BYTES + r * 128 + (((v % 8) ^ (r & 7)) << 4),
+                        src + r * token_stride + v * 8);
+        }
+        cp_async_arrive(&sm.full_bar()[stage]);
+    });
 }
 
 // Both math warpgroups: take each page as soon as it lands and hand the stage straight back
