@@ -22,6 +22,7 @@ from flashmla_backend import flash_mla_with_kvcache, get_mla_metadata, precompil
 from flashmla_backend.bench import ANCHOR_CASES, HEAD_QK, HEAD_V, Case, Timer, build_problem, parse_case
 from flashmla_backend.kernel_sources import COMBINE_SIGNATURE
 
+
 @contextmanager
 def combine_skipped() -> Iterator[None]:
     """Inside, the API launches everything but the combine."""
