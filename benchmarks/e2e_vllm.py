@@ -36,6 +36,10 @@ alternately (round k under ``<out>/round<k>/``), and pools them the same way, wi
 ratio to CUSTOM and their geometric mean: run 22 (H100) measured the first engine of a call
 ~5% faster than the second, whichever backend it was, which a fixed order would credit to the
 backend that runs first.
+
+Every report also lists each run whose decode time is more than 10% above its backend's fastest
+(``slow_runs``): run 28 (H100) had two FLASHMLA runs 1.21x and 1.50x slower at an unchanged
+prefill, which a pooled ratio would otherwise carry silently.
 """
 
 from __future__ import annotations
@@ -355,6 +359,34 @@ def pairing_ratios(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+#: A run whose decode time (full − prefill-only) exceeds its backend's fastest by more than this
+#: is flagged: run 28 (H100) saw two FLASHMLA runs 24% and 50% slower at an unchanged prefill.
+SLOW_RUN_TOLERANCE = 0.10
+
+
+def _decode_s(run: dict[str, Any]) -> float:
+    return run["full_s"] - run["prefill_only_s"]
+
+
+def slow_runs(results: list[dict[str, Any]], tolerance: float = SLOW_RUN_TOLERANCE) -> list[str]:
+    """One line per run whose decode time is more than ``tolerance`` above the fastest decode time
+    of the same backend (over its repeats, rounds or placements), so that a pairing ratio built
+    on a hiccup is read as one. Empty when every backend ran once or evenly."""
+    lines = []
+    for r in results:
+        runs = r.get("runs", []) if "best" in r else []
+        if len(runs) < 2:
+            continue
+        fastest = min(_decode_s(run) for run in runs)
+        for run in runs:
+            if _decode_s(run) > (1 + tolerance) * fastest:
+                where = f"{_describe_pass(run)}, " if "round" in run or "pass" in run else ""
+                lines.append(f"{r['backend']} {where}repeat {run['repeat']}: decode {_decode_s(run):.2f} s, "
+                             f"{_decode_s(run) / fastest:.2f}x its fastest ({fastest:.2f} s): slow run, "
+                             f"a ratio that pairs it is suspect")
+    return lines
+
+
 def backend_orders(backends: list[str], rounds: int) -> list[list[str]]:
     """The order of each round: as given, then reversed, alternately, so that every backend runs
     as often early as late (the first engine of a call measured ~5% faster, run 22)."""
@@ -370,8 +402,8 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
               f"{', eager' if header['enforce_eager'] else ', CUDA graphs'}"
               f"{'; ' + str(args.parallel_gpus) + ' backends at a time, one GPU each' if args.parallel_gpus > 1 else ''}\n")
     table = markdown_table(results)
-    ratios = pairing_ratios(results)
-    table += "".join("\n\n" + line for line in ratios[:1]) + "".join("\n" + line for line in ratios[1:])
+    notes = pairing_ratios(results) + slow_runs(results)
+    table += "".join("\n\n" + line for line in notes[:1]) + "".join("\n" + line for line in notes[1:])
     print(table)
     (args.out / "summary.json").write_text(json.dumps({"results": results, "table": table}, indent=2))
 

@@ -102,3 +102,18 @@ def test_rounds_pair_by_round_when_a_round_failed(e2e) -> None:
     flashmla = e2e.pool_passes([result("FLASHMLA", [rate(90)]), result("FLASHMLA", [rate(90)]), failed], tags)
     assert [p["round"] for p in custom["passes"]] == [0, 2] and [p["round"] for p in flashmla["passes"]] == [0, 1]
     assert e2e.pairing_ratios([custom, flashmla]) == []
+
+
+def test_a_slow_run_is_flagged_against_its_backends_fastest(e2e) -> None:
+    # Run 28's shape: FLASHMLA's round 0 decoded in 7.0 s, its round 1 in 4.6 s (1.52x); CUSTOM's
+    # two rounds differ by 5%, under the 10% tolerance. A single run flags nothing.
+    tags = [{"round": 0, "order": "CUSTOM then FLASHMLA"}, {"round": 1, "order": "FLASHMLA then CUSTOM"}]
+    custom = e2e.pool_passes([result("CUSTOM", [(3.0, 7.6)]), result("CUSTOM", [(3.0, 7.4)])], tags)
+    flashmla = e2e.pool_passes([result("FLASHMLA", [(3.0, 10.0)]), result("FLASHMLA", [(3.0, 7.6)])], tags)
+    (line,) = e2e.slow_runs([custom, flashmla])
+    assert line.startswith("FLASHMLA in round 0 (CUSTOM then FLASHMLA), repeat 0: decode 7.00 s, 1.52x")
+    assert e2e.slow_runs([result("CUSTOM", [(3.0, 10.0)])]) == []
+    # Repeats of one pass are compared too, and a failed backend is skipped.
+    repeats = result("TRITON_MLA", [(3.0, 7.0), (3.0, 8.0)])
+    assert e2e.slow_runs([repeats, {"backend": "X", "error": "1"}]) == [
+        "TRITON_MLA repeat 1: decode 5.00 s, 1.25x its fastest (4.00 s): slow run, a ratio that pairs it is suspect"]
