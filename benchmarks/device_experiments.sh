@@ -115,6 +115,9 @@
 #   e2e_share: the same engines with 1-token prompts and 512 generated tokens (~4 min; needs the
 #             bundle): the decode step with almost no attention, i.e. the rest of the step that
 #             e2e1's step time minus it leaves to attention in the engine (NOTES, "Run 24")
+#   short_contexts: the side-by-side table (ours and the peers, same process) at the contexts
+#             e2e_share decodes: 128 requests, h_q = 16, s_q = 1, 64-1024 keys, fixed and varlen
+#             (needs the bundle; ~1 min): is our 7-12% shorter step there the attention calls?
 #   engine_eager, engine_graphs, engine_mtp_server, engine_soak: one group of the engine-level
 #             vLLM tests (integration_tests/README.md; needs the bundle; up to ~9 min each)
 set -uo pipefail
@@ -427,6 +430,13 @@ for experiment in ${@:-verify}; do
     timeout 500 python benchmarks/e2e_vllm.py --backends ${E2E_ORDER:-FLASHMLA CUSTOM} --timeout 240 \
       --prompt-len 1 --gen-len 512 --repeats 5 --out "$ROOT_OUT/e2e_share" > "$ROOT_OUT/e2e_share/e2e.log" 2>&1
     tail -8 "$ROOT_OUT/e2e_share/e2e.log" ;;
+  short_contexts)
+    run short_contexts
+    cases=""
+    for sk in 64 256 512 1024; do cases="$cases --case memory:128,1,16,$sk --case memory:128,1,16,$sk,varlen"; done
+    timeout 240 python -m flashmla_backend.bench --rows NO_ANCHOR_ROWS --no-plots $cases \
+      --out "$ROOT_OUT/short_contexts" > "$ROOT_OUT/short_contexts/table.md" 2>&1
+    tail -12 "$ROOT_OUT/short_contexts/table.md" ;;
   engine_eager) engine_tests engine_eager integration_tests/test_offline_parity.py -k eager ;;
   engine_graphs) engine_tests engine_graphs integration_tests/test_offline_parity.py -k "not eager" ;;
   engine_mtp_server) engine_tests engine_mtp_server integration_tests/test_mtp_speculative.py \
