@@ -54,6 +54,8 @@ class Outcome:
     detail: str = ""
     completion_tokens: int | None = None
     seconds: float = 0.0
+    #: ``time.perf_counter()`` when the request was sent.
+    started_at: float = 0.0
     tokens: list[str] = field(default_factory=list)
     top_logprobs: list[dict[str, float]] = field(default_factory=list)
 
@@ -168,8 +170,8 @@ async def run_job(client: Any, model: str, job: Job) -> Outcome:
     """Sends one job; never raises: failures become ``status == "error"`` with the reason."""
     import openai
 
-    outcome = Outcome(job.index, "ok")
     started = time.perf_counter()
+    outcome = Outcome(job.index, "ok", started_at=started)
     try:
         call = _run_completion if job.api == "completion" else _run_chat
         if job.cancel_after_s is not None:
@@ -231,6 +233,25 @@ def summarize(jobs: list[Job], outcomes: list[Outcome]) -> dict[str, Any]:
             "p50_s": seconds[len(seconds) // 2] if seconds else None,
             "p99_s": seconds[int(len(seconds) * 0.99)] if seconds else None,
             "errors": errors[:20]}
+
+
+def in_flight_at(jobs: list[Job], outcomes: list[Outcome], when: float, before_s: float = 1.0) -> dict[str, Any]:
+    """The requests in flight at ``when`` (a ``time.perf_counter()`` value) or ending within
+    ``before_s`` before it: how many, the probes among them, and the five longest prompts, to
+    match a step in the used memory (sampled every 0.25 s) to the requests that may have caused it."""
+    active = [(j, o) for j, o in zip(jobs, outcomes, strict=True)
+              if o.started_at <= when and o.started_at + o.seconds >= when - before_s]
+
+    def describe(job: Job) -> str:
+        length = len(job.prompt) if isinstance(job.prompt, list) else len(job.prompt.split())
+        unit = "tokens" if isinstance(job.prompt, list) else "words"
+        return f"{job.api}/{'stream' if job.stream else 'plain'} {length} {unit}"
+
+    longest = sorted(active, key=lambda jo: len(jo[0].prompt) if isinstance(jo[0].prompt, list) else 0,
+                     reverse=True)
+    return {"requests": len(active),
+            "probes": [describe(j) for j, _ in active if j.probe is not None],
+            "longest": [describe(j) for j, _ in longest[:5]]}
 
 
 def compare_probe(alone: Outcome, under_load: Outcome, tie_atol: float = PROBE_TIE_ATOL) -> str | None:

@@ -2,9 +2,13 @@
 
 One server (64 sequences at most, prefix caching on, CUDA graphs). The client (``soak_client``):
 1. sends 8 greedy probe completions alone, one at a time;
-2. warms up with rounds of 256 requests of the mix from 64 streams until a round after the
-   first leaves the GPU's used memory unchanged (at most :data:`MAX_WARMUP_ROUNDS`): the
-   caching allocators reach their high-water mark there, so growth later means a leak;
+2. warms up with rounds of 256 requests of the mix from 64 streams, each probe once among them,
+   until a round after the first leaves the GPU's used memory unchanged (at most
+   :data:`MAX_WARMUP_ROUNDS`): the caching allocators reach their high-water mark there, so
+   growth later means a leak. The probes are in the warm-up because the soak repeats them: a
+   repeat is a prefix-cache hit of up to 3000 cached tokens, which the mix alone (512-token
+   shared prefixes) never sends, and vLLM's MLA prefill grows its buffers with the cached
+   context it up-projects;
 3. soaks with 2000 more requests from 64 streams: completions and chats, streamed or not,
    1-3000 prompt tokens, 1-64 generated, about 10% cancelled (streams closed early, plain
    requests given up by a client timeout), with each probe sent 3 more times among them;
@@ -34,7 +38,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from soak_client import Job, compare_probe, make_jobs, make_probes, run_jobs, summarize
+from soak_client import Job, compare_probe, in_flight_at, make_jobs, make_probes, run_jobs, summarize
 from vllm_harness import assert_custom_backend_used, requires_engine
 from vllm_server import ServerStartError, serve
 
@@ -77,15 +81,20 @@ class MemorySampler(threading.Thread):
         self.samples: list[tuple[float, float]] = []
         self.marks: dict[str, int] = {}
         self._stop_event = threading.Event()
-        self._t0 = time.perf_counter()
+        self.t0 = time.perf_counter()  # sample times are seconds since this perf_counter value
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            self.samples.append((round(time.perf_counter() - self._t0, 2), used_gpu_memory_mib()))
+            self.samples.append((round(time.perf_counter() - self.t0, 2), used_gpu_memory_mib()))
             self._stop_event.wait(self.period_s)
 
     def mark(self, phase: str) -> None:
         self.marks[phase] = len(self.samples)
+
+    def time_of(self, phase: str) -> float:
+        """Time (s since ``t0``) of the first sample of ``phase``; +inf if it has none."""
+        index = self.marks.get(phase, len(self.samples))
+        return self.samples[index][0] if index < len(self.samples) else float("inf")
 
     def stop(self) -> dict:
         """Stops sampling; returns the marks and the samples where the used memory changed."""
@@ -133,6 +142,7 @@ def test_soak_2000_requests_from_64_streams(tiny_model: Path, vllm_env: dict[str
                 jobs = warmup if round_index == 0 else make_jobs(
                     WARMUP_REQUESTS, vocab_size, seed=100 + round_index,
                     first_index=100_000 + WARMUP_REQUESTS * round_index)
+                jobs = interleave_probes(jobs, probes, 1, seed=10 + round_index)
                 warmup_outcomes += run_jobs(server.base_url, MODEL_NAME, jobs, CONCURRENCY)
                 warmup_jobs += jobs
                 time.sleep(2)
@@ -158,6 +168,13 @@ def test_soak_2000_requests_from_64_streams(tiny_model: Path, vllm_env: dict[str
     finally:
         if sampler.is_alive():
             report["memory_timeline"] = sampler.stop()
+
+    # Each change of the used memory between the soak's start and the idle mark, beside the
+    # requests in flight then: a step can be matched to the requests that may have caused it.
+    soak_start, soak_end = sampler.time_of("soak"), sampler.time_of("idle")
+    report["memory_steps_in_soak"] = [
+        {"t_s": t, "mib": mib, "in_flight": in_flight_at(soak_with_probes, outcomes, sampler.t0 + t)}
+        for t, mib in report["memory_timeline"]["changes_s_mib"] if soak_start <= t < soak_end][:20]
 
     probe_problems = []
     exact = 0

@@ -8,6 +8,7 @@ from integration_tests.soak_client import (
     PROBE_MAX_TOKENS,
     Outcome,
     compare_probe,
+    in_flight_at,
     make_jobs,
     make_probes,
     summarize,
@@ -68,3 +69,19 @@ def test_summary_counts_statuses_and_lists_errors() -> None:
     assert summary["requests"] == 4
     assert summary["status"] == {"ok": 2, "cancelled": 1, "error": 1}
     assert summary["errors"] == [f"job {jobs[3].index}: x"]
+
+
+def test_in_flight_at_lists_the_requests_around_a_memory_step() -> None:
+    jobs = make_jobs(3, VOCAB, seed=5) + make_probes([3000], VOCAB, seed=7)
+    jobs[0].prompt, jobs[1].prompt, jobs[2].prompt = [7] * 10, [7] * 2000, "ba ko li"
+    # Sent at 0, 1, 2 and 3 s; each takes 1.5 s.
+    outcomes = [Outcome(j.index, "ok", seconds=1.5, started_at=float(i)) for i, j in enumerate(jobs)]
+    at_3_2 = in_flight_at(jobs, outcomes, 3.2, before_s=0.0)  # jobs 2 (2.0-3.5) and the probe (3.0-4.5)
+    assert at_3_2["requests"] == 2
+    assert at_3_2["probes"] == ["completion/plain 3000 tokens"]
+    assert at_3_2["longest"][0] == "completion/plain 3000 tokens"
+    # A request that ended within before_s counts too: job 1 ended at 2.5.
+    assert in_flight_at(jobs, outcomes, 3.2, before_s=1.0)["requests"] == 3
+    assert in_flight_at(jobs, outcomes, 3.2, before_s=1.0)["longest"][:2] == [
+        "completion/plain 3000 tokens", f"{jobs[1].api}/{'stream' if jobs[1].stream else 'plain'} 2000 tokens"]
+    assert in_flight_at(jobs, outcomes, 10.0)["requests"] == 0
