@@ -155,7 +155,7 @@ SCHEDULE_LENGTHS = [[4096] * 128, [8192] * 120, [0] * 5, [1, 0, 100000], list(ra
                     [64 * i + 1 for i in range(32)], [0, 70000, 0, 5, 64, 65, 0] + [3000] * 25,
                     [131072] * 2 + [1] * 30, [0] * 32,
                     # Short varlen batches, where the whole-request rule applies (run 29's 32-96 keys).
-                    [32 + (37 * i) % 65 for i in range(128)], [100 + (53 * i) % 300 for i in range(30)] + [0, 0]]
+                    [32 + (37 * i) % 65 for i in range(128)], [1 + (29 * i) % 190 for i in range(24)] + [0] * 4]
 
 
 @pytest.mark.parametrize("lengths", SCHEDULE_LENGTHS)
