@@ -124,6 +124,10 @@
 #   short_contexts: the side-by-side table (ours and the peers, same process) at the contexts
 #             e2e_share decodes: 128 requests, h_q = 16, s_q = 1, 64-1024 keys, fixed and varlen
 #             (needs the bundle; ~1 min): is our 7-12% shorter step there the attention calls?
+#   soak_pair: the serving soak on CUSTOM then FLASHMLA (SOAK_ROUNDS times, default 1; ~2 min
+#             each; needs the bundle), each report kept (memory_steps_in_soak lists the requests
+#             in flight at every step of the used memory): is run 29's step (CUSTOM 4 of 4, 156-232
+#             MiB) ours or vLLM's, and which requests come with it?
 #   engine_eager, engine_graphs, engine_mtp_server, engine_soak: one group of the engine-level
 #             vLLM tests (integration_tests/README.md; needs the bundle; up to ~9 min each)
 set -uo pipefail
@@ -451,6 +455,30 @@ for experiment in ${@:-verify}; do
     timeout 240 python -m flashmla_backend.bench --rows NO_ANCHOR_ROWS --no-plots $cases \
       --out "$ROOT_OUT/short_contexts" > "$ROOT_OUT/short_contexts/table.md" 2>&1
     tail -12 "$ROOT_OUT/short_contexts/table.md" ;;
+  soak_pair)
+    run soak_pair
+    [ -f /tmp/tiny-deepseek/config.json ] || python examples/make_tiny_deepseek.py /tmp/tiny-deepseek \
+      > "$ROOT_OUT/soak_pair/tiny_model.log" 2>&1
+    for round in $(seq "${SOAK_ROUNDS:-1}"); do
+      for backend in CUSTOM FLASHMLA; do
+        label=${backend}_round$round
+        FLASHMLA_SOAK_BACKEND=$backend FLASHMLA_SOAK_REPORT=$ROOT_OUT/soak_pair/$label.json \
+          FLASHMLA_TINY_DEEPSEEK_DIR=/tmp/tiny-deepseek VLLM_CACHE_ROOT=/tmp/vllm-cache timeout 280 \
+          python -m pytest -q -p no:cacheprovider integration_tests/test_serving_soak.py \
+          > "$ROOT_OUT/soak_pair/$label.log" 2>&1
+        echo "$label: $(tail -1 "$ROOT_OUT/soak_pair/$label.log")"
+        python - "$ROOT_OUT/soak_pair/$label.json" <<'PY'
+import json, sys
+try:
+    report = json.load(open(sys.argv[1]))
+except (OSError, ValueError):
+    sys.exit(0)
+print("  memory", report["memory_mib"])
+for step in report.get("memory_steps_in_soak", []):
+    print("  step", step["t_s"], step["mib"], step["in_flight"])
+PY
+      done
+    done ;;
   engine_eager) engine_tests engine_eager integration_tests/test_offline_parity.py -k eager ;;
   engine_graphs) engine_tests engine_graphs integration_tests/test_offline_parity.py -k "not eager" ;;
   engine_mtp_server) engine_tests engine_mtp_server integration_tests/test_mtp_speculative.py \
