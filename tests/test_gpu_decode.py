@@ -193,6 +193,11 @@ def test_whole_request_schedule(s_k: int, h_q: int, s_q: int, batch: int, monkey
     lengths = draw_lengths(batch, s_k, True, gen, with_zeros=True)
     p = make_problem(lengths, s_q, h_q, 1, torch.bfloat16, causal=True, seed=s_k + batch)
     run_and_check(p, torch.bfloat16)
+    md, ns = get_mla_metadata(p.cache_seqlens, s_q * h_q, 1)
+    ref_md, ref_ns = schedule_reference(p.cache_seqlens.cpu(), md.shape[0], whole=True)
+    assert torch.equal(md.cpu(), ref_md) and torch.equal(ns.cpu(), ref_ns)
+    if s_k == 64 and h_q * s_q <= 64 and batch >= 100:
+        assert int(ns[-1]) == batch, "the rule should give every request a part of its own here"
 
 
 def test_schedule_reused_across_layers() -> None:
