@@ -239,19 +239,19 @@ def in_flight_at(jobs: list[Job], outcomes: list[Outcome], when: float, before_s
     """The requests in flight at ``when`` (a ``time.perf_counter()`` value) or ending within
     ``before_s`` before it: how many, the probes among them, and the five longest prompts, to
     match a step in the used memory (sampled every 0.25 s) to the requests that may have caused it."""
-    active = [(j, o) for j, o in zip(jobs, outcomes, strict=True)
+    active = [j for j, o in zip(jobs, outcomes, strict=True)
               if o.started_at <= when and o.started_at + o.seconds >= when - before_s]
 
-    def describe(job: Job) -> str:
-        length = len(job.prompt) if isinstance(job.prompt, list) else len(job.prompt.split())
-        unit = "tokens" if isinstance(job.prompt, list) else "words"
-        return f"{job.api}/{'stream' if job.stream else 'plain'} {length} {unit}"
+    def tokens(job: Job) -> int:  # chats (text prompts) are short: they sort last
+        return len(job.prompt) if isinstance(job.prompt, list) else 0
 
-    longest = sorted(active, key=lambda jo: len(jo[0].prompt) if isinstance(jo[0].prompt, list) else 0,
-                     reverse=True)
+    def describe(job: Job) -> str:
+        size = f"{tokens(job)} tokens" if isinstance(job.prompt, list) else f"{len(job.prompt.split())} words"
+        return f"{job.api}/{'stream' if job.stream else 'plain'} {size}"
+
     return {"requests": len(active),
-            "probes": [describe(j) for j, _ in active if j.probe is not None],
-            "longest": [describe(j) for j, _ in longest[:5]]}
+            "probes": [describe(j) for j in active if j.probe is not None],
+            "longest": [describe(j) for j in sorted(active, key=tokens, reverse=True)[:5]]}
 
 
 def compare_probe(alone: Outcome, under_load: Outcome, tie_atol: float = PROBE_TIE_ATOL) -> str | None:
