@@ -115,6 +115,12 @@
 #   e2e_share: the same engines with 1-token prompts and 512 generated tokens (~4 min; needs the
 #             bundle): the decode step with almost no attention, i.e. the rest of the step that
 #             e2e1's step time minus it leaves to attention in the engine (NOTES, "Run 24")
+#   whole_requests: the scheduler's whole-request rule (shipped on since run 30;
+#             FLASHMLA_BACKEND_WHOLE_REQUESTS=0 turns it off): the GPU scheduler tests (kernel
+#             against the Python mirror, rule on and off) and the decode tests under it, then ours
+#             alone with the rule on (shipped) and off, alternated twice, on every anchor row plus
+#             run 29's short contexts (64-1024 keys, fixed and varlen) (~1 min). Run 30 (H100):
+#             varlen 64 27.2 -> 21.4 us, varlen 256 37.3 -> 34.4 us, anchor rows unchanged
 #   short_contexts: the side-by-side table (ours and the peers, same process) at the contexts
 #             e2e_share decodes: 128 requests, h_q = 16, s_q = 1, 64-1024 keys, fixed and varlen
 #             (needs the bundle; ~1 min): is our 7-12% shorter step there the attention calls?
@@ -434,6 +440,14 @@ for experiment in ${@:-verify}; do
     timeout 500 python benchmarks/e2e_vllm.py --backends ${E2E_ORDER:-FLASHMLA CUSTOM} --timeout 240 \
       --prompt-len 1 --gen-len 512 --repeats 5 --out "$ROOT_OUT/e2e_share" > "$ROOT_OUT/e2e_share/e2e.log" 2>&1
     tail -8 "$ROOT_OUT/e2e_share/e2e.log" ;;
+  whole_requests)
+    run whole_requests
+    timeout 300 python -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py \
+      -k "schedule_matches_python_mirror or whole_request" > "$ROOT_OUT/whole_requests/gpu.tests" 2>&1
+    echo "GPU scheduler and whole-request decode tests: $(tail -1 "$ROOT_OUT/whole_requests/gpu.tests")"
+    cases=""
+    for sk in 64 256 1024; do cases="$cases memory:128,1,16,$sk memory:128,1,16,$sk,varlen"; done
+    AB_CASES=$cases alternated_ab whole_requests 2 "" shipped+FLASHMLA_BACKEND_WHOLE_REQUESTS=0 ;;
   short_contexts)
     run short_contexts
     cases=""

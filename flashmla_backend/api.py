@@ -34,7 +34,7 @@ from .kv_producer import load_by_cp_async
 from .reference import mla_decode_reference
 from .launch import KernelSignature, launch_kernel, resident_ctas_per_sm
 from .runtime import check_device, get_kernel, sm_count
-from .schedule import no_split_slack, num_sm_parts, schedule_reference, split_overhead_pages
+from .schedule import no_split_slack, num_sm_parts, schedule_reference, split_overhead_pages, whole_requests
 from .settings import Settings, settings
 from .tensor_map import kv_cache_tensor_map
 from .validation import validate_contents, validate_decode_args, validate_metadata_args
@@ -118,7 +118,7 @@ def get_mla_metadata(
     metadata = torch.empty((parts, 8), dtype=torch.int32, device=cache_seqlens.device)
     num_splits = torch.empty((batch + 1,), dtype=torch.int32, device=cache_seqlens.device)
     args = (cache_seqlens.data_ptr(), batch, parts, split_overhead_pages(), no_split_slack(),
-            metadata.data_ptr(), num_splits.data_ptr())
+            int(whole_requests()), metadata.data_ptr(), num_splits.data_ptr())
     if batch <= SMALL_SCHEDULE_MAX_BATCH and settings().small_schedule:
         # One warp holds the whole batch: no shared memory, no CTA barrier (the latency rows).
         launch_kernel(get_kernel(SCHEDULE_MODULE, "mla_schedule_small", index), SCHEDULE_SIGNATURE, (1, 1, 1),

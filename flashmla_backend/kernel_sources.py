@@ -100,8 +100,9 @@ def decode_launch_contract(module: KernelModule) -> DecodeLaunchContract:
     return DecodeLaunchContract(int(box.group(1)) if box else PAGE_SIZE, takes_pointer, selects)
 
 
-#: Parameters of ``mla_schedule``: seqlens, batch, parts, overhead, slack, metadata, num_splits.
-SCHEDULE_SIGNATURE = KernelSignature("mla_schedule", "Q i i i i Q Q")
+#: Parameters of ``mla_schedule``: seqlens, batch, parts, overhead, slack, whole_requests,
+#: metadata, num_splits.
+SCHEDULE_SIGNATURE = KernelSignature("mla_schedule", "Q i i i i i Q Q")
 #: Parameters of ``mla_combine``: o_part, lse_part, num_splits, out, lse, s_q, h_q, h_k, warps_per_row,
 #: batch.
 COMBINE_SIGNATURE = KernelSignature("mla_combine", "Q Q Q Q Q i i i i i")

@@ -34,7 +34,8 @@ class Settings:
     32 requests take the one-warp scheduler (``_SMALL_SCHEDULE``: 1, the default, or 0 for the
     CTA-wide one); ``combine_requests_per_cta``: requests one combine CTA serves (1-32, or 0,
     the default: the fewest that keep its grid within one wave; ``_COMBINE_REQUESTS_PER_CTA``);
-    ``check_contents``: the content checks
+    ``whole_requests``: the scheduler's whole-request rule (``_WHOLE_REQUESTS``: 1, the default,
+    or 0; ``schedule.whole_requests``); ``check_contents``: the content checks
     of GPU tensors (``_CHECK_CONTENTS=0`` turns them off)."""
 
     decode_file: str = "mla_decode.cu"
@@ -49,6 +50,7 @@ class Settings:
     tma_l2_promotion: int = L2_PROMOTION_256B
     small_schedule: bool = True
     combine_requests_per_cta: int = 0
+    whole_requests: bool = True
     check_contents: bool = True
 
 
@@ -93,6 +95,7 @@ def read_settings() -> Settings:
         small_schedule=_int("FLASHMLA_BACKEND_SMALL_SCHEDULE", 1, 0, 1) == 1,
         combine_requests_per_cta=_int("FLASHMLA_BACKEND_COMBINE_REQUESTS_PER_CTA", 0, 0,
                                       COMBINE_MAX_REQUESTS_PER_CTA),
+        whole_requests=_int("FLASHMLA_BACKEND_WHOLE_REQUESTS", 1, 0, 1) == 1,
         check_contents=os.environ.get("FLASHMLA_BACKEND_CHECK_CONTENTS", "1") != "0",
     )
 

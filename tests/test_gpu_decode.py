@@ -153,19 +153,23 @@ def test_context_shorter_than_query_is_empty_row() -> None:
 SCHEDULE_LENGTHS = [[4096] * 128, [8192] * 120, [0] * 5, [1, 0, 100000], list(range(0, 4000, 37)),
                     [64 * (i % 7) for i in range(2000)], [8192], [1], [0], [2048] * 8, [4096] * 31,
                     [64 * i + 1 for i in range(32)], [0, 70000, 0, 5, 64, 65, 0] + [3000] * 25,
-                    [131072] * 2 + [1] * 30, [0] * 32]
+                    [131072] * 2 + [1] * 30, [0] * 32,
+                    # Short varlen batches, where the whole-request rule applies (run 29's 32-96 keys).
+                    [32 + (37 * i) % 65 for i in range(128)], [1 + (29 * i) % 190 for i in range(24)] + [0] * 4]
 
 
 @pytest.mark.parametrize("lengths", SCHEDULE_LENGTHS)
 @pytest.mark.parametrize("rows", [16, 128, 512])
 @pytest.mark.parametrize("slack", ["0", "", "4"])
 @pytest.mark.parametrize("small_schedule", ["1", "0"])
+@pytest.mark.parametrize("whole", ["0", "1"])
 def test_gpu_schedule_matches_python_mirror(lengths: list[int], rows: int, slack: str, small_schedule: str,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+                                            whole: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if small_schedule == "0" and len(lengths) > 32:
         pytest.skip("batches over 32 requests always take the CTA-wide scheduler")
     monkeypatch.setenv("FLASHMLA_BACKEND_NO_SPLIT_SLACK", slack)
     monkeypatch.setenv("FLASHMLA_BACKEND_SMALL_SCHEDULE", small_schedule)
+    monkeypatch.setenv("FLASHMLA_BACKEND_WHOLE_REQUESTS", whole)
     seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
     # Poison what the caching allocator is about to hand out again, so that a row the kernel
     # leaves unwritten cannot pass with an earlier call's values.
@@ -176,6 +180,24 @@ def test_gpu_schedule_matches_python_mirror(lengths: list[int], rows: int, slack
     ref_md, ref_ns = schedule_reference(seqlens.cpu(), md.shape[0])
     assert torch.equal(md.cpu(), ref_md)
     assert torch.equal(ns.cpu(), ref_ns)
+
+
+@pytest.mark.parametrize("s_k", [64, 256, 1024])
+@pytest.mark.parametrize("h_q,s_q", [(16, 1), (16, 2), (64, 1), (128, 1)])
+@pytest.mark.parametrize("batch", [8, 100, 128])
+def test_whole_request_schedule(s_k: int, h_q: int, s_q: int, batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The whole-request rule's schedules (one request per part where it applies, the usual
+    # split elsewhere) through the decode and the combine, short varlen batches with empty ones.
+    monkeypatch.setenv("FLASHMLA_BACKEND_WHOLE_REQUESTS", "1")
+    gen = torch.Generator().manual_seed(batch + s_k + h_q + s_q)
+    lengths = draw_lengths(batch, s_k, True, gen, with_zeros=True)
+    p = make_problem(lengths, s_q, h_q, 1, torch.bfloat16, causal=True, seed=s_k + batch)
+    run_and_check(p, torch.bfloat16)
+    md, ns = get_mla_metadata(p.cache_seqlens, s_q * h_q, 1)
+    ref_md, ref_ns = schedule_reference(p.cache_seqlens.cpu(), md.shape[0], whole=True)
+    assert torch.equal(md.cpu(), ref_md) and torch.equal(ns.cpu(), ref_ns)
+    if s_k == 64 and h_q * s_q <= 64 and batch >= 100:
+        assert int(ns[-1]) == batch, "the rule should give every request a part of its own here"
 
 
 def test_schedule_reused_across_layers() -> None:

@@ -73,9 +73,9 @@ def test_signatures_match_the_kernels() -> None:
         assert count_parameters(function) == len(signature.codes), signature
     schedule = pairs[0][0]
     with pytest.raises(LaunchError, match="parameter 1"):
-        check_signature(schedule, KernelSignature("mla_schedule", "Q q i i i Q Q"))
+        check_signature(schedule, KernelSignature("mla_schedule", "Q q i i i i Q Q"))
     with pytest.raises(LaunchError, match="parameters"):
-        check_signature(schedule, KernelSignature("mla_schedule", "Q i i i i Q Q Q"))
+        check_signature(schedule, KernelSignature("mla_schedule", "Q i i i i i Q Q Q"))
 
 
 @pytest.mark.parametrize("programmatic", [False, True])

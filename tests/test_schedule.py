@@ -27,8 +27,9 @@ def pieces(metadata: torch.Tensor, num_splits: torch.Tensor, lengths: list[int])
     (list(range(0, 5000, 41)), 33), ([3] * 1000, 132), ([70000, 1], 1), ([4096] * 120 + [4000] * 4, 132),
 ])
 @pytest.mark.parametrize("slack", [0, 1, 16])
-def test_every_page_is_covered_once(lengths: list[int], parts: int, slack: int) -> None:
-    md, ns = schedule_reference(torch.tensor(lengths, dtype=torch.int32), parts, slack_16ths=slack)
+@pytest.mark.parametrize("whole", [False, True])
+def test_every_page_is_covered_once(lengths: list[int], parts: int, slack: int, whole: bool) -> None:
+    md, ns = schedule_reference(torch.tensor(lengths, dtype=torch.int32), parts, slack_16ths=slack, whole=whole)
     assert md.shape == (parts, 8) and ns.shape == (len(lengths) + 1,)
     got = pieces(md, ns, lengths)
     for req, n in enumerate(lengths):
@@ -49,12 +50,13 @@ def test_every_page_is_covered_once(lengths: list[int], parts: int, slack: int) 
     ([8192], 132), ([60000], 132), ([2048] * 8, 66), ([3000, 0, 17, 9000, 0, 64, 4096], 132),
     (list(range(0, 5000, 41)), 33), ([70000, 1], 1), ([150] * 60 + [0, 1, 64, 20000, 9000], 132),
 ])
-def test_each_split_is_one_parts_first_or_last_piece(lengths: list[int], parts: int) -> None:
+@pytest.mark.parametrize("whole", [False, True])
+def test_each_split_is_one_parts_first_or_last_piece(lengths: list[int], parts: int, whole: bool) -> None:
     # The pieces in between a part's first and last cover whole requests: a split can only be a
     # part's first piece (split begin_split) or its last (split 0 of a request it starts). Every
     # split of every split request is claimed that way exactly once, or its partial is never
     # written (the combine would read a stale row).
-    md, ns = schedule_reference(torch.tensor(lengths, dtype=torch.int32), parts)
+    md, ns = schedule_reference(torch.tensor(lengths, dtype=torch.int32), parts, whole=whole)
     claimed = []
     for begin_req, _, end_req, _, begin_split, *_ in md.tolist():
         if end_req < begin_req:
@@ -93,6 +95,7 @@ def test_part_cap_knob_removes_splits_for_an_even_batch(monkeypatch: pytest.Monk
     # 128 x 4096 on 132 parts: a part boundary cuts every request (the combine merges 2 splits
     # each); capped at 128 parts, the boundaries fall between requests.
     monkeypatch.setenv("FLASHMLA_BACKEND_NO_SPLIT_SLACK", "0")
+    monkeypatch.setenv("FLASHMLA_BACKEND_WHOLE_REQUESTS", "0")  # it too would keep them whole
     lengths = torch.tensor([4096] * 128, dtype=torch.int32)
     _, ns = schedule_reference(lengths, num_sm_parts(132, 16, 1))
     assert int(ns[-1]) > 128
@@ -116,9 +119,10 @@ def test_part_cap_knob_removes_splits_for_an_even_batch(monkeypatch: pytest.Monk
 ])
 def test_no_split_rule_keeps_near_even_batches_whole(batch: int, length: int, unsplit: bool) -> None:
     lengths = torch.tensor([length] * batch, dtype=torch.int32)
-    _, ns = schedule_reference(lengths, 132, overhead=5, slack_16ths=1)
+    # The slack rule alone (the whole-request rule would keep some of these whole by itself).
+    _, ns = schedule_reference(lengths, 132, overhead=5, slack_16ths=1, whole=False)
     assert (int(ns[-1]) == batch) == unsplit
-    _, ns_off = schedule_reference(lengths, 132, overhead=5, slack_16ths=0)
+    _, ns_off = schedule_reference(lengths, 132, overhead=5, slack_16ths=0, whole=False)
     assert int(ns_off[-1]) > batch
 
 
@@ -133,3 +137,54 @@ def test_no_split_slack_knob(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("FLASHMLA_BACKEND_NO_SPLIT_SLACK", bad)
         with pytest.raises(ValueError, match="FLASHMLA_BACKEND_NO_SPLIT_SLACK"):
             no_split_slack()
+
+
+SHORT_VARLEN = [32 + (37 * i) % 65 for i in range(128)]  # 32-96 keys: 1 or 2 pages each
+
+
+@pytest.mark.parametrize("lengths,parts,whole_applies", [
+    (SHORT_VARLEN, 132, True),                     # costs 6-7 against an even share of 5
+    (SHORT_VARLEN[:100] + [0] * 20, 132, True),    # empty requests get a part each too
+    ([4096] * 128, 132, True),                     # 69 against 67: one per part, as before
+    ([4096] * 120, 132, False),                    # 69 against 63 + 5: splitting balances better
+    ([64] * 200, 132, False),                      # more requests than parts
+    ([8192], 132, False),                          # one long request spans many parts
+    ([2048] * 8, 66, False),                       # the b = 8 latency row
+])
+def test_whole_request_rule(lengths: list[int], parts: int, whole_applies: bool) -> None:
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    md, ns = schedule_reference(seqlens, parts, overhead=5, slack_16ths=1, whole=True)
+    md_off, ns_off = schedule_reference(seqlens, parts, overhead=5, slack_16ths=1, whole=False)
+    if not whole_applies:
+        assert torch.equal(md, md_off) and torch.equal(ns, ns_off)
+        return
+    # Part i runs request i alone, whole; the parts past the batch are idle.
+    batch = len(lengths)
+    assert torch.equal(ns, torch.arange(batch + 1, dtype=torch.int32))
+    assert md[:batch, 0].tolist() == list(range(batch)) and md[:batch, 2].tolist() == list(range(batch))
+    assert md[:batch, 1].tolist() == [0] * batch
+    assert md[:batch, 3].tolist() == [-(-n // PAGE_SIZE) for n in lengths]
+    assert bool((md[batch:, 0] > md[batch:, 2]).all())
+    # The costliest part (5 per piece plus its pages, the model's overhead charged where it is
+    # paid) never gets dearer, and gets cheaper where the even share gave a part two requests.
+    def costliest_part(metadata: torch.Tensor, num_splits: torch.Tensor) -> int:
+        return max(sum(5 + end - first for _, first, end, _ in pieces(metadata[p:p + 1], num_splits, lengths))
+                   for p in range(parts))
+
+    assert costliest_part(md, ns) <= costliest_part(md_off, ns_off)
+    if lengths == SHORT_VARLEN:
+        assert costliest_part(md, ns) < costliest_part(md_off, ns_off)
+
+
+def test_whole_request_rule_is_on_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flashmla_backend.schedule import whole_requests
+
+    seqlens = torch.tensor(SHORT_VARLEN, dtype=torch.int32)
+    monkeypatch.setenv("FLASHMLA_BACKEND_WHOLE_REQUESTS", "")
+    assert whole_requests()
+    _, ns = schedule_reference(seqlens, 132)
+    assert int(ns[-1]) == len(SHORT_VARLEN)
+    monkeypatch.setenv("FLASHMLA_BACKEND_WHOLE_REQUESTS", "0")
+    assert not whole_requests()
+    _, ns_off = schedule_reference(seqlens, 132)
+    assert int(ns_off[-1]) > len(SHORT_VARLEN)  # the even share splits some of them

@@ -11,7 +11,7 @@ from flashmla_backend import settings as S
 def test_defaults_when_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("DECODE_FILE", "DECODE_DEFINES", "COMBINE_FILE", "COMBINE_DEFINES", "KV_PRODUCER", "PDL",
                  "MAX_SM_PARTS", "SPLIT_OVERHEAD", "NO_SPLIT_SLACK", "TMA_L2_PROMOTION", "SMALL_SCHEDULE",
-                 "COMBINE_REQUESTS_PER_CTA", "CHECK_CONTENTS"):
+                 "COMBINE_REQUESTS_PER_CTA", "WHOLE_REQUESTS", "CHECK_CONTENTS"):
         monkeypatch.delenv(f"FLASHMLA_BACKEND_{name}", raising=False)
     assert S.settings() == S.Settings()
 
@@ -32,10 +32,12 @@ def test_values_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLASHMLA_BACKEND_CHECK_CONTENTS", "0")
     monkeypatch.setenv("FLASHMLA_BACKEND_SMALL_SCHEDULE", "0")
     monkeypatch.setenv("FLASHMLA_BACKEND_COMBINE_REQUESTS_PER_CTA", "4")
+    monkeypatch.setenv("FLASHMLA_BACKEND_WHOLE_REQUESTS", "0")
     s = S.settings()
     assert s.decode_defines == ("-DA=1", "-DB") and s.combine_file == "/tmp/x.cu"
     assert not s.programmatic_launch and s.max_sm_parts == 64 and s.split_overhead_pages == 3
     assert not s.check_contents and not s.small_schedule and s.combine_requests_per_cta == 4
+    assert not s.whole_requests and S.Settings().whole_requests
 
 
 @pytest.mark.parametrize(("name", "value"), [
@@ -53,6 +55,8 @@ def test_values_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
     ("FLASHMLA_BACKEND_SMALL_SCHEDULE", "2"),
     ("FLASHMLA_BACKEND_COMBINE_REQUESTS_PER_CTA", "-1"),
     ("FLASHMLA_BACKEND_COMBINE_REQUESTS_PER_CTA", "33"),
+    ("FLASHMLA_BACKEND_WHOLE_REQUESTS", "2"),
+    ("FLASHMLA_BACKEND_WHOLE_REQUESTS", "yes"),
 ])
 def test_bad_values_name_their_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     monkeypatch.setenv(name, value)
