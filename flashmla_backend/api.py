@@ -90,7 +90,8 @@ def get_mla_metadata(
     is_fp8_kvcache: bool = False,
     topk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Splits the batch's KV pages evenly across the GPU's SMs.
+    """Splits the batch's KV pages evenly across the GPU's SMs, or gives each request an SM of its
+    own where that costs at most one split's overhead more (``schedule.whole_requests``).
 
     Args:
         cache_seqlens: ``[b]`` int32, keys per sequence.
