@@ -127,7 +127,8 @@
 #   soak_pair: the serving soak on CUSTOM then FLASHMLA (SOAK_ROUNDS times, default 1; ~2 min
 #             each; needs the bundle), each report kept (memory_steps_in_soak lists the requests
 #             in flight at every step of the used memory): is run 29's step (CUSTOM 4 of 4, 156-232
-#             MiB) ours or vLLM's, and which requests come with it?
+#             MiB) ours or vLLM's, and which requests come with it? The allocator trace splits it
+#             between torch's live tensors, its cached segments and the rest
 #   engine_eager, engine_graphs, engine_mtp_server, engine_soak: one group of the engine-level
 #             vLLM tests (integration_tests/README.md; needs the bundle; up to ~9 min each)
 set -uo pipefail
@@ -476,6 +477,10 @@ except (OSError, ValueError):
 print("  memory", report["memory_mib"])
 for step in report.get("memory_steps_in_soak", []):
     print("  step", step["t_s"], step["mib"], step["in_flight"])
+allocator = report.get("allocator", {})
+print("  allocator", {k: v for k, v in allocator.items() if k != "reserved_steps"})
+for step in allocator.get("reserved_steps", []):
+    print("  reserved step", step)
 PY
       done
     done ;;

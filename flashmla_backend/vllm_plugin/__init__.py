@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 
-from . import compat
+from . import allocator_trace, compat
 from .capabilities import BACKEND_CLASS_PATH, BACKEND_NAME
 
 # Under vLLM's "vllm" logger so that the lines reach vLLM's log handler and format.
@@ -26,7 +26,10 @@ def register() -> None:
     Called by vLLM in each process through the ``vllm.general_plugins`` entry point; safe to
     call more than once. Raises ``RuntimeError`` on an unsupported vLLM release (see
     :mod:`~flashmla_backend.vllm_plugin.compat`) and ``ModuleNotFoundError`` without vLLM.
+    Starts the process's allocator trace when ``FLASHMLA_BACKEND_ALLOCATOR_TRACE`` is set
+    (:mod:`~flashmla_backend.vllm_plugin.allocator_trace`).
     """
+    allocator_trace.start_from_env()
     found = compat.found_vllm_version()
     allow_any = compat.allow_any_vllm_from_env()
     compat.check_vllm_version(found, allow_any=allow_any)

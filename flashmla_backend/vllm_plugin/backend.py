@@ -39,12 +39,14 @@ from vllm.v1.attention.backend import (  # noqa: E402
     AttentionCGSupport,
     AttentionLayer,
     AttentionType,
+    CommonAttentionMetadata,
     MultipleOf,
 )
 from vllm.v1.kv_cache_interface import AttentionSpec  # noqa: E402
 
 from .. import flash_mla_with_kvcache, get_mla_metadata, precompile, reserve_workspace  # noqa: E402
 from .._constants import DEFAULT_NUM_SMS, METADATA_FIELDS  # noqa: E402
+from . import allocator_trace  # noqa: E402
 from .block_table import expand_block_table, kernel_pages_per_block, split_cache_blocks  # noqa: E402
 from .capabilities import (  # noqa: E402
     BACKEND_LOG_MARKER,
@@ -213,6 +215,18 @@ class FlashMLACompatMetadataBuilder(MLACommonMetadataBuilder[FlashMLACompatMetad
                 batch = min(max_num_seqs, max_capture_tokens // query_len)
                 if batch > 0:
                     reserve_workspace(self.device, batch, query_len * self.num_query_heads, 1)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> FlashMLACompatMetadata:
+        """vLLM's MLA metadata for one step; also notes the step's batch in the allocator
+        trace when one runs (``FLASHMLA_BACKEND_ALLOCATOR_TRACE``)."""
+        metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        trace = allocator_trace.current()
+        if trace is not None:
+            trace.note_step(num_reqs=metadata.num_reqs, num_tokens=metadata.num_actual_tokens,
+                            num_decodes=metadata.num_decodes, num_prefills=metadata.num_prefills,
+                            max_query_len=metadata.max_query_len, max_seq_len=metadata.max_seq_len)
+        return metadata
 
     @property
     def num_query_heads(self) -> int:

@@ -1,0 +1,191 @@
+"""A trace of torch's CUDA caching allocator inside a vLLM process, for the serving soak.
+
+The soak reads the GPU's used memory from outside the server, which cannot tell a leak (live
+tensors that are never freed) from the caching allocator reserving one more segment the first
+time a batch needs more scratch than any before it (a high-water step, freed to the cache and
+reused after). Set ``FLASHMLA_BACKEND_ALLOCATOR_TRACE`` to a folder and each vLLM process that
+has initialized CUDA writes ``allocator_<pid>.jsonl`` there: one JSON line per sample whose
+figures changed, every :data:`PERIOD_S` seconds, with
+
+- ``t``: wall-clock time (``time.time()``, so that another process can align it);
+- ``allocated_mib`` / ``reserved_mib``: torch's live tensors and its reserved segments, summed
+  over the process's devices (``torch.cuda.memory_stats``, host-side counters only: the
+  sampling thread makes no CUDA call, so it cannot disturb a graph capture);
+- ``segments``, ``device_allocs``: the reserved segments and ``cudaMalloc`` calls so far;
+- ``step``: the last batch this backend's metadata builder saw before the sample, when it runs
+  in this process (``None`` for another backend).
+
+Started by the plugin's ``register()`` in every vLLM process; off (no thread) when unset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ALLOCATOR_TRACE_ENV = "FLASHMLA_BACKEND_ALLOCATOR_TRACE"
+#: Seconds between samples; the soak's own sampler of the used memory runs at the same rate.
+PERIOD_S = 0.25
+_MIB = 2**20
+
+
+def torch_allocator_stats() -> dict[str, float] | None:
+    """This process's caching-allocator counters summed over its devices, or None before CUDA
+    is initialized (sampling must not initialize it)."""
+    import torch
+
+    if not torch.cuda.is_initialized():
+        return None
+    totals = {"allocated_mib": 0.0, "reserved_mib": 0.0, "segments": 0.0, "device_allocs": 0.0}
+    for index in range(torch.cuda.device_count()):
+        stats = torch.cuda.memory_stats(index)
+        totals["allocated_mib"] += stats.get("allocated_bytes.all.current", 0) / _MIB
+        totals["reserved_mib"] += stats.get("reserved_bytes.all.current", 0) / _MIB
+        totals["segments"] += stats.get("segment.all.current", 0)
+        totals["device_allocs"] += stats.get("num_device_alloc", 0)
+    return totals
+
+
+class AllocatorTrace:
+    """Samples ``stats()`` on a daemon thread and appends the changed samples to ``path``.
+
+    ``note_step`` records the batch of the current step (called by the metadata builder); the
+    next written sample carries it, so a step in ``reserved_mib`` sits beside the batch that was
+    running when it came.
+    """
+
+    def __init__(self, path: Path, stats: Callable[[], dict[str, float] | None] = torch_allocator_stats,
+                 period_s: float = PERIOD_S) -> None:
+        self.path = path
+        self.stats = stats
+        self.period_s = period_s
+        self.step: dict[str, int] | None = None
+        self.steps_seen = 0
+        self._last: tuple[float, ...] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="flashmla-allocator-trace", daemon=True)
+
+    def start(self) -> AllocatorTrace:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def note_step(self, **batch: int) -> None:
+        """Records the step's batch (``num_reqs``, ``num_tokens``, ``num_decodes``, ...)."""
+        self.step = batch
+        self.steps_seen += 1
+
+    def sample(self) -> bool:
+        """Takes one sample; writes it when its figures differ from the last written. Returns
+        whether a line was written."""
+        figures = self.stats()
+        if figures is None:
+            return False
+        key = tuple(round(value, 1) for value in figures.values())
+        if key == self._last:
+            return False
+        self._last = key
+        line = {"t": round(time.time(), 3), **{k: round(v, 1) for k, v in figures.items()},
+                "steps_seen": self.steps_seen, "step": self.step}
+        with self.path.open("a") as stream:
+            stream.write(json.dumps(line) + "\n")
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                self.sample()
+            except Exception as exc:  # a diagnostic must never take the server down
+                with self.path.open("a") as stream:
+                    stream.write(json.dumps({"t": round(time.time(), 3), "error": repr(exc)}) + "\n")
+                return
+
+
+_trace: AllocatorTrace | None = None
+_lock = threading.Lock()
+
+
+def start_from_env() -> AllocatorTrace | None:
+    """Starts this process's trace when ``FLASHMLA_BACKEND_ALLOCATOR_TRACE`` names a folder
+    (once per process); returns it, or None when the variable is unset or empty."""
+    global _trace
+    folder = os.environ.get(ALLOCATOR_TRACE_ENV, "")
+    if not folder:
+        return None
+    with _lock:
+        if _trace is None:
+            _trace = AllocatorTrace(Path(folder) / f"allocator_{os.getpid()}.jsonl").start()
+    return _trace
+
+
+def current() -> AllocatorTrace | None:
+    """This process's running trace, or None."""
+    return _trace
+
+
+def read_trace(folder: Path) -> list[list[dict[str, Any]]]:
+    """Every process's samples in ``folder``, one list per file, each in time order (error
+    lines included)."""
+    traces = []
+    for file in sorted(Path(folder).glob("allocator_*.jsonl")):
+        lines = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        traces.append(sorted(lines, key=lambda line: line["t"]))
+    return traces
+
+
+def state_at(traces: list[list[dict[str, Any]]], t: float) -> dict[str, float] | None:
+    """The summed ``allocated_mib`` and ``reserved_mib`` of every traced process at wall time
+    ``t`` (each process's last sample at or before ``t``); None when no process had a sample."""
+    total = {"allocated_mib": 0.0, "reserved_mib": 0.0}
+    found = False
+    for samples in traces:
+        before = [s for s in samples if s["t"] <= t and "error" not in s]
+        if before:
+            found = True
+            total["allocated_mib"] += before[-1]["allocated_mib"]
+            total["reserved_mib"] += before[-1]["reserved_mib"]
+    return total if found else None
+
+
+def growth_between(trace_folder: Path, wall_after_warmup: float, wall_after_soak: float,
+                   used_growth_mib: float) -> dict[str, Any]:
+    """Splits ``used_growth_mib``, the GPU's used-memory growth between two idle readings at
+    wall times ``wall_after_warmup`` and ``wall_after_soak``, by the trace in ``trace_folder``:
+    torch's live tensors (``live_tensor_growth_mib``), its reserved segments
+    (``cache_growth_mib``) and the rest (``growth_outside_torch_mib``); lists each change of
+    the reserved segments in between with the batch running then. ``traced`` is False when no
+    process had a sample at both times."""
+    traces = read_trace(trace_folder) if trace_folder.exists() else []
+    before, after = state_at(traces, wall_after_warmup), state_at(traces, wall_after_soak)
+    errors = [line["error"] for samples in traces for line in samples if "error" in line]
+    if before is None or after is None:
+        return {"traced": False, "processes": len(traces), "errors": errors}
+    reserved_growth = after["reserved_mib"] - before["reserved_mib"]
+    steps = []
+    for samples in traces:
+        last = None
+        for line in samples:
+            if "error" in line:
+                continue
+            if last is not None and line["reserved_mib"] != last["reserved_mib"] and \
+                    wall_after_warmup < line["t"] <= wall_after_soak:
+                steps.append({"t_after_warmup_s": round(line["t"] - wall_after_warmup, 2),
+                              "reserved_mib": line["reserved_mib"],
+                              "step_mib": round(line["reserved_mib"] - last["reserved_mib"], 1),
+                              "segments": line.get("segments"), "batch": line.get("step")})
+            last = line
+    return {"traced": True, "processes": len(traces), "errors": errors,
+            "after_warmup": before, "after_soak": after,
+            "live_tensor_growth_mib": round(after["allocated_mib"] - before["allocated_mib"], 1),
+            "cache_growth_mib": round(reserved_growth, 1),
+            "growth_outside_torch_mib": round(used_growth_mib - reserved_growth, 1),
+            "reserved_steps": steps[:20]}
