@@ -124,7 +124,7 @@
 #   short_contexts: the side-by-side table (ours and the peers, same process) at the contexts
 #             e2e_share decodes: 128 requests, h_q = 16, s_q = 1, 64-1024 keys, fixed and varlen
 #             (needs the bundle; ~1 min): is our 7-12% shorter step there the attention calls?
-#   soak_pair: the serving soak on CUSTOM then FLASHMLA (SOAK_ROUNDS times, default 1; ~2 min
+#   soak_pair: the serving soak on CUSTOM then FLASHMLA (SOAK_BACKENDS; SOAK_ROUNDS times, default 1; ~2 min
 #             each; needs the bundle), each report kept (memory_steps_in_soak lists the requests
 #             in flight at every step of the used memory): is run 29's step (CUSTOM 4 of 4, 156-232
 #             MiB) ours or vLLM's, and which requests come with it? The allocator trace splits it
@@ -461,7 +461,7 @@ for experiment in ${@:-verify}; do
     [ -f /tmp/tiny-deepseek/config.json ] || python examples/make_tiny_deepseek.py /tmp/tiny-deepseek \
       > "$ROOT_OUT/soak_pair/tiny_model.log" 2>&1
     for round in $(seq "${SOAK_ROUNDS:-1}"); do
-      for backend in CUSTOM FLASHMLA; do
+      for backend in ${SOAK_BACKENDS:-CUSTOM FLASHMLA}; do
         label=${backend}_round$round
         FLASHMLA_SOAK_BACKEND=$backend FLASHMLA_SOAK_REPORT=$ROOT_OUT/soak_pair/$label.json \
           FLASHMLA_TINY_DEEPSEEK_DIR=/tmp/tiny-deepseek VLLM_CACHE_ROOT=/tmp/vllm-cache timeout 280 \
