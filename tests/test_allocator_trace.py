@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -99,6 +100,11 @@ def test_started_once_per_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     try:
         assert first is not None and allocator_trace.start_from_env() is first
         assert first.path.parent == tmp_path and first.path.name.startswith("allocator_")
+        # What a forked child sees: the parent's trace object, whose thread did not survive.
+        first.pid = -1
+        child = allocator_trace.start_from_env()
+        assert child is not first and child.pid == os.getpid()
+        child.stop()
     finally:
         first.stop()
 

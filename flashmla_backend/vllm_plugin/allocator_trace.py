@@ -15,7 +15,9 @@ figures changed, every :data:`PERIOD_S` seconds, with
 - ``step``: the last batch this backend's metadata builder saw before the sample, when it runs
   in this process (``None`` for another backend).
 
-Started by the plugin's ``register()`` in every vLLM process; off (no thread) when unset.
+Started by the plugin's ``register()`` in every vLLM process, or by the metadata builder's first
+step; a process forked from a traced one starts its own (threads do not survive a fork). Off (no
+thread) when unset.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class AllocatorTrace:
         self.path = path
         self.stats = stats
         self.period_s = period_s
+        self.pid = os.getpid()
         self.step: dict[str, int] | None = None
         self.steps_seen = 0
         self._last: tuple[float, ...] | None = None
@@ -115,21 +118,21 @@ _lock = threading.Lock()
 
 
 def start_from_env() -> AllocatorTrace | None:
-    """Starts this process's trace when ``FLASHMLA_BACKEND_ALLOCATOR_TRACE`` names a folder
-    (once per process); returns it, or None when the variable is unset or empty."""
+    """This process's trace, started on first use when ``FLASHMLA_BACKEND_ALLOCATOR_TRACE``
+    names a folder; None when the variable is unset or empty."""
     global _trace
     folder = os.environ.get(ALLOCATOR_TRACE_ENV, "")
     if not folder:
         return None
-    with _lock:
-        if _trace is None:
-            _trace = AllocatorTrace(Path(folder) / f"allocator_{os.getpid()}.jsonl").start()
+    pid = os.getpid()
+    if _trace is None or _trace.pid != pid:  # a forked child inherits the parent's, threadless
+        with _lock:
+            if _trace is None or _trace.pid != pid:
+                _trace = AllocatorTrace(Path(folder) / f"allocator_{pid}.jsonl").start()
     return _trace
 
 
-def current() -> AllocatorTrace | None:
-    """This process's running trace, or None."""
-    return _trace
+current = start_from_env
 
 
 def read_trace(folder: Path) -> list[list[dict[str, Any]]]:
