@@ -225,6 +225,8 @@ def test_soak_2000_requests_from_64_streams(tiny_model: Path, vllm_env: dict[str
         report_path = Path(os.environ["FLASHMLA_SOAK_REPORT"])
         report_path.write_text(text)
         shutil.copy(tmp_path / "server.log", report_path.with_suffix(".server.log"))
+        if trace_folder.exists():
+            shutil.copytree(trace_folder, report_path.with_suffix(".allocator"), dirs_exist_ok=True)
     print(text)
 
     if BACKEND == "CUSTOM":
