@@ -478,9 +478,12 @@ print("  memory", report["memory_mib"])
 for step in report.get("memory_steps_in_soak", []):
     print("  step", step["t_s"], step["mib"], step["in_flight"])
 allocator = report.get("allocator", {})
-print("  allocator", {k: v for k, v in allocator.items() if k != "reserved_steps"})
+lists = ("reserved_steps", "reserved_changes_by_step")
+print("  allocator", {k: v for k, v in allocator.items() if k not in lists})
 for step in allocator.get("reserved_steps", []):
-    print("  reserved step", step)
+    print("  reserved step (by sample)", step)
+for step in allocator.get("reserved_changes_by_step", []):
+    print("  reserved step (by engine step)", step)
 PY
       done
     done ;;

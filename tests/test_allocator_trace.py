@@ -144,3 +144,30 @@ def test_growth_is_untraced_without_samples_at_both_readings(tmp_path: Path) -> 
     assert growth_between(tmp_path / "missing", 1.0, 2.0, 0.0) == {"traced": False, "processes": 0, "errors": []}
     write_samples(tmp_path / "allocator_7.jsonl", [{"t": 5.0, "allocated_mib": 1, "reserved_mib": 2}])
     assert not growth_between(tmp_path, 1.0, 9.0, 0.0)["traced"]
+
+
+def test_a_step_that_reserves_is_named_by_its_batch(tmp_path: Path) -> None:
+    trace = AllocatorTrace(tmp_path / "allocator_1.jsonl", FakeStats(figures(1, 100)))
+    prefill = {"num_reqs": 49, "num_tokens": 8192, "num_prefills": 16}
+    decode = {"num_reqs": 16, "num_tokens": 16, "num_prefills": 0}
+    trace.note_step(reserved_mib=100.0, **decode)
+    trace.note_step(reserved_mib=100.0, **prefill)  # unchanged since the decode step: no event
+    trace.note_step(reserved_mib=272.0, **decode)  # the prefill step reserved 172 MiB
+    trace.note_step(**decode)  # no reading (CPU tensors): no event, and none later
+    (event,) = read_trace(tmp_path)[0]
+    assert event["event"] == "reserved_changed"
+    assert event["change_mib"] == 172.0 and event["during_step"] == prefill
+    assert state_at(read_trace(tmp_path), event["t"] + 1) is None  # events are not samples
+
+
+def test_growth_lists_the_events_inside_the_window(tmp_path: Path) -> None:
+    write_samples(tmp_path / "allocator_7.jsonl", [
+        {"t": 10.0, "allocated_mib": 900, "reserved_mib": 1000},
+        {"t": 12.0, "event": "reserved_changed", "reserved_mib": 1050, "change_mib": 50, "during_step": {"a": 1}},
+        {"t": 20.0, "event": "reserved_changed", "reserved_mib": 1230, "change_mib": 180, "during_step": {"a": 2}},
+        {"t": 21.0, "allocated_mib": 900, "reserved_mib": 1230},
+    ])
+    growth = growth_between(tmp_path, 15.0, 30.0, used_growth_mib=180.0)
+    assert growth["cache_growth_mib"] == 1230 - 1000 and growth["live_tensor_growth_mib"] == 0
+    assert growth["reserved_changes_by_step"] == [
+        {"t_after_warmup_s": 5.0, "reserved_mib": 1230, "change_mib": 180, "during_step": {"a": 2}}]

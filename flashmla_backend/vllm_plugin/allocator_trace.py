@@ -16,6 +16,10 @@ figures changed, every :data:`PERIOD_S` seconds, with
   sample, and how many it has seen, when it runs in this process (``None`` and 0 for another
   backend).
 
+Where this backend's builder runs, it also reads the reserved bytes at every step and writes an
+``"event": "reserved_changed"`` line (``reserved_mib``, ``change_mib``, ``during_step``) when
+they moved since the step before: the batch that ran in between is the one that reserved.
+
 Started by the plugin's ``register()`` in every vLLM process, or by the metadata builder's first
 step; a process forked from a traced one starts its own (threads do not survive a fork). Off (no
 thread) when unset.
@@ -60,7 +64,9 @@ class AllocatorTrace:
     ``note_step`` records the batch of the current step (called by the metadata builder); the
     next written sample carries it and the count of steps so far. That batch is the last one
     before the sample, not necessarily the one that moved the counters: in run 31 (H100), 80
-    steps ran between the two samples around a 172 MiB step of ``reserved_mib``.
+    steps ran between the two samples around a 172 MiB step of ``reserved_mib``. Given the
+    reserved bytes at each step, ``note_step`` names the batch itself (a ``reserved_changed``
+    event).
     """
 
     def __init__(self, path: Path, stats: Callable[[], dict[str, float] | None] = torch_allocator_stats,
@@ -72,6 +78,8 @@ class AllocatorTrace:
         self.step: dict[str, int] | None = None
         self.steps_seen = 0
         self._last: tuple[float, ...] | None = None
+        self._reserved_at_step: float | None = None
+        self._write_lock = threading.Lock()  # the sampling thread and the builder both write
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="flashmla-allocator-trace", daemon=True)
 
@@ -84,10 +92,23 @@ class AllocatorTrace:
         self._stop.set()
         self._thread.join()
 
-    def note_step(self, **batch: int) -> None:
-        """Records the step's batch (``num_reqs``, ``num_tokens``, ``num_decodes``, ...)."""
+    def note_step(self, reserved_mib: float | None = None, **batch: int) -> None:
+        """Records the step's batch (``num_reqs``, ``num_tokens``, ``num_decodes``, ...); with
+        ``reserved_mib`` (torch's reserved bytes now, in MiB), writes a ``reserved_changed``
+        event naming the previous step's batch when they moved since the previous step."""
+        if reserved_mib is not None:
+            before = self._reserved_at_step
+            if before is not None and round(reserved_mib, 1) != round(before, 1):
+                self._write({"t": round(time.time(), 3), "event": "reserved_changed",
+                             "reserved_mib": round(reserved_mib, 1),
+                             "change_mib": round(reserved_mib - before, 1), "during_step": self.step})
+            self._reserved_at_step = reserved_mib
         self.step = batch
         self.steps_seen += 1
+
+    def _write(self, line: dict[str, Any]) -> None:
+        with self._write_lock, self.path.open("a") as stream:
+            stream.write(json.dumps(line) + "\n")
 
     def sample(self) -> bool:
         """Takes one sample; writes it when its figures differ from the last written. Returns
@@ -99,10 +120,8 @@ class AllocatorTrace:
         if key == self._last:
             return False
         self._last = key
-        line = {"t": round(time.time(), 3), **{k: round(v, 1) for k, v in figures.items()},
-                "steps_seen": self.steps_seen, "step": self.step}
-        with self.path.open("a") as stream:
-            stream.write(json.dumps(line) + "\n")
+        self._write({"t": round(time.time(), 3), **{k: round(v, 1) for k, v in figures.items()},
+                     "steps_seen": self.steps_seen, "step": self.step})
         return True
 
     def _run(self) -> None:
@@ -110,8 +129,7 @@ class AllocatorTrace:
             try:
                 self.sample()
             except Exception as exc:  # a diagnostic must never take the server down
-                with self.path.open("a") as stream:
-                    stream.write(json.dumps({"t": round(time.time(), 3), "error": repr(exc)}) + "\n")
+                self._write({"t": round(time.time(), 3), "error": repr(exc)})
                 return
 
 
@@ -137,6 +155,11 @@ def start_from_env() -> AllocatorTrace | None:
 current = start_from_env
 
 
+def is_sample(line: dict[str, Any]) -> bool:
+    """Whether a trace line is a sample of the counters (not an error or an event line)."""
+    return "error" not in line and "event" not in line
+
+
 def read_trace(folder: Path) -> list[list[dict[str, Any]]]:
     """Every process's samples in ``folder``, one list per file, each in time order (error
     lines included)."""
@@ -153,7 +176,7 @@ def state_at(traces: list[list[dict[str, Any]]], t: float) -> dict[str, float] |
     total = {"allocated_mib": 0.0, "reserved_mib": 0.0}
     found = False
     for samples in traces:
-        before = [s for s in samples if s["t"] <= t and "error" not in s]
+        before = [s for s in samples if s["t"] <= t and is_sample(s)]
         if before:
             found = True
             total["allocated_mib"] += before[-1]["allocated_mib"]
@@ -166,9 +189,11 @@ def growth_between(trace_folder: Path, wall_after_warmup: float, wall_after_soak
     """Splits ``used_growth_mib``, the GPU's used-memory growth between two idle readings at
     wall times ``wall_after_warmup`` and ``wall_after_soak``, by the trace in ``trace_folder``:
     torch's live tensors (``live_tensor_growth_mib``), its reserved segments
-    (``cache_growth_mib``) and the rest (``growth_outside_torch_mib``); lists each change of
-    the reserved segments in between with the batch running then. ``traced`` is False when no
-    process had a sample at both times."""
+    (``cache_growth_mib``) and the rest (``growth_outside_torch_mib``). Lists each change of
+    the reserved segments in between: by sample, with the last batch seen
+    (``reserved_steps``), and by step, with the batch that ran
+    (``reserved_changes_by_step``). ``traced`` is False when no process had a sample at both
+    times."""
     traces = read_trace(trace_folder) if trace_folder.exists() else []
     before, after = state_at(traces, wall_after_warmup), state_at(traces, wall_after_soak)
     errors = [line["error"] for samples in traces for line in samples if "error" in line]
@@ -179,7 +204,7 @@ def growth_between(trace_folder: Path, wall_after_warmup: float, wall_after_soak
     for samples in traces:
         last = None
         for line in samples:
-            if "error" in line:
+            if not is_sample(line):
                 continue
             if last is not None and line["reserved_mib"] != last["reserved_mib"] and \
                     wall_after_warmup < line["t"] <= wall_after_soak:
@@ -188,9 +213,13 @@ def growth_between(trace_folder: Path, wall_after_warmup: float, wall_after_soak
                               "step_mib": round(line["reserved_mib"] - last["reserved_mib"], 1),
                               "segments": line.get("segments"), "batch": line.get("step")})
             last = line
+    events = [{"t_after_warmup_s": round(line["t"] - wall_after_warmup, 2),
+               **{k: v for k, v in line.items() if k not in ("t", "event")}}
+              for samples in traces for line in samples
+              if line.get("event") == "reserved_changed" and wall_after_warmup < line["t"] <= wall_after_soak]
     return {"traced": True, "processes": len(traces), "errors": errors,
             "after_warmup": before, "after_soak": after,
             "live_tensor_growth_mib": round(after["allocated_mib"] - before["allocated_mib"], 1),
             "cache_growth_mib": round(reserved_growth, 1),
             "growth_outside_torch_mib": round(used_growth_mib - reserved_growth, 1),
-            "reserved_steps": steps[:20]}
+            "reserved_steps": steps[:20], "reserved_changes_by_step": events[:20]}

@@ -223,7 +223,9 @@ class FlashMLACompatMetadataBuilder(MLACommonMetadataBuilder[FlashMLACompatMetad
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
         trace = allocator_trace.current()
         if trace is not None:
-            trace.note_step(num_reqs=metadata.num_reqs, num_tokens=metadata.num_actual_tokens,
+            on_gpu = self.device.type == "cuda"
+            trace.note_step(reserved_mib=torch.cuda.memory_reserved(self.device) / 2**20 if on_gpu else None,
+                            num_reqs=metadata.num_reqs, num_tokens=metadata.num_actual_tokens,
                             num_decodes=metadata.num_decodes, num_prefills=metadata.num_prefills,
                             max_query_len=metadata.max_query_len, max_seq_len=metadata.max_seq_len)
         return metadata
