@@ -171,3 +171,13 @@ def test_growth_lists_the_events_inside_the_window(tmp_path: Path) -> None:
     assert growth["cache_growth_mib"] == 1230 - 1000 and growth["live_tensor_growth_mib"] == 0
     assert growth["reserved_changes_by_step"] == [
         {"t_after_warmup_s": 5.0, "reserved_mib": 1230, "change_mib": 180, "during_step": {"a": 2}}]
+
+
+def test_a_folder_that_cannot_be_made_names_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(allocator_trace.ALLOCATOR_TRACE_ENV, str(blocker / "trace"))
+    monkeypatch.setattr(allocator_trace, "_trace", None)
+    with pytest.raises(ValueError, match=allocator_trace.ALLOCATOR_TRACE_ENV):
+        allocator_trace.start_from_env()
+    assert allocator_trace._trace is None

@@ -139,7 +139,8 @@ _lock = threading.Lock()
 
 def start_from_env() -> AllocatorTrace | None:
     """This process's trace, started on first use when ``FLASHMLA_BACKEND_ALLOCATOR_TRACE``
-    names a folder; None when the variable is unset or empty."""
+    names a folder; None when the variable is unset or empty. Raises ``ValueError`` naming the
+    variable when the folder cannot be created."""
     global _trace
     folder = os.environ.get(ALLOCATOR_TRACE_ENV, "")
     if not folder:
@@ -148,6 +149,11 @@ def start_from_env() -> AllocatorTrace | None:
     if _trace is None or _trace.pid != pid:  # a forked child inherits the parent's, threadless
         with _lock:
             if _trace is None or _trace.pid != pid:
+                try:
+                    Path(folder).mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise ValueError(f"{ALLOCATOR_TRACE_ENV}: cannot create the trace folder "
+                                     f"{folder!r} ({exc.strerror})") from exc
                 _trace = AllocatorTrace(Path(folder) / f"allocator_{pid}.jsonl").start()
     return _trace
 
