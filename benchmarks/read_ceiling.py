@@ -1,0 +1,282 @@
+"""The device's read-only DRAM rate beside its copy rate, on the card at hand.
+
+Decode only reads the cache, so the device copy rate (read + write, the bench's ceiling) is not
+a hard wall for it. This diagnostic asks how far above it a kernel that only reads can go: a
+sweep of plain 16-byte loads (loads in flight per thread, CTAs per SM, interleaved or one
+contiguous slice per CTA), of 1-D bulk copies (TMA, no tensor map) into an smem ring nobody
+consumes, and of whole 72 KB cache pages in block-table order (in order or shuffled) the way the
+decode's producer streams them (one bulk copy per page, or its nine 64-column TMA boxes), over a
+2 GiB buffer (40x the L2), L2 flushed before each call.
+
+    python benchmarks/read_ceiling.py [--iters 20] [--gib 2]
+
+Prints one line per variant (µs, GB/s, % of copy) and the best read rate last.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import cupy as cp
+import numpy as np
+import torch
+
+from flashmla_backend.bench import Timer, measure_ceilings
+from flashmla_backend.tensor_map import kv_cache_tensor_map
+
+LOAD_SOURCE = r"""
+// Reads n_vec 16-byte vectors and folds them into one word, so no load is dead code.
+__device__ __forceinline__ uint4 load_streaming(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+extern "C" __global__ void read_by_loads(const uint4* __restrict__ src, unsigned long long n_vec,
+                                         unsigned* sink) {
+#if CONTIGUOUS
+    // One contiguous slice per CTA, as a decode CTA reads its own pages.
+    const unsigned long long slice = n_vec / gridDim.x;
+    const uint4* base = src + blockIdx.x * slice;
+    const unsigned long long stride = blockDim.x, count = slice;
+    unsigned long long i = threadIdx.x;
+#else
+    const uint4* base = src;
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x, count = n_vec;
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+#endif
+    unsigned acc = 0;
+    for (; i + (UNROLL - 1) * stride < count; i += UNROLL * stride) {
+        uint4 v[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) v[u] = load_streaming(base + i + u * stride);
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+    }
+    for (; i < count; i += stride) {
+        const uint4 v = load_streaming(base + i);
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (acc == 0x9E3779B9u) atomicAdd(sink, 1u);
+}
+"""
+
+BULK_SOURCE = r"""
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "read_by_bulk needs sm_90a (cp.async.bulk, mbarrier expect_tx)"
+#endif
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void barrier_init(unsigned long long* bar) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void barrier_expect(unsigned long long* bar, unsigned bytes) {
+    asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}"
+                 ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void barrier_wait(unsigned long long* bar, unsigned parity) {
+    asm volatile("{\n .reg .pred done;\n WAIT_%=:\n"
+                 " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 " @!done bra WAIT_%=;\n}" ::"r"(smem_addr(bar)), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned bytes,
+                                          unsigned long long* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
+}
+
+// One thread keeps STAGES chunks of CHUNK bytes in flight over its CTA's contiguous slice;
+// the ring's contents are never read (the copy engine's rate alone).
+extern "C" __global__ void read_by_bulk(const char* __restrict__ src, unsigned long long chunks_per_cta) {
+    extern __shared__ __align__(128) char ring[];
+    __shared__ unsigned long long full[STAGES];
+    if (threadIdx.x != 0) return;
+    for (int s = 0; s < STAGES; ++s) barrier_init(&full[s]);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    const char* base = src + blockIdx.x * chunks_per_cta * CHUNK;
+    for (unsigned long long c = 0; c < chunks_per_cta && c < STAGES; ++c) {
+        barrier_expect(&full[c], CHUNK);
+        bulk_load(ring + c * CHUNK, base + c * CHUNK, CHUNK, &full[c]);
+    }
+    for (unsigned long long c = 0; c < chunks_per_cta; ++c) {
+        const int s = c % STAGES;
+        barrier_wait(&full[s], (c / STAGES) & 1);
+        const unsigned long long next = c + STAGES;
+        if (next < chunks_per_cta) {
+            barrier_expect(&full[s], CHUNK);
+            bulk_load(ring + s * CHUNK, base + next * CHUNK, CHUNK, &full[s]);
+        }
+    }
+}
+"""
+
+# The decode's access pattern without its math: one thread per CTA streams its run of cache pages
+# (72 KB each, in block-table order) through a ring of STAGES page slots, either as one 1-D bulk
+# copy per page or as the decode's nine 64-column x 64-token TMA boxes (128B swizzle).
+PAGE_SOURCE = BULK_SOURCE.split("// One thread keeps")[0] + r"""
+__device__ __forceinline__ void tile_load(void* dst, const void* tensor_map, unsigned long long* bar,
+                                          int col, int page) {
+    unsigned long long policy;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+        " [%0], [%1, {%2, %3, %4, %5}], [%6], %7;"
+        ::"r"(smem_addr(dst)), "l"(tensor_map), "r"(col), "r"(0), "r"(0), "r"(page),
+          "r"(smem_addr(bar)), "l"(policy) : "memory");
+}
+
+constexpr unsigned PAGE_BYTES = 64 * 576 * 2;
+
+__device__ __forceinline__ void load_page(char* slot, const char* cache, const void* tensor_map,
+                                          int page, unsigned long long* bar) {
+    barrier_expect(bar, PAGE_BYTES);
+#if TILES
+    constexpr unsigned BOX_BYTES = 64 * 64 * 2;  // one 64-column x 64-token box
+    for (int c = 0; c < 9; ++c) tile_load(slot + c * BOX_BYTES, tensor_map, bar, c * 64, page);
+#else
+    bulk_load(slot, cache + (unsigned long long)page * PAGE_BYTES, PAGE_BYTES, bar);
+#endif
+}
+
+extern "C" __global__ void read_pages(const char* __restrict__ cache, const void* tensor_map,
+                                      const int* __restrict__ page_ids, int pages_per_cta) {
+    extern __shared__ __align__(1024) char ring[];
+    __shared__ unsigned long long full[STAGES];
+    if (threadIdx.x != 0) return;
+    for (int s = 0; s < STAGES; ++s) barrier_init(&full[s]);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    const int* pages = page_ids + (long long)blockIdx.x * pages_per_cta;
+    for (int i = 0; i < pages_per_cta && i < STAGES; ++i)
+        load_page(ring + i * PAGE_BYTES, cache, tensor_map, pages[i], &full[i]);
+    for (int i = 0; i < pages_per_cta; ++i) {
+        const int s = i % STAGES;
+        barrier_wait(&full[s], (i / STAGES) & 1);
+        if (i + STAGES < pages_per_cta)
+            load_page(ring + s * PAGE_BYTES, cache, tensor_map, pages[i + STAGES], &full[s]);
+    }
+}
+"""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One read kernel configuration."""
+    engine: str            # "loads", "bulk" (1-D copies), "pages" or "tiles" (whole cache pages)
+    ctas_per_sm: int
+    unroll: int = 0        # loads: 16-byte loads in flight per thread
+    contiguous: bool = False
+    chunk: int = 0         # bulk: bytes per copy
+    stages: int = 0        # bulk, pages, tiles: copies (pages) in flight per CTA
+    shuffled: bool = False  # pages, tiles: block-table order shuffled
+
+    @property
+    def label(self) -> str:
+        if self.engine == "loads":
+            layout = "contiguous" if self.contiguous else "interleaved"
+            return f"loads x{self.unroll}, {self.ctas_per_sm} CTA/SM x 512 thr, {layout}"
+        if self.engine == "bulk":
+            return f"bulk {self.chunk // 1024} KB x {self.stages} stages, {self.ctas_per_sm} CTA/SM"
+        order = "shuffled" if self.shuffled else "in order"
+        how = "one bulk copy" if self.engine == "pages" else "9 TMA boxes"
+        return f"pages by {how} each, {self.stages} stages, 1 CTA/SM, {order}"
+
+
+VARIANTS = (
+    [Variant("loads", c, unroll=u, contiguous=k) for u in (4, 8) for c in (2, 4) for k in (False, True)]
+    + [Variant("bulk", 1, chunk=16384, stages=8), Variant("bulk", 1, chunk=32768, stages=4),
+       Variant("bulk", 1, chunk=32768, stages=6), Variant("bulk", 2, chunk=16384, stages=6)]
+    + [Variant(e, 1, stages=st, shuffled=sh) for e in ("pages", "tiles") for st in (2, 3) for sh in (False, True)]
+)
+PAGE_BYTES = 64 * 576 * 2
+
+
+class TorchStream:
+    """CuPy's ``stream=``: torch's current stream by its raw pointer."""
+
+    def __init__(self, device_index: int) -> None:
+        self.ptr = torch._C._cuda_getCurrentRawStream(device_index)
+
+
+def build(variant: Variant):
+    """The compiled kernel function of ``variant``."""
+    options = ("-arch=sm_90a", "-std=c++17")
+    if variant.engine == "loads":
+        defines = (f"-DUNROLL={variant.unroll}", f"-DCONTIGUOUS={int(variant.contiguous)}")
+        return cp.RawModule(code=LOAD_SOURCE, options=options + defines).get_function("read_by_loads")
+    if variant.engine == "bulk":
+        defines = (f"-DCHUNK={variant.chunk}", f"-DSTAGES={variant.stages}")
+        kernel = cp.RawModule(code=BULK_SOURCE, options=options + defines).get_function("read_by_bulk")
+        kernel.max_dynamic_shared_size_bytes = variant.chunk * variant.stages
+        return kernel
+    defines = (f"-DTILES={int(variant.engine == 'tiles')}", f"-DSTAGES={variant.stages}")
+    kernel = cp.RawModule(code=PAGE_SOURCE, options=options + defines).get_function("read_pages")
+    kernel.max_dynamic_shared_size_bytes = PAGE_BYTES * variant.stages
+    return kernel
+
+
+def page_call(variant: Variant, kernel, stream: TorchStream, buffer: torch.Tensor, sms: int):
+    """``(call, bytes_read)`` of a pages or tiles variant: ``buffer`` viewed as a bf16 cache
+    ``[num_pages, 64, 1, 576]``, each of ``sms`` CTAs reading its run of a block table."""
+    cache = buffer[: buffer.numel() // PAGE_BYTES * PAGE_BYTES].view(torch.bfloat16).view(-1, 64, 1, 576)
+    pages_per_cta = cache.shape[0] // sms
+    order = torch.randperm(cache.shape[0]) if variant.shuffled else torch.arange(cache.shape[0])
+    page_ids = order[: pages_per_cta * sms].to(torch.int32).to(buffer.device)
+    tensor_map = torch.frombuffer(bytearray(kv_cache_tensor_map(cache)), dtype=torch.uint8).to(buffer.device)
+    args = (cache.data_ptr(), tensor_map.data_ptr(), page_ids.data_ptr(), np.int32(pages_per_cta))
+    shared = PAGE_BYTES * variant.stages
+
+    def call() -> None:
+        kernel((sms,), (32,), args, shared_mem=shared, stream=stream)
+
+    call.keep_alive = (page_ids, tensor_map)  # the buffers behind args' pointers
+    return call, pages_per_cta * sms * PAGE_BYTES
+
+
+def make_call(variant: Variant, buffer: torch.Tensor, sink: torch.Tensor, sms: int):
+    """``(call, bytes_read)`` for ``variant`` over ``buffer`` (uint8, on the GPU)."""
+    kernel, stream = build(variant), TorchStream(buffer.device.index)
+    if variant.engine in ("pages", "tiles"):
+        return page_call(variant, kernel, stream, buffer, sms)
+    grid = variant.ctas_per_sm * sms
+    if variant.engine == "loads":
+        n_vec = buffer.numel() // 16
+        if variant.contiguous:
+            n_vec = n_vec // grid * grid
+        args = (buffer.data_ptr(), np.uint64(n_vec), sink.data_ptr())
+        return (lambda: kernel((grid,), (512,), args, stream=stream)), n_vec * 16
+    chunks = buffer.numel() // variant.chunk // grid
+    shared = variant.chunk * variant.stages
+    args = (buffer.data_ptr(), np.uint64(chunks))
+    return (lambda: kernel((grid,), (32,), args, shared_mem=shared, stream=stream)), chunks * grid * variant.chunk
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--gib", type=float, default=2.0)
+    args = parser.parse_args()
+    device = torch.device("cuda", torch.cuda.current_device())
+    props = torch.cuda.get_device_properties(device)
+    timer = Timer(args.iters)
+    copy = measure_ceilings(timer)["copy_GBps"]
+    buffer = torch.randint(0, 255, (int(args.gib * (1 << 30)),), dtype=torch.uint8, device=device)
+    sink = torch.zeros(1, dtype=torch.int32, device=device)
+    print(f"## {props.name}: copy {copy:.0f} GB/s (read + write, the bench's ceiling), "
+          f"{args.gib:g} GiB read per call, median of {args.iters}")
+    print("| variant | µs | GB/s | % of copy |\n|---|---|---|---|")
+    best = (0.0, "")
+    for variant in VARIANTS:
+        call, nbytes = make_call(variant, buffer, sink, props.multi_processor_count)
+        us = timer.median_us(call)
+        rate = nbytes / us / 1e3
+        best = max(best, (rate, variant.label))
+        print(f"| {variant.label} | {us:.1f} | {rate:.0f} | {100 * rate / copy:.1f}% |", flush=True)
+    torch.cuda.synchronize()
+    print(f"\nBest read rate: {best[0]:.0f} GB/s ({100 * best[0] / copy:.1f}% of copy), {best[1]}")
+
+
+if __name__ == "__main__":
+    main()
