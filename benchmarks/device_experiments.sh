@@ -30,6 +30,10 @@
 #             (held by __nanosleep instead, 2 and 3 stages)? Does a page split between the
 #             cp.async and TMA engines (5 or 8 chunks by cp.async) load faster per SM? Is the
 #             pipeline bound per SM (b = 132 as fast as b = 128) or by DRAM (3% slower)?
+#   read_ceiling: benchmarks/read_ceiling.py: how far above the copy rate a kernel that only reads
+#             goes on this card (plain loads, 1-D bulk copies, whole cache pages by one bulk copy or
+#             by the decode's nine TMA boxes, in order and shuffled, 2 and 3 stages; ~30 s): is the
+#             copy rate the wall the 32k and MTP rows' 1.05x was said to need more than?
 #   empty_combine: benchmarks/empty_combine.py: the rows whose scheduler splits no request, timed
 #             with and without the combine launch (it has nothing to merge there), alternated
 #             three times, plus b = 132 (~1 min)
@@ -408,6 +412,10 @@ for experiment in ${@:-verify}; do
     for version in shipped peer:FA3-MLA; do
       OUT=$ROOT_OUT/source timeout 280 bash benchmarks/profile_source.sh $version "128 1 128 4096" "32 1 16 32768"
     done ;;
+  read_ceiling)  # the card's read-only rate by loads, bulk copies, cache pages and the decode's TMA boxes (~30 s)
+    run read_ceiling
+    timeout 150 python benchmarks/read_ceiling.py > "$ROOT_OUT/read_ceiling/read_ceiling.md" 2>&1
+    tail -26 "$ROOT_OUT/read_ceiling/read_ceiling.md" ;;
   anatomy)
     run anatomy
     timeout 300 python benchmarks/latency_anatomy.py --out "$ROOT_OUT/anatomy" ;;

@@ -200,20 +200,25 @@ class TorchStream:
         self.ptr = torch._C._cuda_getCurrentRawStream(device_index)
 
 
-def build(variant: Variant):
-    """The compiled kernel function of ``variant``."""
+def kernel_source(variant: Variant) -> tuple[str, str, tuple[str, ...], int]:
+    """``(source, kernel name, NVRTC options, dynamic smem bytes)`` of ``variant``."""
     options = ("-arch=sm_90a", "-std=c++17")
     if variant.engine == "loads":
         defines = (f"-DUNROLL={variant.unroll}", f"-DCONTIGUOUS={int(variant.contiguous)}")
-        return cp.RawModule(code=LOAD_SOURCE, options=options + defines).get_function("read_by_loads")
+        return LOAD_SOURCE, "read_by_loads", options + defines, 0
     if variant.engine == "bulk":
         defines = (f"-DCHUNK={variant.chunk}", f"-DSTAGES={variant.stages}")
-        kernel = cp.RawModule(code=BULK_SOURCE, options=options + defines).get_function("read_by_bulk")
-        kernel.max_dynamic_shared_size_bytes = variant.chunk * variant.stages
-        return kernel
+        return BULK_SOURCE, "read_by_bulk", options + defines, variant.chunk * variant.stages
     defines = (f"-DTILES={int(variant.engine == 'tiles')}", f"-DSTAGES={variant.stages}")
-    kernel = cp.RawModule(code=PAGE_SOURCE, options=options + defines).get_function("read_pages")
-    kernel.max_dynamic_shared_size_bytes = PAGE_BYTES * variant.stages
+    return PAGE_SOURCE, "read_pages", options + defines, PAGE_BYTES * variant.stages
+
+
+def build(variant: Variant):
+    """The compiled kernel function of ``variant``."""
+    source, name, options, shared = kernel_source(variant)
+    kernel = cp.RawModule(code=source, options=options).get_function(name)
+    if shared > 48 * 1024:
+        kernel.max_dynamic_shared_size_bytes = shared
     return kernel
 
 
