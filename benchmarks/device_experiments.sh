@@ -34,6 +34,11 @@
 #             goes on this card (plain loads, 1-D bulk copies, whole cache pages by one bulk copy or
 #             by the decode's nine TMA boxes, in order and shuffled, 2 and 3 stages; ~30 s): is the
 #             copy rate the wall the 32k and MTP rows' 1.05x was said to need more than?
+#   v40:      SKIP_PADDING_WARPS=1 (warps of warpgroup 0 with only padding rows skip masking,
+#             softmax and P packing; h_q x s_q < 64): reference check and GPU decode tests, then
+#             the h_q = 16 rows in bursts (alternated twice, ours only) and back to back at the
+#             power cap with clocks (clock_probe.py --rows memory, alternated twice, beside the
+#             TMA producer forced: fewer issuing threads may pay at the cap) (~7 min)
 #   empty_combine: benchmarks/empty_combine.py: the rows whose scheduler splits no request, timed
 #             with and without the combine launch (it has nothing to merge there), alternated
 #             three times, plus b = 132 (~1 min)
@@ -306,6 +311,24 @@ for experiment in ${@:-verify}; do
         --out "$ROOT_OUT/v29/sustained_$label" > "$ROOT_OUT/v29/sustained_$label.log" 2>&1
       echo "sustained $version: $(grep '^| ours' "$ROOT_OUT/v29/sustained_$label.log" | tail -2 | cut -d'|' -f4,5 | tr '\n' ' ')"
     done ;;
+  v40)  # padding warps skip the softmax (SKIP_PADDING_WARPS=1): checks, bursts, back to back (~6 min)
+    run v40
+    variant=shipped+SKIP_PADDING_WARPS=1
+    check_variants v40 $variant
+    if checked_ok v40 "${variant//[+=]/_}"; then
+      alternated_ab v40 2 ", 16, " $variant
+      . benchmarks/versions.sh
+      for round in 1 2; do
+        # The TMA producer too: one issuing thread instead of 128 may pay back at the cap.
+        for version in shipped $variant shipped+FLASHMLA_BACKEND_KV_PRODUCER=tma; do
+          label=${version//[+=]/_}_sustained$round
+          with_version "$version" timeout 120 python benchmarks/clock_probe.py --rows memory --seconds 3 \
+            --out "$ROOT_OUT/v40/$label" > "$ROOT_OUT/v40/$label.log" 2>&1
+          echo "$label: $(sed -n '/^## Sustained/,$p' "$ROOT_OUT/v40/$label.log" | grep '^| [0-9]' | cut -d'|' -f2,3 | tr '\n' ' ')"
+          grep '^| ours' "$ROOT_OUT/v40/$label/clocks.md" 2>/dev/null | cut -d'|' -f2,5,7 | head -4
+        done
+      done
+    fi ;;
   split_sustained)
     run split_sustained
     . benchmarks/versions.sh

@@ -35,6 +35,15 @@ constexpr int KV_STAGES = 2;
 #define DEPENDENTS_AFTER_FIRST_ISSUE 1
 #endif
 
+// Knob (off until measured; v40): with fewer than 64 valid rows (h_q = 16: 16 of 64), the
+// warps of warpgroup 0 whose 16 rows are all padding skip masking, softmax and P packing (P = 0,
+// alpha = 1). A warp-uniform branch; the wgmma stay warpgroup-wide. Fewer instructions per page,
+// not a shorter chain (warp 0 still does its rows): aimed at the power cap, where every memory
+// row of an H100 runs back to back (run 32).
+#ifndef SKIP_PADDING_WARPS
+#define SKIP_PADDING_WARPS 0
+#endif
+
 constexpr int SOFTMAX_WG_REGS = 240;
 constexpr int PV_WG_REGS = 224;
 constexpr int PRODUCER_WG_REGS = 40;
@@ -176,6 +185,7 @@ DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int req, i
 DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
     const int warp = tid / 32, lane = tid % 32;
     const int row0 = warp * 16 + lane / 4;  // this thread's rows: row0 and row0 + 8
+    const bool warp_has_rows = !SKIP_PADDING_WARPS || a.row_base + warp * 16 < a.rows.rows;
     const SmemOperand<> q_tile(smem_addr(sm.q()));
     int it = 0, pieces = 0;
     for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
@@ -223,7 +233,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
             if (TRACE_PHASES && tid == 0) trace_page(pieces == 0, page - piece.page_begin, PG_SCORES_DONE);
 
             const int tok0 = page * PAGE_SIZE;
-            if (tok0 + PAGE_SIZE > min_limit) {
+            if (warp_has_rows && tok0 + PAGE_SIZE > min_limit) {
 #pragma unroll
                 for (int i = 0; i < 32; ++i)
                     if (tok0 + frag_col(i, lane) >= limit[(i >> 1) & 1]) s[i] = NEG_INF;
@@ -234,17 +244,22 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
                 named_barrier_sync(BAR_WG0, WG_THREADS);  // every thread's zeroes, before the P V wgmma
             }
 
-            float alpha[2];
-            online_softmax_page(s, row_max, row_sum, alpha, a.scale_log2);
-
             // P as packed 16-bit pairs: p[2n + half] holds row row0 + 8 half, columns 8n + 2(lane%4)
-            // and +1, which is also the A-fragment layout of the k16 slice n / 2.
+            // and +1, which is also the A-fragment layout of the k16 slice n / 2. A padding warp's
+            // P is 0 and its alpha 1: its rows of O stay 0 and are never stored.
+            float alpha[2] = {1.f, 1.f};
             uint32_t p[16];
+            if (warp_has_rows) {
+                online_softmax_page(s, row_max, row_sum, alpha, a.scale_log2);
 #pragma unroll
-            for (int n = 0; n < 8; ++n)
+                for (int n = 0; n < 8; ++n)
 #pragma unroll
-                for (int half = 0; half < 2; ++half)
-                    p[2 * n + half] = pack_half2(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]);
+                    for (int half = 0; half < 2; ++half)
+                        p[2 * n + half] = pack_half2(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]);
+            } else {
+#pragma unroll
+                for (int i = 0; i < 16; ++i) p[i] = 0u;
+            }
 
             rescale_rows_if_needed(o, alpha[0], alpha[1]);
             wgmma_fence();

@@ -116,6 +116,19 @@ def test_descriptors_by_offset_cut_the_uniform_work_and_spill_nothing() -> None:
     assert not re.search(r"\b(LDL|STL)\b", knob_text), "register spills to local memory"
 
 
+def test_padding_warps_knob_is_a_no_op_when_off_and_spills_nothing_when_on() -> None:
+    # v40 knob (off until it is timed on a GPU): warpgroup 0's warps with only padding rows skip
+    # the softmax. Off, the SASS must equal the shipped decode's; on, the same HGMMAs, no spill.
+    base, off = shipped_decode_with("-DSKIP_PADDING_WARPS=0")
+    _, on = shipped_decode_with("-DSKIP_PADDING_WARPS=1")
+    instructions = lambda text: [line.split("*/", 1)[-1].strip() for line in text.splitlines() if "*/" in line]
+    shipped_text, on_text = sass(base), sass(on)
+    assert instructions(sass(off)) == instructions(shipped_text)
+    assert on_text.count("HGMMA") == shipped_text.count("HGMMA")
+    assert instructions(on_text) != instructions(shipped_text), "the knob changed nothing"
+    assert not re.search(r"\b(LDL|STL)\b", on_text), "register spills to local memory"
+
+
 def test_descriptor_advance_equals_rebuilding_over_the_whole_smem_window() -> None:
     # desc_advance(desc(a), b) == desc(a + b) for 16-byte aligned a, b inside the launch's shared
     # memory: the 14-bit start field never carries into the fields above it (ptx_helpers.cuh).
