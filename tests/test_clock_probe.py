@@ -3,22 +3,16 @@ and the sustained table (ours ÷ the best peer)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "clock_probe.py"
+from benchmark_scripts import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("clock_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["clock_probe"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("clock_probe")
 
 
 def test_rows_by_id_and_alias_without_repeats(probe) -> None:

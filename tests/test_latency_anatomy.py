@@ -3,13 +3,10 @@ flush kernels, and busy time, span and idle gaps come out of the kernel timestam
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+from benchmark_scripts import load_benchmark_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "latency_anatomy.py"
-spec = importlib.util.spec_from_file_location("latency_anatomy", SCRIPT)
-anatomy = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(anatomy)
+
+anatomy = load_benchmark_script("latency_anatomy")
 
 
 def kernel(name: str, ts: float, dur: float) -> dict:

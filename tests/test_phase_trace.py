@@ -3,19 +3,17 @@ summary arithmetic, and the traced build compiles (with the shipped build untouc
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from flashmla_backend.kernel_sources import assembled_source
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "phase_trace.py"
-spec = importlib.util.spec_from_file_location("phase_trace", SCRIPT)
-phase_trace = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(phase_trace)
+from benchmark_scripts import load_benchmark_script
+
+
+phase_trace = load_benchmark_script("phase_trace")
 
 
 def _source_int(source: str, pattern: str) -> int:

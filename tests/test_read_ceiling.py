@@ -3,26 +3,20 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from flashmla_backend.offline_compile import disassemble, find_nvdisasm
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "read_ceiling.py"
+from benchmark_scripts import load_benchmark_script
+
+
 # SASS of the instruction each engine reads with.
 ENGINE_SASS = {"loads": "LDG.E.NA.128", "bulk": "UBLKCP", "pages": "UBLKCP", "tiles": "UTMALDG.4D"}
 
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("read_ceiling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["read_ceiling"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("read_ceiling")
 
 
 def compile_cubin(source: str, options: tuple[str, ...]) -> bytes:

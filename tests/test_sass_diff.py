@@ -3,15 +3,12 @@ its wgmmas a version leaves unmatched."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sass_diff.py"
-spec = importlib.util.spec_from_file_location("sass_diff", SCRIPT)
-sass_diff = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sass_diff)
+from benchmark_scripts import load_benchmark_script
+
+
+sass_diff = load_benchmark_script("sass_diff")
 
 
 def test_drift_counts_only_the_wgmma_windows() -> None:

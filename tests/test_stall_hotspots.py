@@ -3,15 +3,14 @@ like ncu's ``--page source --csv --print-source sass`` output."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "stall_hotspots.py"
-spec = importlib.util.spec_from_file_location("stall_hotspots", SCRIPT)
-stall_hotspots = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(stall_hotspots)
+from benchmark_scripts import load_benchmark_script
+
+
+stall_hotspots = load_benchmark_script("stall_hotspots")
 
 TABLE = '''"Kernel Name","mla_decode"
 "# Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)","stall_long_sb","stall_barrier"
