@@ -104,6 +104,18 @@ def make_jobs(count: int, vocab_size: int, seed: int, first_index: int = 0,
     return jobs
 
 
+def make_prefill_burst(count: int, vocab_size: int, seed: int, first_index: int,
+                       min_len: int = 2048, max_len: int = 3800, max_tokens: int = 4) -> list[Job]:
+    """``count`` greedy, non-streamed completions of long distinct token-id prompts (no shared
+    prefix, so no prefix-cache hit): sent at once, they fill the engine's batches to its token
+    budget with many chunked prefills, the batch that made the soak's one cache step in run 32
+    (64 requests, 7202 tokens, 23 prefills)."""
+    rng = random.Random(seed)
+    return [Job(first_index + i, "completion", False,
+                [rng.randrange(6, vocab_size) for _ in range(rng.randint(min_len, max_len))], max_tokens)
+            for i in range(count)]
+
+
 def make_probes(lengths: list[int], vocab_size: int, seed: int) -> list[Job]:
     """Greedy, non-streamed completions of token-id prompts of the given lengths."""
     rng = random.Random(seed)

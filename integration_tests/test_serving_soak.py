@@ -30,6 +30,8 @@ torch's allocator grew (each within :data:`MEMORY_GROWTH_TOLERANCE_MIB`), and th
 reserved segments grew by at most :data:`MAX_CACHE_STEP_MIB`. A caching allocator reserves a
 new segment the first time a batch needs more scratch than any before it; runs 3 and 29 saw one
 such step of 156-232 MiB on CUSTOM and FLASHMLA alike, which a bounded warm-up cannot rule out.
+Run 32's per-step trace put it in a batch at the token budget with 23 chunked prefills, so the
+warm-up now starts with a burst of 64 long prompts sent at once (:func:`make_prefill_burst`).
 Without a trace (the plugin not installed in the server's environment), the used memory itself
 may not grow beyond the tolerance.
 """
@@ -48,7 +50,8 @@ from pathlib import Path
 import pytest
 import torch
 from flashmla_backend.vllm_plugin.allocator_trace import ALLOCATOR_TRACE_ENV, growth_between
-from soak_client import Job, compare_probe, in_flight_at, make_jobs, make_probes, run_jobs, summarize
+from soak_client import (Job, compare_probe, in_flight_at, make_jobs, make_prefill_burst, make_probes, run_jobs,
+                         summarize)
 from vllm_harness import assert_custom_backend_used, requires_engine
 from vllm_server import ServerStartError, serve
 
@@ -147,11 +150,13 @@ def test_soak_2000_requests_from_64_streams(tiny_model: Path, vllm_env: dict[str
             sampler.mark("probes_alone")
             alone = run_jobs(server.base_url, MODEL_NAME, probes, concurrency=1)
 
-            # Warm up until a whole round leaves the used memory where it was.
+            # Warm up until a whole round leaves the used memory where it was, after a burst of
+            # long prompts that takes the batches to the token budget (the soak's step, run 32).
             warmup_memory = [used_gpu_memory_mib()]
-            warmup_jobs: list[Job] = []
-            warmup_outcomes = []
             started = time.perf_counter()
+            sampler.mark("prefill_burst")
+            warmup_jobs: list[Job] = make_prefill_burst(CONCURRENCY, vocab_size, seed=9, first_index=200_000)
+            warmup_outcomes = run_jobs(server.base_url, MODEL_NAME, warmup_jobs, CONCURRENCY)
             for round_index in range(MAX_WARMUP_ROUNDS):
                 sampler.mark(f"warmup_round_{round_index}")
                 jobs = warmup if round_index == 0 else make_jobs(

@@ -10,6 +10,7 @@ from integration_tests.soak_client import (
     compare_probe,
     in_flight_at,
     make_jobs,
+    make_prefill_burst,
     make_probes,
     summarize,
 )
@@ -33,6 +34,19 @@ def test_job_mix_is_reproducible_and_covers_the_promised_kinds() -> None:
     assert all(j.stream for j in streams_cut) and not any(j.stream for j in plain_cut)
     assert 0.05 < (len(streams_cut) + len(plain_cut)) / len(jobs) < 0.15
     assert {j.temperature for j in jobs} == {0.0, 0.8}
+
+
+def test_prefill_burst_is_long_distinct_greedy_prompts_within_the_model_length() -> None:
+    burst = make_prefill_burst(64, VOCAB, seed=9, first_index=200_000)
+    assert [j.index for j in burst] == list(range(200_000, 200_064))
+    assert all(j.api == "completion" and not j.stream and j.temperature == 0.0 for j in burst)
+    assert all(j.cancel_after_chunks is None and j.cancel_after_s is None for j in burst)
+    lengths = [len(j.prompt) for j in burst]
+    assert min(lengths) >= 2048 and max(lengths) + max(j.max_tokens for j in burst) <= 4096  # --max-model-len
+    # Together far past one batch's token budget (8192), so that many batches run at it.
+    assert sum(lengths) > 20 * 8192
+    # No two share a 512-token prefix (a prefix-cache hit would shrink the prefill).
+    assert len({tuple(j.prompt[:512]) for j in burst}) == len(burst)
 
 
 def test_probes_are_greedy_plain_completions() -> None:
