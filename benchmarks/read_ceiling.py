@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from flashmla_backend.bench import Timer, measure_ceilings
+from flashmla_backend.kernel_sources import assembled_source
 from flashmla_backend.tensor_map import kv_cache_tensor_map
 
 LOAD_SOURCE = r"""
@@ -63,51 +64,36 @@ extern "C" __global__ void read_by_loads(const uint4* __restrict__ src, unsigned
 }
 """
 
-BULK_SOURCE = r"""
-#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#error "read_by_bulk needs sm_90a (cp.async.bulk, mbarrier expect_tx)"
-#endif
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-    return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void barrier_init(unsigned long long* bar) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
-}
-__device__ __forceinline__ void barrier_expect(unsigned long long* bar, unsigned bytes) {
-    asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}"
-                 ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void barrier_wait(unsigned long long* bar, unsigned parity) {
-    asm volatile("{\n .reg .pred done;\n WAIT_%=:\n"
-                 " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-                 " @!done bra WAIT_%=;\n}" ::"r"(smem_addr(bar)), "r"(parity) : "memory");
-}
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned bytes,
-                                          unsigned long long* bar) {
+# The project's PTX wrappers (mbarrier, TMA, the sm_90a guard) and a 1-D bulk copy, which the
+# decode does not use.
+RING_HELPERS = assembled_source("ptx_helpers.cuh") + r"""
+DEVICE void bulk_load_1d(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                  ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
 }
+"""
 
+BULK_SOURCE = RING_HELPERS + r"""
 // One thread keeps STAGES chunks of CHUNK bytes in flight over its CTA's contiguous slice;
 // the ring's contents are never read (the copy engine's rate alone).
-extern "C" __global__ void read_by_bulk(const char* __restrict__ src, unsigned long long chunks_per_cta) {
+extern "C" __global__ void read_by_bulk(const char* __restrict__ src, uint64_t chunks_per_cta) {
     extern __shared__ __align__(128) char ring[];
-    __shared__ unsigned long long full[STAGES];
+    __shared__ uint64_t full[STAGES];
     if (threadIdx.x != 0) return;
-    for (int s = 0; s < STAGES; ++s) barrier_init(&full[s]);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    for (int s = 0; s < STAGES; ++s) mbarrier_init(&full[s], 1);
+    fence_barrier_init();
     const char* base = src + blockIdx.x * chunks_per_cta * CHUNK;
-    for (unsigned long long c = 0; c < chunks_per_cta && c < STAGES; ++c) {
-        barrier_expect(&full[c], CHUNK);
-        bulk_load(ring + c * CHUNK, base + c * CHUNK, CHUNK, &full[c]);
+    for (uint64_t c = 0; c < chunks_per_cta && c < STAGES; ++c) {
+        mbarrier_arrive_expect_tx(&full[c], CHUNK);
+        bulk_load_1d(ring + c * CHUNK, base + c * CHUNK, CHUNK, &full[c]);
     }
-    for (unsigned long long c = 0; c < chunks_per_cta; ++c) {
+    for (uint64_t c = 0; c < chunks_per_cta; ++c) {
         const int s = c % STAGES;
-        barrier_wait(&full[s], (c / STAGES) & 1);
-        const unsigned long long next = c + STAGES;
+        mbarrier_wait(&full[s], (c / STAGES) & 1);
+        const uint64_t next = c + STAGES;
         if (next < chunks_per_cta) {
-            barrier_expect(&full[s], CHUNK);
-            bulk_load(ring + s * CHUNK, base + next * CHUNK, CHUNK, &full[s]);
+            mbarrier_arrive_expect_tx(&full[s], CHUNK);
+            bulk_load_1d(ring + s * CHUNK, base + next * CHUNK, CHUNK, &full[s]);
         }
     }
 }
@@ -116,44 +102,33 @@ extern "C" __global__ void read_by_bulk(const char* __restrict__ src, unsigned l
 # The decode's access pattern without its math: one thread per CTA streams its run of cache pages
 # (72 KB each, in block-table order) through a ring of STAGES page slots, either as one 1-D bulk
 # copy per page or as the decode's nine 64-column x 64-token TMA boxes (128B swizzle).
-PAGE_SOURCE = BULK_SOURCE.split("// One thread keeps")[0] + r"""
-__device__ __forceinline__ void tile_load(void* dst, const void* tensor_map, unsigned long long* bar,
-                                          int col, int page) {
-    unsigned long long policy;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-    asm volatile(
-        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
-        " [%0], [%1, {%2, %3, %4, %5}], [%6], %7;"
-        ::"r"(smem_addr(dst)), "l"(tensor_map), "r"(col), "r"(0), "r"(0), "r"(page),
-          "r"(smem_addr(bar)), "l"(policy) : "memory");
-}
+PAGE_SOURCE = RING_HELPERS + r"""
+constexpr uint32_t PAGE_BYTES = 64 * 576 * 2;
 
-constexpr unsigned PAGE_BYTES = 64 * 576 * 2;
-
-__device__ __forceinline__ void load_page(char* slot, const char* cache, const void* tensor_map,
-                                          int page, unsigned long long* bar) {
-    barrier_expect(bar, PAGE_BYTES);
+DEVICE void load_page(char* slot, const char* cache, const void* tensor_map, int page, uint64_t* bar) {
+    mbarrier_arrive_expect_tx(bar, PAGE_BYTES);
 #if TILES
-    constexpr unsigned BOX_BYTES = 64 * 64 * 2;  // one 64-column x 64-token box
-    for (int c = 0; c < 9; ++c) tile_load(slot + c * BOX_BYTES, tensor_map, bar, c * 64, page);
+    constexpr uint32_t BOX_BYTES = 64 * 64 * 2;  // one 64-column x 64-token box
+    for (int c = 0; c < 9; ++c)
+        tma_load_4d(slot + c * BOX_BYTES, tensor_map, bar, c * 64, 0, 0, page, l2_policy_evict_first());
 #else
-    bulk_load(slot, cache + (unsigned long long)page * PAGE_BYTES, PAGE_BYTES, bar);
+    bulk_load_1d(slot, cache + (uint64_t)page * PAGE_BYTES, PAGE_BYTES, bar);
 #endif
 }
 
 extern "C" __global__ void read_pages(const char* __restrict__ cache, const void* tensor_map,
                                       const int* __restrict__ page_ids, int pages_per_cta) {
     extern __shared__ __align__(1024) char ring[];
-    __shared__ unsigned long long full[STAGES];
+    __shared__ uint64_t full[STAGES];
     if (threadIdx.x != 0) return;
-    for (int s = 0; s < STAGES; ++s) barrier_init(&full[s]);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    for (int s = 0; s < STAGES; ++s) mbarrier_init(&full[s], 1);
+    fence_barrier_init();
     const int* pages = page_ids + (long long)blockIdx.x * pages_per_cta;
     for (int i = 0; i < pages_per_cta && i < STAGES; ++i)
         load_page(ring + i * PAGE_BYTES, cache, tensor_map, pages[i], &full[i]);
     for (int i = 0; i < pages_per_cta; ++i) {
         const int s = i % STAGES;
-        barrier_wait(&full[s], (i / STAGES) & 1);
+        mbarrier_wait(&full[s], (i / STAGES) & 1);
         if (i + STAGES < pages_per_cta)
             load_page(ring + s * PAGE_BYTES, cache, tensor_map, pages[i + STAGES], &full[s]);
     }

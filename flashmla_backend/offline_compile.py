@@ -30,12 +30,17 @@ def _check(result: tuple, what: str) -> tuple:
 def compile_to_cubin(module: KernelModule, options: tuple[str, ...] | None = None) -> tuple[bytes, str]:
     """Compiles ``module`` (for sm_90a, unless ``options`` replaces its NVRTC options) and
     returns ``(cubin, nvrtc_log)``."""
+    return compile_source(assembled_source(module.source_file), module.source_file, options or module.options)
+
+
+def compile_source(source: str, name: str, options: tuple[str, ...]) -> tuple[bytes, str]:
+    """Compiles CUDA ``source`` (``name`` for NVRTC's messages) with ``options`` (plus CuPy's
+    ``-ftz=true`` and ``-lineinfo``) and returns ``(cubin, nvrtc_log)``; raises
+    :class:`OfflineCompileError` with NVRTC's log when it fails."""
     from cuda.bindings import nvrtc
 
-    src = assembled_source(module.source_file).encode()
-    (prog,) = _check(nvrtc.nvrtcCreateProgram(src, module.source_file.encode(), 0, [], []),
-                     "nvrtcCreateProgram")
-    opts = [o.encode() for o in (options or module.options)] + [b"-ftz=true", b"-lineinfo"]
+    (prog,) = _check(nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], []), "nvrtcCreateProgram")
+    opts = [o.encode() for o in options] + [b"-ftz=true", b"-lineinfo"]
     try:
         (compile_err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         (log_size,) = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
@@ -43,7 +48,7 @@ def compile_to_cubin(module: KernelModule, options: tuple[str, ...] | None = Non
         _check(nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
         log_text = log.decode(errors="replace").rstrip("\x00 \n")
         if compile_err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            raise OfflineCompileError(f"{module.source_file} {options or module.options}:\n{log_text}")
+            raise OfflineCompileError(f"{name} {options}:\n{log_text}")
         (size,) = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
         cubin = b" " * size
         _check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from flashmla_backend.offline_compile import disassemble, find_nvdisasm
+from flashmla_backend.offline_compile import OfflineCompileError, compile_source, disassemble, find_nvdisasm
 
 from benchmark_scripts import load_benchmark_script
 
@@ -17,26 +17,6 @@ ENGINE_SASS = {"loads": "LDG.E.NA.128", "bulk": "UBLKCP", "pages": "UBLKCP", "ti
 @pytest.fixture(scope="module")
 def probe():
     return load_benchmark_script("read_ceiling")
-
-
-def compile_cubin(source: str, options: tuple[str, ...]) -> bytes:
-    from cuda.bindings import nvrtc
-
-    err, prog = nvrtc.nvrtcCreateProgram(source.encode(), b"read_ceiling.cu", 0, [], [])
-    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
-    try:
-        opts = [o.encode() for o in options] + [b"-ftz=true"]
-        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-        log = b" " * size
-        nvrtc.nvrtcGetProgramLog(prog, log)
-        assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
-        _, size = nvrtc.nvrtcGetCUBINSize(prog)
-        cubin = b" " * size
-        nvrtc.nvrtcGetCUBIN(prog, cubin)
-        return cubin
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
 
 
 def test_labels_are_unique(probe) -> None:
@@ -55,7 +35,8 @@ def test_every_variant_compiles_and_reads_by_its_engine(probe) -> None:
     nvdisasm = find_nvdisasm()
     for variant in probe.VARIANTS:
         source, name, options, _ = probe.kernel_source(variant)
-        cubin = compile_cubin(source, options)
+        cubin, log = compile_source(source, "read_ceiling.cu", options)
+        assert "warning" not in log.lower(), f"{variant.label}: {log}"
         if nvdisasm is None:
             continue
         sass = disassemble(cubin)
@@ -65,5 +46,5 @@ def test_every_variant_compiles_and_reads_by_its_engine(probe) -> None:
 
 def test_wrong_arch_fails_loudly(probe) -> None:
     source, _, options, _ = probe.kernel_source(probe.Variant("tiles", 1, stages=2))
-    with pytest.raises(AssertionError, match="sm_90a"):
-        compile_cubin(source, tuple(o.replace("sm_90a", "sm_90") for o in options))
+    with pytest.raises(OfflineCompileError, match="sm_90a"):
+        compile_source(source, "read_ceiling.cu", tuple(o.replace("sm_90a", "sm_90") for o in options))
