@@ -42,6 +42,12 @@
 #   empty_combine: benchmarks/empty_combine.py: the rows whose scheduler splits no request, timed
 #             with and without the combine launch (it has nothing to merge there), alternated
 #             three times, plus b = 132 (~1 min)
+#   idle_combine: combine CTAs with no split request exit before their dependency wait, CTA (0, 0)
+#             excepted (FLASHMLA_BACKEND_COMBINE_DEFINES=-DIDLE_CTAS_SKIP_WAIT=1): reference check,
+#             the programmatic-launch tests (the stream's next kernel sees the whole output) and
+#             GPU decode tests under it; the negative control (=2: no CTA holds the grid, so the
+#             ordering test's copy must see NaN); empty_combine with and without it; then every
+#             anchor row alternated twice, ours only (~7 min)
 #   combine_ctas: requests per combine CTA by the rule (shipped: one wave of resident CTAs)
 #             against 1 (the grid before run 26), 2 and 8 (FLASHMLA_BACKEND_COMBINE_REQUESTS_PER_CTA):
 #             the grid's drain after the decode (empty_combine: 1-3 µs on the unsplit rows)
@@ -262,6 +268,29 @@ for experiment in ${@:-verify}; do
     timeout 200 python benchmarks/empty_combine.py --case memory:132,1,16,4096 \
       > "$ROOT_OUT/empty_combine/empty_combine.md" 2>&1
     cat "$ROOT_OUT/empty_combine/empty_combine.md" ;;
+  idle_combine)  # idle combine CTAs skip the dependency wait (IDLE_CTAS_SKIP_WAIT=1)
+    run idle_combine
+    knob=shipped+FLASHMLA_BACKEND_COMBINE_DEFINES=-DIDLE_CTAS_SKIP_WAIT=1
+    check_one idle_combine idle_skip_wait $knob tests/test_programmatic_launch.py tests/test_gpu_decode.py
+    # Negative control: with no CTA waiting, the copy after the call should catch the decode mid-write.
+    FLASHMLA_BACKEND_COMBINE_DEFINES=-DIDLE_CTAS_SKIP_WAIT=2 timeout 120 python -c "
+import sys; sys.path.insert(0, 'tests')
+from test_programmatic_launch import ORDERING_SHAPES, output_seen_by_next_kernel
+for shape in ORDERING_SHAPES:
+    print('negative control', [len(shape[0]), shape[1], shape[2]], 'relative error seen by the next kernel:',
+          output_seen_by_next_kernel(*shape)[0], '(expected inf or large: the test can fail)')
+" > "$ROOT_OUT/idle_combine/negative_control.log" 2>&1
+    cat "$ROOT_OUT/idle_combine/negative_control.log" | tail -3
+    if checked_ok idle_combine idle_skip_wait; then
+      . benchmarks/versions.sh
+      for version in shipped $knob; do
+        label=${version//[+=-]/_}
+        with_version "$version" timeout 200 python benchmarks/empty_combine.py --case memory:132,1,16,4096 \
+          > "$ROOT_OUT/idle_combine/empty_combine_$label.md" 2>&1
+        echo "empty_combine $version:"; tail -8 "$ROOT_OUT/idle_combine/empty_combine_$label.md"
+      done
+      alternated_ab idle_combine 2 "" $knob
+    fi ;;
   combine_ctas)  # requests per combine CTA
     run combine_ctas
     timeout 300 python -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py tests/test_launch.py ${COMBINE_CTAS_TESTS:+-k "$COMBINE_CTAS_TESTS"} \

@@ -23,6 +23,18 @@ constexpr int SPLITS_IN_FLIGHT = COMBINE_SPLITS_IN_FLIGHT;
 #ifndef SPLITS_BEFORE_WAIT
 #define SPLITS_BEFORE_WAIT 1
 #endif
+// Knob (off until measured): under programmatic launch only the CTAs that have a split request to
+// merge wait for the decode, and CTA (0, 0), whose wait keeps this grid from completing (and so
+// the stream's next kernel from starting) before the decode has. The others exit once they have
+// read their split ranges: where nothing splits they pass through SMs the decode leaves idle, or
+// as its CTAs leave, instead of one wave of waiting CTAs dispatched after its last CTA
+// (empty_combine, run 27 on an H100: 1-2.5 us a call on the rows that split nothing).
+// 2 is a negative control for the ordering test, never a setting: CTA (0, 0) skips too, so the
+// grid may complete while the decode still writes.
+#ifndef IDLE_CTAS_SKIP_WAIT
+#define IDLE_CTAS_SKIP_WAIT 0
+#endif
+static_assert(!IDLE_CTAS_SKIP_WAIT || SPLITS_BEFORE_WAIT, "a CTA can skip the wait only if it read its ranges first");
 constexpr int LSE_CHUNK = 4;  // LSEs per lane loaded at once: 128 splits per round trip
 constexpr int MAX_REQUESTS_PER_CTA = 32;  // the host's bound (_constants.py)
 
@@ -159,21 +171,28 @@ mla_combine(const float* __restrict__ o_part, const float* __restrict__ lse_part
     __shared__ int2 split_range[MAX_REQUESTS_PER_CTA];  // (first split, count) of each request
     const int requests = (batch - 1 - (int)blockIdx.y) / (int)gridDim.y + 1;  // this CTA's
     const int t = threadIdx.x;
+    // Returns whether this thread's request is split.
     const auto read_split_ranges = [&] {
-        if (t < requests) {
-            const int req = blockIdx.y + t * gridDim.y;
-            const int first = num_splits[req];
-            split_range[t] = make_int2(first, num_splits[req + 1] - first);
-        }
+        if (t >= requests) return false;
+        const int req = blockIdx.y + t * gridDim.y;
+        const int first = num_splits[req];
+        split_range[t] = make_int2(first, num_splits[req + 1] - first);
+        return num_splits[req + 1] - first > 1;
     };
-    if (SPLITS_BEFORE_WAIT) read_split_ranges();
 #ifdef MLA_PROGRAMMATIC_LAUNCH
+    const bool has_split = SPLITS_BEFORE_WAIT && read_split_ranges();
     // Launched behind the decode with programmatic stream serialization: the partials come
     // from the decode, which may still be running. Every CTA waits, the idle ones too, so that
-    // this grid never completes (and releases the stream's next kernel) before the decode has.
+    // this grid never completes (and releases the stream's next kernel) before the decode has;
+    // with IDLE_CTAS_SKIP_WAIT (above) CTA (0, 0) alone holds it for the idle ones.
+    if (IDLE_CTAS_SKIP_WAIT && !__syncthreads_or(has_split) &&
+        ((blockIdx.x | blockIdx.y) != 0 || IDLE_CTAS_SKIP_WAIT == 2))
+        return;
     grid_dependency_wait();
-#endif
     if (!SPLITS_BEFORE_WAIT) read_split_ranges();
+#else
+    read_split_ranges();  // a plain launch runs after the decode
+#endif
     __syncthreads();
     for (int i = 0; i < requests; ++i) {
         const int2 range = split_range[i];

@@ -129,6 +129,27 @@ def test_padding_warps_knob_is_a_no_op_when_off_and_spills_nothing_when_on() -> 
     assert not re.search(r"\b(LDL|STL)\b", on_text), "register spills to local memory"
 
 
+def test_idle_combine_ctas_knob_is_a_no_op_when_off_and_exits_before_the_wait_when_on() -> None:
+    # Combine knob (off until it is timed on a GPU): CTAs with no split request exit before the
+    # dependency wait (ACQBULK), CTA (0, 0) excepted. Off, the SASS must equal the shipped
+    # combine's; on, a CTA-wide vote (BAR.RED.OR) and an exit come before the wait, no spill.
+    import torch
+
+    from flashmla_backend.kernel_sources import combine_module
+
+    base = combine_module(torch.bfloat16, True)
+    with_knob = lambda value: KernelModule(base.source_file, base.entry_points, base.dtype,
+                                           base.extra_defines + (f"-DIDLE_CTAS_SKIP_WAIT={value}",))
+    instructions = lambda text: [line.split("*/", 1)[-1].strip() for line in text.splitlines() if "*/" in line]
+    shipped_text, on_text = sass(base), sass(with_knob(1))
+    assert instructions(sass(with_knob(0))) == instructions(shipped_text)
+    assert "warning" not in compiled(with_knob(1))[1].lower()
+    before_wait = on_text[:on_text.index("ACQBULK")]
+    assert "BAR.RED.OR" in before_wait and "EXIT" in before_wait, "idle CTAs should vote and exit before the wait"
+    assert "ACQBULK" in shipped_text and "EXIT" not in shipped_text[:shipped_text.index("ACQBULK")]
+    assert not re.search(r"\b(LDL|STL)\b", on_text), "register spills to local memory"
+
+
 def test_descriptor_advance_equals_rebuilding_over_the_whole_smem_window() -> None:
     # desc_advance(desc(a), b) == desc(a + b) for 16-byte aligned a, b inside the launch's shared
     # memory: the 14-bit start field never carries into the fields above it (ptx_helpers.cuh).

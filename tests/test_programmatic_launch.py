@@ -46,3 +46,47 @@ def test_plain_launches_under_graph_replay(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setenv(PROGRAMMATIC_LAUNCH_ENV, "0")
     test_cuda_graph_replay_with_new_lengths()
+
+
+# 128 requests of 4096 keys: one part per request, nothing split, so every combine CTA is idle;
+# and a batch where only the long request splits.
+ORDERING_SHAPES = [([4096] * 128, 1, 16), ([30000] + [64] * 40, 1, 64)]
+
+
+def output_seen_by_next_kernel(lengths: list[int], s_q: int, h_q: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """``(relative error, lse, reference lse)`` of what the stream's next kernels see: ``out`` and
+    ``lse`` copied right after the call, with no host sync in between, against the reference.
+    Under the environment's settings; also the device experiment's negative control
+    (``IDLE_CTAS_SKIP_WAIT=2``)."""
+    from conftest import relative_error
+    from flashmla_backend import flash_mla_with_kvcache, get_mla_metadata
+    from flashmla_backend.reference import mla_decode_reference
+
+    p = make_problem(lengths, s_q, h_q, seed=len(lengths))
+    b, s_q, h_q, h_k = p.shape
+    md, ns = get_mla_metadata(p.cache_seqlens, s_q * h_q // h_k, h_k)
+    flash_mla_with_kvcache(p.q, p.k_cache, p.block_table, p.cache_seqlens, 512, md, ns, causal=p.causal)  # compiled
+    torch.cuda.synchronize()
+    out = torch.full((b, s_q, h_q, 512), float("nan"), dtype=p.q.dtype, device="cuda")
+    _, lse = flash_mla_with_kvcache(p.q, p.k_cache, p.block_table, p.cache_seqlens, 512, md, ns, causal=p.causal,
+                                    out=out, check_contents=False)
+    out_seen, lse_seen = out.clone(), lse.clone()  # the stream's next kernels
+    torch.cuda.synchronize()
+    ref, ref_lse = mla_decode_reference(p.q, p.k_cache, p.block_table, p.cache_seqlens, 512, causal=p.causal)
+    return relative_error(out_seen, ref.float()), lse_seen, ref_lse
+
+
+@requires_hopper
+@pytest.mark.parametrize("combine_defines", ["", "-DIDLE_CTAS_SKIP_WAIT=1"], ids=["shipped", "idle_skip_wait"])
+@pytest.mark.parametrize(("lengths", "s_q", "h_q"), ORDERING_SHAPES, ids=["nothing_split", "one_split"])
+def test_next_kernel_on_the_stream_sees_the_whole_output(monkeypatch: pytest.MonkeyPatch, combine_defines: str,
+                                                         lengths: list[int], s_q: int, h_q: int) -> None:
+    """The stream's next kernel must follow the decode, not only the combine launched behind it.
+    With the idle CTAs of the combine exiting before the decode ends (``IDLE_CTAS_SKIP_WAIT``),
+    only CTA (0, 0)'s wait holds that ordering."""
+    from conftest import assert_lse_close
+
+    monkeypatch.setenv("FLASHMLA_BACKEND_COMBINE_DEFINES", combine_defines)
+    err, lse_seen, ref_lse = output_seen_by_next_kernel(lengths, s_q, h_q)
+    assert err < 1e-2, f"the next kernel read the output before the decode wrote it (relative error {err:.3e})"
+    assert_lse_close(lse_seen, ref_lse)
