@@ -34,20 +34,20 @@
 #             goes on this card (plain loads, 1-D bulk copies, whole cache pages by one bulk copy or
 #             by the decode's nine TMA boxes, in order and shuffled, 2 and 3 stages; ~30 s): is the
 #             copy rate the wall the 32k and MTP rows' 1.05x was said to need more than?
-#   v40:      SKIP_PADDING_WARPS=1 (warps of warpgroup 0 with only padding rows skip masking,
-#             softmax and P packing; h_q x s_q < 64): reference check and GPU decode tests, then
-#             the h_q = 16 rows in bursts (alternated twice, ours only) and back to back at the
-#             power cap with clocks (clock_probe.py --rows memory, alternated twice, beside the
-#             TMA producer forced: fewer issuing threads may pay at the cap) (~7 min)
+#   v40:      warps of warpgroup 0 with only padding rows skipping masking, softmax and P packing
+#             (SKIP_PADDING_WARPS, shipped since run 33) against the softmax in every warp (=0):
+#             reference check and GPU decode tests of =0, the h_q = 16 rows in bursts (alternated
+#             twice, ours only) and back to back at the power cap with clocks (clock_probe.py
+#             --rows memory, alternated twice), beside the TMA producer forced (~3 min on an H100)
 #   empty_combine: benchmarks/empty_combine.py: the rows whose scheduler splits no request, timed
 #             with and without the combine launch (it has nothing to merge there), alternated
 #             three times, plus b = 132 (~1 min)
-#   idle_combine: combine CTAs with no split request exit before their dependency wait, CTA (0, 0)
-#             excepted (FLASHMLA_BACKEND_COMBINE_DEFINES=-DIDLE_CTAS_SKIP_WAIT=1): reference check,
-#             the programmatic-launch tests (the stream's next kernel sees the whole output) and
-#             GPU decode tests under it; the negative control (=2: no CTA holds the grid, so the
-#             ordering test's copy must see NaN); empty_combine with and without it; then every
-#             anchor row alternated twice, ours only (~7 min)
+#   idle_combine: the combine's idle CTAs (no split request) exiting before their dependency wait,
+#             CTA (0, 0) excepted (IDLE_CTAS_SKIP_WAIT, shipped since run 33) against every CTA
+#             waiting (=0, the default before): reference check, the programmatic-launch and GPU
+#             decode tests with the old setting; the diagnostic =2 (no CTA waits: run 33's copy
+#             after the call still saw the whole output); empty_combine under each; then every
+#             anchor row alternated twice, ours only (~3 min on an H100)
 #   combine_ctas: requests per combine CTA by the rule (shipped: one wave of resident CTAs)
 #             against 1 (the grid before run 26), 2 and 8 (FLASHMLA_BACKEND_COMBINE_REQUESTS_PER_CTA):
 #             the grid's drain after the decode (empty_combine: 1-3 µs on the unsplit rows)
@@ -268,20 +268,20 @@ for experiment in ${@:-verify}; do
     timeout 200 python benchmarks/empty_combine.py --case memory:132,1,16,4096 \
       > "$ROOT_OUT/empty_combine/empty_combine.md" 2>&1
     cat "$ROOT_OUT/empty_combine/empty_combine.md" ;;
-  idle_combine)  # idle combine CTAs skip the dependency wait (IDLE_CTAS_SKIP_WAIT=1)
+  idle_combine)  # idle combine CTAs skip the dependency wait (shipped) against all waiting
     run idle_combine
-    knob=shipped+FLASHMLA_BACKEND_COMBINE_DEFINES=-DIDLE_CTAS_SKIP_WAIT=1
-    check_one idle_combine idle_skip_wait $knob tests/test_programmatic_launch.py tests/test_gpu_decode.py
-    # Negative control: with no CTA waiting, the copy after the call should catch the decode mid-write.
+    knob=shipped+FLASHMLA_BACKEND_COMBINE_DEFINES=-DIDLE_CTAS_SKIP_WAIT=0
+    check_one idle_combine every_cta_waits $knob tests/test_programmatic_launch.py tests/test_gpu_decode.py
+    # Diagnostic: no CTA waits at all; does a plain launch after the call still see the whole output?
     FLASHMLA_BACKEND_COMBINE_DEFINES=-DIDLE_CTAS_SKIP_WAIT=2 timeout 120 python -c "
 import sys; sys.path.insert(0, 'tests')
 from test_programmatic_launch import ORDERING_SHAPES, output_seen_by_next_kernel
 for shape in ORDERING_SHAPES:
-    print('negative control', [len(shape[0]), shape[1], shape[2]], 'relative error seen by the next kernel:',
-          output_seen_by_next_kernel(*shape)[0], '(expected inf or large: the test can fail)')
-" > "$ROOT_OUT/idle_combine/negative_control.log" 2>&1
-    cat "$ROOT_OUT/idle_combine/negative_control.log" | tail -3
-    if checked_ok idle_combine idle_skip_wait; then
+    print('no CTA waits', [len(shape[0]), shape[1], shape[2]], 'relative error seen by the next kernel:',
+          output_seen_by_next_kernel(*shape)[0])
+" > "$ROOT_OUT/idle_combine/no_cta_waits.log" 2>&1
+    tail -3 "$ROOT_OUT/idle_combine/no_cta_waits.log"
+    if checked_ok idle_combine every_cta_waits; then
       . benchmarks/versions.sh
       for version in shipped $knob; do
         label=${version//[+=-]/_}
@@ -340,9 +340,9 @@ for shape in ORDERING_SHAPES:
         --out "$ROOT_OUT/v29/sustained_$label" > "$ROOT_OUT/v29/sustained_$label.log" 2>&1
       echo "sustained $version: $(grep '^| ours' "$ROOT_OUT/v29/sustained_$label.log" | tail -2 | cut -d'|' -f4,5 | tr '\n' ' ')"
     done ;;
-  v40)  # padding warps skip the softmax (SKIP_PADDING_WARPS=1): checks, bursts, back to back (~6 min)
+  v40)  # padding warps skip the softmax (shipped) against =0: checks, bursts, back to back (~3 min)
     run v40
-    variant=shipped+SKIP_PADDING_WARPS=1
+    variant=shipped+SKIP_PADDING_WARPS=0
     check_variants v40 $variant
     if checked_ok v40 "${variant//[+=]/_}"; then
       alternated_ab v40 2 ", 16, " $variant

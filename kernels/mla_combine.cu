@@ -23,18 +23,18 @@ constexpr int SPLITS_IN_FLIGHT = COMBINE_SPLITS_IN_FLIGHT;
 #ifndef SPLITS_BEFORE_WAIT
 #define SPLITS_BEFORE_WAIT 1
 #endif
-// Knob (off until measured): under programmatic launch only the CTAs that have a split request to
-// merge wait for the decode, and CTA (0, 0), whose wait keeps this grid from completing (and so
-// the stream's next kernel from starting) before the decode has. The others exit once they have
-// read their split ranges: where nothing splits they pass through SMs the decode leaves idle, or
-// as its CTAs leave, instead of one wave of waiting CTAs dispatched after its last CTA
-// (empty_combine, run 27 on an H100: 1-2.5 us a call on the rows that split nothing).
-// 2 is a negative control for the ordering test, never a setting: CTA (0, 0) skips too, so the
-// grid may complete while the decode still writes.
+// Knob (on; run 33, H100: -0.5 us a call on the rows that split nothing): under programmatic
+// launch only the CTAs that have a split request to merge wait for the decode, and CTA (0, 0),
+// whose wait keeps this grid from completing before the decode has. The others exit once they
+// have read their split ranges: they pass through SMs the decode leaves idle, or as its CTAs
+// leave, instead of one wave of waiting CTAs dispatched after its last CTA. Needs the ranges read
+// before the wait (SPLITS_BEFORE_WAIT); without it every CTA waits.
+// 2 is a diagnostic, never a setting: CTA (0, 0) skips too (run 33: a plain launch after the
+// call still saw the whole output, so the stream itself orders it after the decode).
 #ifndef IDLE_CTAS_SKIP_WAIT
-#define IDLE_CTAS_SKIP_WAIT 0
+#define IDLE_CTAS_SKIP_WAIT 1
 #endif
-static_assert(!IDLE_CTAS_SKIP_WAIT || SPLITS_BEFORE_WAIT, "a CTA can skip the wait only if it read its ranges first");
+constexpr bool IDLE_SKIP_WAIT = IDLE_CTAS_SKIP_WAIT && SPLITS_BEFORE_WAIT;
 constexpr int LSE_CHUNK = 4;  // LSEs per lane loaded at once: 128 splits per round trip
 constexpr int MAX_REQUESTS_PER_CTA = 32;  // the host's bound (_constants.py)
 
@@ -184,8 +184,8 @@ mla_combine(const float* __restrict__ o_part, const float* __restrict__ lse_part
     // Launched behind the decode with programmatic stream serialization: the partials come
     // from the decode, which may still be running. Every CTA waits, the idle ones too, so that
     // this grid never completes (and releases the stream's next kernel) before the decode has;
-    // with IDLE_CTAS_SKIP_WAIT (above) CTA (0, 0) alone holds it for the idle ones.
-    if (IDLE_CTAS_SKIP_WAIT && !__syncthreads_or(has_split) &&
+    // with IDLE_SKIP_WAIT (above) CTA (0, 0) alone holds it for the idle ones.
+    if (IDLE_SKIP_WAIT && !__syncthreads_or(has_split) &&
         ((blockIdx.x | blockIdx.y) != 0 || IDLE_CTAS_SKIP_WAIT == 2))
         return;
     grid_dependency_wait();

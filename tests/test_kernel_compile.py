@@ -116,38 +116,40 @@ def test_descriptors_by_offset_cut_the_uniform_work_and_spill_nothing() -> None:
     assert not re.search(r"\b(LDL|STL)\b", knob_text), "register spills to local memory"
 
 
-def test_padding_warps_knob_is_a_no_op_when_off_and_spills_nothing_when_on() -> None:
-    # v40 knob (off until it is timed on a GPU): warpgroup 0's warps with only padding rows skip
-    # the softmax. Off, the SASS must equal the shipped decode's; on, the same HGMMAs, no spill.
-    base, off = shipped_decode_with("-DSKIP_PADDING_WARPS=0")
-    _, on = shipped_decode_with("-DSKIP_PADDING_WARPS=1")
+def test_padding_warps_knob_is_shipped_and_spills_nothing() -> None:
+    # v40 (on since run 33): warpgroup 0's warps with only padding rows skip the softmax. The
+    # shipped SASS is the knob's; off, the softmax runs in every warp; the same HGMMAs, no spill.
+    base, on = shipped_decode_with("-DSKIP_PADDING_WARPS=1")
+    _, off = shipped_decode_with("-DSKIP_PADDING_WARPS=0")
     instructions = lambda text: [line.split("*/", 1)[-1].strip() for line in text.splitlines() if "*/" in line]
-    shipped_text, on_text = sass(base), sass(on)
-    assert instructions(sass(off)) == instructions(shipped_text)
-    assert on_text.count("HGMMA") == shipped_text.count("HGMMA")
-    assert instructions(on_text) != instructions(shipped_text), "the knob changed nothing"
-    assert not re.search(r"\b(LDL|STL)\b", on_text), "register spills to local memory"
+    shipped_text, off_text = sass(base), sass(off)
+    assert instructions(sass(on)) == instructions(shipped_text)
+    assert off_text.count("HGMMA") == shipped_text.count("HGMMA")
+    assert instructions(off_text) != instructions(shipped_text), "the knob changed nothing"
+    assert not re.search(r"\b(LDL|STL)\b", shipped_text), "register spills to local memory"
 
 
-def test_idle_combine_ctas_knob_is_a_no_op_when_off_and_exits_before_the_wait_when_on() -> None:
-    # Combine knob (off until it is timed on a GPU): CTAs with no split request exit before the
-    # dependency wait (ACQBULK), CTA (0, 0) excepted. Off, the SASS must equal the shipped
-    # combine's; on, a CTA-wide vote (BAR.RED.OR) and an exit come before the wait, no spill.
+def test_idle_combine_ctas_exit_before_the_dependency_wait() -> None:
+    # Combine (IDLE_CTAS_SKIP_WAIT, on since run 33): CTAs with no split request exit before the
+    # dependency wait (ACQBULK), CTA (0, 0) excepted: a CTA-wide vote (BAR.RED.OR) and an exit
+    # come before the wait. Off, or with the ranges read after the wait, no CTA exits before it.
     import torch
 
     from flashmla_backend.kernel_sources import combine_module
 
     base = combine_module(torch.bfloat16, True)
-    with_knob = lambda value: KernelModule(base.source_file, base.entry_points, base.dtype,
-                                           base.extra_defines + (f"-DIDLE_CTAS_SKIP_WAIT={value}",))
+    with_knobs = lambda *knobs: KernelModule(base.source_file, base.entry_points, base.dtype,
+                                             base.extra_defines + knobs)
     instructions = lambda text: [line.split("*/", 1)[-1].strip() for line in text.splitlines() if "*/" in line]
-    shipped_text, on_text = sass(base), sass(with_knob(1))
-    assert instructions(sass(with_knob(0))) == instructions(shipped_text)
-    assert "warning" not in compiled(with_knob(1))[1].lower()
-    before_wait = on_text[:on_text.index("ACQBULK")]
+    shipped_text = sass(base)
+    assert instructions(sass(with_knobs("-DIDLE_CTAS_SKIP_WAIT=1"))) == instructions(shipped_text)
+    before_wait = shipped_text[:shipped_text.index("ACQBULK")]
     assert "BAR.RED.OR" in before_wait and "EXIT" in before_wait, "idle CTAs should vote and exit before the wait"
-    assert "ACQBULK" in shipped_text and "EXIT" not in shipped_text[:shipped_text.index("ACQBULK")]
-    assert not re.search(r"\b(LDL|STL)\b", on_text), "register spills to local memory"
+    for knobs in (("-DIDLE_CTAS_SKIP_WAIT=0",), ("-DSPLITS_BEFORE_WAIT=0",)):
+        text = sass(with_knobs(*knobs))
+        assert "warning" not in compiled(with_knobs(*knobs))[1].lower()
+        assert "EXIT" not in text[:text.index("ACQBULK")], f"{knobs}: a CTA exits before the wait"
+    assert not re.search(r"\b(LDL|STL)\b", shipped_text), "register spills to local memory"
 
 
 def test_descriptor_advance_equals_rebuilding_over_the_whole_smem_window() -> None:
