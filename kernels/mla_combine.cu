@@ -175,9 +175,9 @@ mla_combine(const float* __restrict__ o_part, const float* __restrict__ lse_part
     const auto read_split_ranges = [&] {
         if (t >= requests) return false;
         const int req = blockIdx.y + t * gridDim.y;
-        const int first = num_splits[req];
-        split_range[t] = make_int2(first, num_splits[req + 1] - first);
-        return num_splits[req + 1] - first > 1;
+        const int first = num_splits[req], count = num_splits[req + 1] - first;
+        split_range[t] = make_int2(first, count);
+        return count > 1;
     };
 #ifdef MLA_PROGRAMMATIC_LAUNCH
     const bool has_split = SPLITS_BEFORE_WAIT && read_split_ranges();
