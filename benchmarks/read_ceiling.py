@@ -5,7 +5,8 @@ a hard wall for it. This diagnostic asks how far above it a kernel that only rea
 sweep of plain 16-byte loads (loads in flight per thread, CTAs per SM, interleaved or one
 contiguous slice per CTA), of 1-D bulk copies (TMA, no tensor map) into an smem ring nobody
 consumes, and of whole 72 KB cache pages in block-table order (in order or shuffled) the way the
-decode's producer streams them (one bulk copy per page, or its nine 64-column TMA boxes), over a
+decode's producer streams them (one bulk copy per page, its nine 64-column TMA boxes, or one 5-D
+box whose smem image is token-group major), over a
 2 GiB buffer (40x the L2), L2 flushed before each call.
 
     python benchmarks/read_ceiling.py [--iters 20] [--gib 2]
@@ -24,7 +25,7 @@ import torch
 
 from flashmla_backend.bench import Timer, measure_ceilings
 from flashmla_backend.kernel_sources import assembled_source
-from flashmla_backend.tensor_map import kv_cache_tensor_map
+from flashmla_backend.tensor_map import _encode, kv_cache_tensor_map
 
 LOAD_SOURCE = r"""
 // Reads n_vec 16-byte vectors and folds them into one word, so no load is dead code.
@@ -101,13 +102,18 @@ extern "C" __global__ void read_by_bulk(const char* __restrict__ src, uint64_t c
 
 # The decode's access pattern without its math: one thread per CTA streams its run of cache pages
 # (72 KB each, in block-table order) through a ring of STAGES page slots, either as one 1-D bulk
-# copy per page or as the decode's nine 64-column x 64-token TMA boxes (128B swizzle).
+# copy per page, as the decode's nine 64-column x 64-token TMA boxes (128B swizzle), or as one
+# 5-D box per page whose smem image is token-group major: the 1 KB swizzle atom of (8 tokens, 64
+# columns) for token group g and chunk c at (9 g + c) KB, so the box walks each 8-token group's
+# 9 KB of the page before the next one's (the nine boxes each walk all 72 KB).
 PAGE_SOURCE = RING_HELPERS + r"""
 constexpr uint32_t PAGE_BYTES = 64 * 576 * 2;
 
 DEVICE void load_page(char* slot, const char* cache, const void* tensor_map, int page, uint64_t* bar) {
     mbarrier_arrive_expect_tx(bar, PAGE_BYTES);
-#if TILES
+#if GROUPS
+    tma_load_5d(slot, tensor_map, bar, 0, 0, 0, 0, page, l2_policy_evict_first());
+#elif TILES
     constexpr uint32_t BOX_BYTES = 64 * 64 * 2;  // one 64-column x 64-token box
     for (int c = 0; c < 9; ++c)
         tma_load_4d(slot + c * BOX_BYTES, tensor_map, bar, c * 64, 0, 0, page, l2_policy_evict_first());
@@ -136,10 +142,37 @@ extern "C" __global__ void read_pages(const char* __restrict__ cache, const void
 """
 
 
+# One page by the 5-D box into smem, then smem out to global byte for byte: where the box puts
+# each element (tests/test_read_ceiling.py compares it with the group-major swizzled layout).
+GROUP_IMAGE_SOURCE = RING_HELPERS + r"""
+extern "C" __global__ void group_box_image(const void* tensor_map, int page, uint4* image) {
+    extern __shared__ __align__(1024) uint4 slot[];
+    __shared__ uint64_t full;
+    constexpr int PAGE_VECS = 64 * 576 * 2 / 16;
+    if (threadIdx.x == 0) {
+        mbarrier_init(&full, 1);
+        fence_barrier_init();
+        mbarrier_arrive_expect_tx(&full, PAGE_VECS * 16);
+        tma_load_5d(slot, tensor_map, &full, 0, 0, 0, 0, page, l2_policy_evict_first());
+    }
+    __syncthreads();
+    mbarrier_wait(&full, 0);
+    for (int i = threadIdx.x; i < PAGE_VECS; i += blockDim.x) image[i] = slot[i];
+}
+"""
+
+
+def group_major_offset(token: int, col: int) -> int:
+    """Byte offset in the group-major page image of (token, column): atom (token // 8, col // 64)
+    at (9 (token // 8) + col // 64) KB, rows of 128 bytes, 16-byte units swizzled by the row."""
+    group, row, chunk, unit = token // 8, token % 8, col // 64, (col % 64) // 8
+    return (9 * group + chunk) * 1024 + row * 128 + ((unit ^ row) << 4) + (col % 8) * 2
+
+
 @dataclass(frozen=True)
 class Variant:
     """One read kernel configuration."""
-    engine: str            # "loads", "bulk" (1-D copies), "pages" or "tiles" (whole cache pages)
+    engine: str            # "loads", "bulk" (1-D copies), "pages", "tiles" or "groups" (whole cache pages)
     ctas_per_sm: int
     unroll: int = 0        # loads: 16-byte loads in flight per thread
     contiguous: bool = False
@@ -155,7 +188,7 @@ class Variant:
         if self.engine == "bulk":
             return f"bulk {self.chunk // 1024} KB x {self.stages} stages, {self.ctas_per_sm} CTA/SM"
         order = "shuffled" if self.shuffled else "in order"
-        how = "one bulk copy" if self.engine == "pages" else "9 TMA boxes"
+        how = {"pages": "one bulk copy", "tiles": "9 TMA boxes", "groups": "one 5-D group-major box"}[self.engine]
         return f"pages by {how} each, {self.stages} stages, 1 CTA/SM, {order}"
 
 
@@ -163,7 +196,7 @@ VARIANTS = (
     [Variant("loads", c, unroll=u, contiguous=k) for u in (4, 8) for c in (2, 4) for k in (False, True)]
     + [Variant("bulk", 1, chunk=16384, stages=8), Variant("bulk", 1, chunk=32768, stages=4),
        Variant("bulk", 1, chunk=32768, stages=6), Variant("bulk", 2, chunk=16384, stages=6)]
-    + [Variant(e, 1, stages=st, shuffled=sh) for e in ("pages", "tiles") for st in (2, 3) for sh in (False, True)]
+    + [Variant(e, 1, stages=st, shuffled=sh) for e in ("pages", "tiles", "groups") for st in (2, 3) for sh in (False, True)]
 )
 PAGE_BYTES = 64 * 576 * 2
 
@@ -184,7 +217,8 @@ def kernel_source(variant: Variant) -> tuple[str, str, tuple[str, ...], int]:
     if variant.engine == "bulk":
         defines = (f"-DCHUNK={variant.chunk}", f"-DSTAGES={variant.stages}")
         return BULK_SOURCE, "read_by_bulk", options + defines, variant.chunk * variant.stages
-    defines = (f"-DTILES={int(variant.engine == 'tiles')}", f"-DSTAGES={variant.stages}")
+    defines = (f"-DTILES={int(variant.engine == 'tiles')}", f"-DGROUPS={int(variant.engine == 'groups')}",
+               f"-DSTAGES={variant.stages}")
     return PAGE_SOURCE, "read_pages", options + defines, PAGE_BYTES * variant.stages
 
 
@@ -197,6 +231,14 @@ def build(variant: Variant):
     return kernel
 
 
+def group_major_page_map(cache: torch.Tensor) -> bytes:
+    """A 5-D map over ``cache [num_pages, 64, 1, 576]`` (contiguous): (64 columns, 8 tokens of a
+    group, 9 chunks, 8 groups, pages), strides 1152, 128, 9216 and 73728 bytes; one box is a page."""
+    num_pages = cache.shape[0]
+    return _encode(cache.data_ptr(), cache.dtype, (64, 8, 9, 8, num_pages),
+                   (1152, 128, 9216, PAGE_BYTES), (64, 8, 9, 8, 1))
+
+
 def page_call(variant: Variant, kernel, stream: TorchStream, buffer: torch.Tensor, sms: int):
     """``(call, bytes_read)`` of a pages or tiles variant: ``buffer`` viewed as a bf16 cache
     ``[num_pages, 64, 1, 576]``, each of ``sms`` CTAs reading its run of a block table."""
@@ -204,7 +246,8 @@ def page_call(variant: Variant, kernel, stream: TorchStream, buffer: torch.Tenso
     pages_per_cta = cache.shape[0] // sms
     order = torch.randperm(cache.shape[0]) if variant.shuffled else torch.arange(cache.shape[0])
     page_ids = order[: pages_per_cta * sms].to(torch.int32).to(buffer.device)
-    tensor_map = torch.frombuffer(bytearray(kv_cache_tensor_map(cache)), dtype=torch.uint8).to(buffer.device)
+    raw_map = group_major_page_map(cache) if variant.engine == "groups" else kv_cache_tensor_map(cache)
+    tensor_map = torch.frombuffer(bytearray(raw_map), dtype=torch.uint8).to(buffer.device)
     args = (cache.data_ptr(), tensor_map.data_ptr(), page_ids.data_ptr(), np.int32(pages_per_cta))
     shared = PAGE_BYTES * variant.stages
 
@@ -218,7 +261,7 @@ def page_call(variant: Variant, kernel, stream: TorchStream, buffer: torch.Tenso
 def make_call(variant: Variant, buffer: torch.Tensor, sink: torch.Tensor, sms: int):
     """``(call, bytes_read)`` for ``variant`` over ``buffer`` (uint8, on the GPU)."""
     kernel, stream = build(variant), TorchStream(buffer.device.index)
-    if variant.engine in ("pages", "tiles"):
+    if variant.engine in ("pages", "tiles", "groups"):
         return page_call(variant, kernel, stream, buffer, sms)
     grid = variant.ctas_per_sm * sms
     if variant.engine == "loads":

@@ -104,6 +104,16 @@ DEVICE void tma_load_4d(void* dst, const void* tensor_map, uint64_t* bar,
         : "memory");
 }
 
+DEVICE void tma_load_5d(void* dst, const void* tensor_map, uint64_t* bar, int c0, int c1, int c2,
+                        int c3, int c4, uint64_t l2_policy) {
+    asm volatile(
+        "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+        " [%0], [%1, {%2, %3, %4, %5, %6}], [%7], %8;"
+        ::"r"(smem_addr(dst)), "l"(tensor_map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4),
+          "r"(smem_addr(bar)), "l"(l2_policy)
+        : "memory");
+}
+
 // cp.async: 16 bytes global -> shared, cached in L2 only (pages are read once per CTA).
 DEVICE void cp_async_16(void* dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
@@ -168,15 +178,16 @@ DEVICE uint64_t make_smem_desc(uint32_t addr, uint32_t leading_bytes, uint32_t s
     return desc;
 }
 
-// K-major operand (rows of 64 K-elements per chunk): the leading offset is unused.
-DEVICE uint64_t desc_k_major(uint32_t addr) {
-    return make_smem_desc(addr, 16, SWIZZLE_ATOM_BYTES);
+// K-major operand (rows of 64 K-elements per chunk): the leading offset is unused; 8-row
+// groups lie group_bytes apart (one atom, unless the tile interleaves its chunks' atoms).
+DEVICE uint64_t desc_k_major(uint32_t addr, uint32_t group_bytes = SWIZZLE_ATOM_BYTES) {
+    return make_smem_desc(addr, 16, group_bytes);
 }
 
 // MN-major operand (V read as [tokens, dims]): 64-element MN blocks lie chunk_bytes apart,
-// 8-token K groups one atom apart.
-DEVICE uint64_t desc_mn_major(uint32_t addr, uint32_t chunk_bytes) {
-    return make_smem_desc(addr, chunk_bytes, SWIZZLE_ATOM_BYTES);
+// 8-token K groups group_bytes apart.
+DEVICE uint64_t desc_mn_major(uint32_t addr, uint32_t chunk_bytes, uint32_t group_bytes = SWIZZLE_ATOM_BYTES) {
+    return make_smem_desc(addr, chunk_bytes, group_bytes);
 }
 
 // The descriptor of an operand `bytes` past one whose descriptor is known. The start address
@@ -191,12 +202,13 @@ DEVICE uint64_t desc_advance(uint64_t desc, uint32_t bytes) { return desc + (byt
 
 // A swizzled shared-memory operand tile; at(bytes) is the descriptor of the K slice `bytes` in.
 // MN_CHUNK_BYTES = 0: K-major; otherwise MN-major with 64-element MN blocks that far apart.
-template <uint32_t MN_CHUNK_BYTES = 0>
+// GROUP_BYTES: the stride of the 8-row groups (the strided dimension's atoms).
+template <uint32_t MN_CHUNK_BYTES = 0, uint32_t GROUP_BYTES = SWIZZLE_ATOM_BYTES>
 struct SmemOperand {
     uint32_t addr;
     uint64_t desc;
     DEVICE static uint64_t desc_of(uint32_t a) {
-        return MN_CHUNK_BYTES == 0 ? desc_k_major(a) : desc_mn_major(a, MN_CHUNK_BYTES);
+        return MN_CHUNK_BYTES == 0 ? desc_k_major(a, GROUP_BYTES) : desc_mn_major(a, MN_CHUNK_BYTES, GROUP_BYTES);
     }
     DEVICE explicit SmemOperand(uint32_t a) : addr(a), desc(desc_of(a)) {}
     DEVICE uint64_t at(uint32_t bytes) const {

@@ -129,6 +129,19 @@ def test_padding_warps_knob_is_shipped_and_spills_nothing() -> None:
     assert not re.search(r"\b(LDL|STL)\b", shipped_text), "register spills to local memory"
 
 
+def test_group_major_pages_arrive_by_one_5d_box_and_spill_nothing() -> None:
+    # v41 knob (off until timed): token-group-major page tiles, one 5-D TMA box per page instead
+    # of nine 4-D ones; off, the shipped SASS is unchanged (the knob's default is 0).
+    base, on = shipped_decode_with("-DKV_GROUP_MAJOR=1")
+    _, off = shipped_decode_with("-DKV_GROUP_MAJOR=0")
+    instructions = lambda text: [line.split("*/", 1)[-1].strip() for line in text.splitlines() if "*/" in line]
+    shipped_text, on_text = sass(base), sass(on)
+    assert instructions(sass(off)) == instructions(shipped_text)
+    assert "UTMALDG.5D" in on_text and "UTMALDG.4D" not in on_text
+    assert on_text.count("HGMMA") == shipped_text.count("HGMMA")
+    assert not re.search(r"\b(LDL|STL)\b", on_text), "register spills to local memory"
+
+
 def test_idle_combine_ctas_exit_before_the_dependency_wait() -> None:
     # Combine (IDLE_CTAS_SKIP_WAIT, on since run 33): CTAs with no split request exit before the
     # dependency wait (ACQBULK), CTA (0, 0) excepted: a CTA-wide vote (BAR.RED.OR) and an exit

@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from flashmla_backend.offline_compile import OfflineCompileError, compile_source, disassemble, find_nvdisasm
 
 from benchmark_scripts import load_benchmark_script
+from conftest import requires_hopper
 
 
 # SASS of the instruction each engine reads with.
-ENGINE_SASS = {"loads": "LDG.E.NA.128", "bulk": "UBLKCP", "pages": "UBLKCP", "tiles": "UTMALDG.4D"}
+ENGINE_SASS = {"loads": "LDG.E.NA.128", "bulk": "UBLKCP", "pages": "UBLKCP", "tiles": "UTMALDG.4D", "groups": "UTMALDG.5D"}
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +50,30 @@ def test_wrong_arch_fails_loudly(probe) -> None:
     source, _, options, _ = probe.kernel_source(probe.Variant("tiles", 1, stages=2))
     with pytest.raises(OfflineCompileError, match="sm_90a"):
         compile_source(source, "read_ceiling.cu", tuple(o.replace("sm_90a", "sm_90") for o in options))
+
+
+@requires_hopper
+def test_group_major_box_lands_in_the_swizzled_group_major_layout(probe) -> None:
+    import cupy as cp
+    import numpy as np
+
+    cache = torch.randn(5, 64, 1, 576, device="cuda").to(torch.bfloat16)
+    tensor_map = torch.frombuffer(bytearray(probe.group_major_page_map(cache)), dtype=torch.uint8).cuda()
+    image = torch.full((64 * 576,), float("nan"), device="cuda").to(torch.bfloat16)
+    kernel = cp.RawModule(code=probe.GROUP_IMAGE_SOURCE, options=("-arch=sm_90a", "-std=c++17")).get_function(
+        "group_box_image")
+    kernel.max_dynamic_shared_size_bytes = probe.PAGE_BYTES
+    page = 3
+    kernel((1,), (256,), (tensor_map.data_ptr(), np.int32(page), image.data_ptr()), shared_mem=probe.PAGE_BYTES)
+    torch.cuda.synchronize()
+    tokens, cols = torch.meshgrid(torch.arange(64), torch.arange(576), indexing="ij")
+    offsets = torch.tensor([[probe.group_major_offset(t, c) for c in range(576)] for t in range(64)])
+    assert torch.equal(offsets.flatten().sort().values, torch.arange(0, probe.PAGE_BYTES, 2))
+    expected = torch.empty_like(image)
+    expected[(offsets // 2).flatten().cuda()] = cache[page, :, 0, :].flatten()
+    assert torch.equal(image.view(torch.int16), expected.view(torch.int16))
+
+
+def test_group_image_kernel_compiles(probe) -> None:
+    _, log = compile_source(probe.GROUP_IMAGE_SOURCE, "group_image.cu", ("-arch=sm_90a", "-std=c++17"))
+    assert "warning" not in log.lower(), log
