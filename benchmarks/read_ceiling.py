@@ -25,7 +25,7 @@ import torch
 
 from flashmla_backend.bench import Timer, measure_ceilings
 from flashmla_backend.kernel_sources import assembled_source
-from flashmla_backend.tensor_map import _encode, kv_cache_tensor_map
+from flashmla_backend.tensor_map import kv_cache_group_major_map, kv_cache_tensor_map
 
 LOAD_SOURCE = r"""
 // Reads n_vec 16-byte vectors and folds them into one word, so no load is dead code.
@@ -231,14 +231,6 @@ def build(variant: Variant):
     return kernel
 
 
-def group_major_page_map(cache: torch.Tensor) -> bytes:
-    """A 5-D map over ``cache [num_pages, 64, 1, 576]`` (contiguous): (64 columns, 8 tokens of a
-    group, 9 chunks, 8 groups, pages), strides 1152, 128, 9216 and 73728 bytes; one box is a page."""
-    num_pages = cache.shape[0]
-    return _encode(cache.data_ptr(), cache.dtype, (64, 8, 9, 8, num_pages),
-                   (1152, 128, 9216, PAGE_BYTES), (64, 8, 9, 8, 1))
-
-
 def page_call(variant: Variant, kernel, stream: TorchStream, buffer: torch.Tensor, sms: int):
     """``(call, bytes_read)`` of a pages or tiles variant: ``buffer`` viewed as a bf16 cache
     ``[num_pages, 64, 1, 576]``, each of ``sms`` CTAs reading its run of a block table."""
@@ -246,7 +238,7 @@ def page_call(variant: Variant, kernel, stream: TorchStream, buffer: torch.Tenso
     pages_per_cta = cache.shape[0] // sms
     order = torch.randperm(cache.shape[0]) if variant.shuffled else torch.arange(cache.shape[0])
     page_ids = order[: pages_per_cta * sms].to(torch.int32).to(buffer.device)
-    raw_map = group_major_page_map(cache) if variant.engine == "groups" else kv_cache_tensor_map(cache)
+    raw_map = kv_cache_group_major_map(cache) if variant.engine == "groups" else kv_cache_tensor_map(cache)
     tensor_map = torch.frombuffer(bytearray(raw_map), dtype=torch.uint8).to(buffer.device)
     args = (cache.data_ptr(), tensor_map.data_ptr(), page_ids.data_ptr(), np.int32(pages_per_cta))
     shared = PAGE_BYTES * variant.stages

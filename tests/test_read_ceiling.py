@@ -54,11 +54,15 @@ def test_wrong_arch_fails_loudly(probe) -> None:
 
 @requires_hopper
 def test_group_major_box_lands_in_the_swizzled_group_major_layout(probe) -> None:
+    # The decode's KV_GROUP_MAJOR map (tensor_map.kv_cache_group_major_map): one box is a page,
+    # its smem image the atoms of (token group, chunk) at (9 group + chunk) KB, 128B-swizzled.
     import cupy as cp
     import numpy as np
 
+    from flashmla_backend.tensor_map import kv_cache_group_major_map
+
     cache = torch.randn(5, 64, 1, 576, device="cuda").to(torch.bfloat16)
-    tensor_map = torch.frombuffer(bytearray(probe.group_major_page_map(cache)), dtype=torch.uint8).cuda()
+    tensor_map = torch.frombuffer(bytearray(kv_cache_group_major_map(cache)), dtype=torch.uint8).cuda()
     image = torch.full((64 * 576,), float("nan"), device="cuda").to(torch.bfloat16)
     kernel = cp.RawModule(code=probe.GROUP_IMAGE_SOURCE, options=("-arch=sm_90a", "-std=c++17")).get_function(
         "group_box_image")
