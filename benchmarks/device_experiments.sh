@@ -43,7 +43,7 @@
 #             each 8-token group's 9 contiguous KB in turn (KV_GROUP_MAJOR=1) against the nine
 #             64-column boxes that each walk the whole 72 KB page: reference checks with the rule
 #             and each producer forced, GPU decode tests, then every anchor row alternated twice,
-#             ours only, by the rule and with TMA forced (~6 min). read_ceiling's "groups" rows
+#             ours only, by the rule and with TMA forced (~6 min; V41_ROUNDS=1: ~4.5). read_ceiling's "groups" rows
 #             are the same question without the math
 #   empty_combine: benchmarks/empty_combine.py: the rows whose scheduler splits no request, timed
 #             with and without the combine launch (it has nothing to merge there), alternated
@@ -372,7 +372,7 @@ for shape in ORDERING_SHAPES:
       check_one v41 "group_major_$producer" "$variant+FLASHMLA_BACKEND_KV_PRODUCER=$producer"
     done
     if checked_ok v41 "${variant//[+=]/_}" && checked_ok v41 group_major_tma && checked_ok v41 group_major_cp_async; then
-      alternated_ab v41 2 "" $variant shipped+FLASHMLA_BACKEND_KV_PRODUCER=tma \
+      alternated_ab v41 "${V41_ROUNDS:-2}" "" $variant shipped+FLASHMLA_BACKEND_KV_PRODUCER=tma \
         $variant+FLASHMLA_BACKEND_KV_PRODUCER=tma
     fi ;;
   split_sustained)
