@@ -43,7 +43,8 @@
 #             each 8-token group's 9 contiguous KB in turn (KV_GROUP_MAJOR=1) against the nine
 #             64-column boxes that each walk the whole 72 KB page: reference checks with the rule
 #             and each producer forced, GPU decode tests, then every anchor row alternated twice,
-#             ours only, by the rule and with TMA forced (~6 min; V41_ROUNDS=1: ~4.5). read_ceiling's "groups" rows
+#             ours only, by the rule and with TMA forced (~6 min; V41_ROUNDS=1: ~4.5; V41_QUICK=1:
+#             TMA forced only, one reference check and one round, ~1.5). read_ceiling's "groups" rows
 #             are the same question without the math
 #   empty_combine: benchmarks/empty_combine.py: the rows whose scheduler splits no request, timed
 #             with and without the combine launch (it has nothing to merge there), alternated
@@ -211,7 +212,9 @@ alternated_ab() {
   for case in ${AB_CASES:-}; do row_args+=(--case "$case"); done
   . benchmarks/versions.sh
   for round in $(seq "$rounds"); do
-    for v in shipped "$@"; do
+    local -a versions=(shipped "$@")
+    [ -n "${AB_SKIP_SHIPPED:-}" ] && versions=("$@")  # the versions given already hold the baseline
+    for v in "${versions[@]}"; do
       label=${v//[+=]/_}_round$round
       with_version "$v" timeout 150 python -m flashmla_backend.bench --no-peers --no-plots --no-check \
         "${row_args[@]}" --out "$ROOT_OUT/$experiment/$label" > "$ROOT_OUT/$experiment/$label.md" 2>&1
@@ -367,6 +370,12 @@ for shape in ORDERING_SHAPES:
   v41)  # token-group-major page tiles, one 5-D TMA box per page (KV_GROUP_MAJOR=1) (~6 min)
     run v41
     variant=shipped+KV_GROUP_MAJOR=1
+    if [ -n "${V41_QUICK:-}" ]; then  # the TMA producer only: one reference check, one round
+      check_one v41 group_major_tma "$variant+FLASHMLA_BACKEND_KV_PRODUCER=tma"
+      checked_ok v41 group_major_tma && AB_SKIP_SHIPPED=1 alternated_ab v41 1 "" \
+        shipped+FLASHMLA_BACKEND_KV_PRODUCER=tma $variant+FLASHMLA_BACKEND_KV_PRODUCER=tma
+      continue
+    fi
     check_variants v41 $variant
     for producer in tma cp_async; do
       check_one v41 "group_major_$producer" "$variant+FLASHMLA_BACKEND_KV_PRODUCER=$producer"
