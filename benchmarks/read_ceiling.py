@@ -9,7 +9,7 @@ decode's producer streams them (one bulk copy per page, its nine 64-column TMA b
 box whose smem image is token-group major), over a
 2 GiB buffer (40x the L2), L2 flushed before each call.
 
-    python benchmarks/read_ceiling.py [--iters 20] [--gib 2]
+    python benchmarks/read_ceiling.py [--iters 20] [--gib 2] [--engines pages,tiles,groups]
 
 Prints one line per variant (µs, GB/s, % of copy) and the best read rate last.
 """
@@ -272,7 +272,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--gib", type=float, default=2.0)
+    parser.add_argument("--engines", default="loads,bulk,pages,tiles,groups",
+                        help="comma-separated engines to run (default: all)")
     args = parser.parse_args()
+    engines = set(args.engines.split(","))
     device = torch.device("cuda", torch.cuda.current_device())
     props = torch.cuda.get_device_properties(device)
     timer = Timer(args.iters)
@@ -283,7 +286,7 @@ def main() -> None:
           f"{args.gib:g} GiB read per call, median of {args.iters}")
     print("| variant | µs | GB/s | % of copy |\n|---|---|---|---|")
     best = (0.0, "")
-    for variant in VARIANTS:
+    for variant in (v for v in VARIANTS if v.engine in engines):
         call, nbytes = make_call(variant, buffer, sink, props.multi_processor_count)
         us = timer.median_us(call)
         rate = nbytes / us / 1e3
