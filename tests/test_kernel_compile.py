@@ -94,6 +94,11 @@ def test_output_and_partial_stores_are_16_bytes_a_lane(dtype_name: str) -> None:
     assert widths.count("") <= 4, f"{widths.count('')} 4-byte stores (the LSE writes are 4)"
 
 
+def instructions(text: str) -> list[str]:
+    """The SASS instructions of ``text`` without their addresses and encodings."""
+    return [line.split("*/", 1)[-1].strip() for line in text.splitlines() if "*/" in line]
+
+
 def shipped_decode_with(*defines: str) -> tuple[KernelModule, KernelModule]:
     """(the shipped bf16 decode, the same with extra -D knobs), the latter compiled without warnings."""
     import torch
@@ -121,7 +126,6 @@ def test_padding_warps_knob_is_shipped_and_spills_nothing() -> None:
     # shipped SASS is the knob's; off, the softmax runs in every warp; the same HGMMAs, no spill.
     base, on = shipped_decode_with("-DSKIP_PADDING_WARPS=1")
     _, off = shipped_decode_with("-DSKIP_PADDING_WARPS=0")
-    instructions = lambda text: [line.split("*/", 1)[-1].strip() for line in text.splitlines() if "*/" in line]
     shipped_text, off_text = sass(base), sass(off)
     assert instructions(sass(on)) == instructions(shipped_text)
     assert off_text.count("HGMMA") == shipped_text.count("HGMMA")
@@ -134,7 +138,6 @@ def test_group_major_pages_arrive_by_one_5d_box_and_spill_nothing() -> None:
     # of nine 4-D ones; off, the shipped SASS is unchanged (the knob's default is 0).
     base, on = shipped_decode_with("-DKV_GROUP_MAJOR=1")
     _, off = shipped_decode_with("-DKV_GROUP_MAJOR=0")
-    instructions = lambda text: [line.split("*/", 1)[-1].strip() for line in text.splitlines() if "*/" in line]
     shipped_text, on_text = sass(base), sass(on)
     assert instructions(sass(off)) == instructions(shipped_text)
     assert "UTMALDG.5D" in on_text and "UTMALDG.4D" not in on_text
@@ -153,7 +156,6 @@ def test_idle_combine_ctas_exit_before_the_dependency_wait() -> None:
     base = combine_module(torch.bfloat16, True)
     with_knobs = lambda *knobs: KernelModule(base.source_file, base.entry_points, base.dtype,
                                              base.extra_defines + knobs)
-    instructions = lambda text: [line.split("*/", 1)[-1].strip() for line in text.splitlines() if "*/" in line]
     shipped_text = sass(base)
     assert instructions(sass(with_knobs("-DIDLE_CTAS_SKIP_WAIT=1"))) == instructions(shipped_text)
     before_wait = shipped_text[:shipped_text.index("ACQBULK")]
