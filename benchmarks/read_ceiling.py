@@ -105,14 +105,17 @@ extern "C" __global__ void read_by_bulk(const char* __restrict__ src, uint64_t c
 # copy per page, as the decode's nine 64-column x 64-token TMA boxes (128B swizzle), or as one
 # 5-D box per page whose smem image is token-group major: the 1 KB swizzle atom of (8 tokens, 64
 # columns) for token group g and chunk c at (9 g + c) KB, so the box walks each 8-token group's
-# 9 KB of the page before the next one's (the nine boxes each walk all 72 KB).
+# 9 KB of the page before the next one's (the nine boxes each walk all 72 KB), or as two such
+# boxes of half a page each.
 PAGE_SOURCE = RING_HELPERS + r"""
 constexpr uint32_t PAGE_BYTES = 64 * 576 * 2;
 
 DEVICE void load_page(char* slot, const char* cache, const void* tensor_map, int page, uint64_t* bar) {
     mbarrier_arrive_expect_tx(bar, PAGE_BYTES);
 #if GROUPS
-    tma_load_5d(slot, tensor_map, bar, 0, 0, 0, 0, page, l2_policy_evict_first());
+    // GROUPS token groups per box: 8 (one box a page) or 4 (two half pages, 36 KB each).
+    for (int g = 0; g < 8; g += GROUPS)
+        tma_load_5d(slot + g * 9 * 1024, tensor_map, bar, 0, 0, 0, g, page, l2_policy_evict_first());
 #elif TILES
     constexpr uint32_t BOX_BYTES = 64 * 64 * 2;  // one 64-column x 64-token box
     for (int c = 0; c < 9; ++c)
@@ -142,10 +145,11 @@ extern "C" __global__ void read_pages(const char* __restrict__ cache, const void
 """
 
 
-# One page by the 5-D box into smem, then smem out to global byte for byte: where the box puts
-# each element (tests/test_read_ceiling.py compares it with the group-major swizzled layout).
+# One page by the 5-D box (or two half-page boxes) into smem, then smem out to global byte for
+# byte: where the boxes put each element (tests/test_read_ceiling.py compares it with the
+# group-major swizzled layout).
 GROUP_IMAGE_SOURCE = RING_HELPERS + r"""
-extern "C" __global__ void group_box_image(const void* tensor_map, int page, uint4* image) {
+extern "C" __global__ void group_box_image(const void* tensor_map, int page, int groups_per_box, uint4* image) {
     extern __shared__ __align__(1024) uint4 slot[];
     __shared__ uint64_t full;
     constexpr int PAGE_VECS = 64 * 576 * 2 / 16;
@@ -153,7 +157,8 @@ extern "C" __global__ void group_box_image(const void* tensor_map, int page, uin
         mbarrier_init(&full, 1);
         fence_barrier_init();
         mbarrier_arrive_expect_tx(&full, PAGE_VECS * 16);
-        tma_load_5d(slot, tensor_map, &full, 0, 0, 0, 0, page, l2_policy_evict_first());
+        for (int g = 0; g < 8; g += groups_per_box)
+            tma_load_5d(slot + g * 9 * 1024 / 16, tensor_map, &full, 0, 0, 0, g, page, l2_policy_evict_first());
     }
     __syncthreads();
     mbarrier_wait(&full, 0);
@@ -172,7 +177,7 @@ def group_major_offset(token: int, col: int) -> int:
 @dataclass(frozen=True)
 class Variant:
     """One read kernel configuration."""
-    engine: str            # "loads", "bulk" (1-D copies), "pages", "tiles" or "groups" (whole cache pages)
+    engine: str            # "loads", "bulk" (1-D copies), "pages", "tiles", "groups" or "halfgroups" (cache pages)
     ctas_per_sm: int
     unroll: int = 0        # loads: 16-byte loads in flight per thread
     contiguous: bool = False
@@ -188,7 +193,8 @@ class Variant:
         if self.engine == "bulk":
             return f"bulk {self.chunk // 1024} KB x {self.stages} stages, {self.ctas_per_sm} CTA/SM"
         order = "shuffled" if self.shuffled else "in order"
-        how = {"pages": "one bulk copy", "tiles": "9 TMA boxes", "groups": "one 5-D group-major box"}[self.engine]
+        how = {"pages": "one bulk copy", "tiles": "9 TMA boxes", "groups": "one 5-D group-major box",
+               "halfgroups": "2 half-page group-major boxes"}[self.engine]
         return f"pages by {how} each, {self.stages} stages, 1 CTA/SM, {order}"
 
 
@@ -196,9 +202,11 @@ VARIANTS = (
     [Variant("loads", c, unroll=u, contiguous=k) for u in (4, 8) for c in (2, 4) for k in (False, True)]
     + [Variant("bulk", 1, chunk=16384, stages=8), Variant("bulk", 1, chunk=32768, stages=4),
        Variant("bulk", 1, chunk=32768, stages=6), Variant("bulk", 2, chunk=16384, stages=6)]
-    + [Variant(e, 1, stages=st, shuffled=sh) for e in ("pages", "tiles", "groups") for st in (2, 3) for sh in (False, True)]
+    + [Variant(e, 1, stages=st, shuffled=sh) for e in ("pages", "tiles", "groups", "halfgroups") for st in (2, 3) for sh in (False, True)]
 )
 PAGE_BYTES = 64 * 576 * 2
+#: Token groups (8 tokens each) per group-major box.
+GROUPS_PER_BOX = {"groups": 8, "halfgroups": 4}
 
 
 class TorchStream:
@@ -217,7 +225,7 @@ def kernel_source(variant: Variant) -> tuple[str, str, tuple[str, ...], int]:
     if variant.engine == "bulk":
         defines = (f"-DCHUNK={variant.chunk}", f"-DSTAGES={variant.stages}")
         return BULK_SOURCE, "read_by_bulk", options + defines, variant.chunk * variant.stages
-    defines = (f"-DTILES={int(variant.engine == 'tiles')}", f"-DGROUPS={int(variant.engine == 'groups')}",
+    defines = (f"-DTILES={int(variant.engine == 'tiles')}", f"-DGROUPS={GROUPS_PER_BOX.get(variant.engine, 0)}",
                f"-DSTAGES={variant.stages}")
     return PAGE_SOURCE, "read_pages", options + defines, PAGE_BYTES * variant.stages
 
@@ -238,7 +246,8 @@ def page_call(variant: Variant, kernel, stream: TorchStream, buffer: torch.Tenso
     pages_per_cta = cache.shape[0] // sms
     order = torch.randperm(cache.shape[0]) if variant.shuffled else torch.arange(cache.shape[0])
     page_ids = order[: pages_per_cta * sms].to(torch.int32).to(buffer.device)
-    raw_map = kv_cache_group_major_map(cache) if variant.engine == "groups" else kv_cache_tensor_map(cache)
+    groups = GROUPS_PER_BOX.get(variant.engine)
+    raw_map = kv_cache_group_major_map(cache, groups) if groups else kv_cache_tensor_map(cache)
     tensor_map = torch.frombuffer(bytearray(raw_map), dtype=torch.uint8).to(buffer.device)
     args = (cache.data_ptr(), tensor_map.data_ptr(), page_ids.data_ptr(), np.int32(pages_per_cta))
     shared = PAGE_BYTES * variant.stages
@@ -253,7 +262,7 @@ def page_call(variant: Variant, kernel, stream: TorchStream, buffer: torch.Tenso
 def make_call(variant: Variant, buffer: torch.Tensor, sink: torch.Tensor, sms: int):
     """``(call, bytes_read)`` for ``variant`` over ``buffer`` (uint8, on the GPU)."""
     kernel, stream = build(variant), TorchStream(buffer.device.index)
-    if variant.engine in ("pages", "tiles", "groups"):
+    if variant.engine in ("pages", "tiles", *GROUPS_PER_BOX):
         return page_call(variant, kernel, stream, buffer, sms)
     grid = variant.ctas_per_sm * sms
     if variant.engine == "loads":
@@ -272,7 +281,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--gib", type=float, default=2.0)
-    parser.add_argument("--engines", default="loads,bulk,pages,tiles,groups",
+    parser.add_argument("--engines", default="loads,bulk,pages,tiles,groups,halfgroups",
                         help="comma-separated engines to run (default: all)")
     args = parser.parse_args()
     engines = set(args.engines.split(","))
