@@ -205,8 +205,13 @@ VARIANTS = (
     + [Variant(e, 1, stages=st, shuffled=sh) for e in ("pages", "tiles", "groups", "halfgroups") for st in (2, 3) for sh in (False, True)]
 )
 PAGE_BYTES = 64 * 576 * 2
-#: Token groups (8 tokens each) per group-major box.
-GROUPS_PER_BOX = {"groups": 8, "halfgroups": 4}
+#: Group-major boxes a page, by engine.
+GROUP_BOXES_PER_PAGE = {"groups": 1, "halfgroups": 2}
+
+
+def group_tokens_per_box(engine: str) -> int:
+    """Tokens per group-major box of ``engine`` (0 for the other engines)."""
+    return 64 // GROUP_BOXES_PER_PAGE[engine] if engine in GROUP_BOXES_PER_PAGE else 0
 
 
 class TorchStream:
@@ -225,7 +230,7 @@ def kernel_source(variant: Variant) -> tuple[str, str, tuple[str, ...], int]:
     if variant.engine == "bulk":
         defines = (f"-DCHUNK={variant.chunk}", f"-DSTAGES={variant.stages}")
         return BULK_SOURCE, "read_by_bulk", options + defines, variant.chunk * variant.stages
-    defines = (f"-DTILES={int(variant.engine == 'tiles')}", f"-DGROUPS={GROUPS_PER_BOX.get(variant.engine, 0)}",
+    defines = (f"-DTILES={int(variant.engine == 'tiles')}", f"-DGROUPS={group_tokens_per_box(variant.engine) // 8}",
                f"-DSTAGES={variant.stages}")
     return PAGE_SOURCE, "read_pages", options + defines, PAGE_BYTES * variant.stages
 
@@ -246,8 +251,8 @@ def page_call(variant: Variant, kernel, stream: TorchStream, buffer: torch.Tenso
     pages_per_cta = cache.shape[0] // sms
     order = torch.randperm(cache.shape[0]) if variant.shuffled else torch.arange(cache.shape[0])
     page_ids = order[: pages_per_cta * sms].to(torch.int32).to(buffer.device)
-    groups = GROUPS_PER_BOX.get(variant.engine)
-    raw_map = kv_cache_group_major_map(cache, groups) if groups else kv_cache_tensor_map(cache)
+    boxes = GROUP_BOXES_PER_PAGE.get(variant.engine)
+    raw_map = kv_cache_group_major_map(cache, boxes) if boxes else kv_cache_tensor_map(cache)
     tensor_map = torch.frombuffer(bytearray(raw_map), dtype=torch.uint8).to(buffer.device)
     args = (cache.data_ptr(), tensor_map.data_ptr(), page_ids.data_ptr(), np.int32(pages_per_cta))
     shared = PAGE_BYTES * variant.stages
@@ -262,7 +267,7 @@ def page_call(variant: Variant, kernel, stream: TorchStream, buffer: torch.Tenso
 def make_call(variant: Variant, buffer: torch.Tensor, sink: torch.Tensor, sms: int):
     """``(call, bytes_read)`` for ``variant`` over ``buffer`` (uint8, on the GPU)."""
     kernel, stream = build(variant), TorchStream(buffer.device.index)
-    if variant.engine in ("pages", "tiles", *GROUPS_PER_BOX):
+    if variant.engine in ("pages", "tiles", *GROUP_BOXES_PER_PAGE):
         return page_call(variant, kernel, stream, buffer, sms)
     grid = variant.ctas_per_sm * sms
     if variant.engine == "loads":

@@ -259,7 +259,7 @@ def flash_mla_with_kvcache(
     kernels = _call_kernels(index, q.dtype)
     contract = kernels.contract
     q_strides = q.stride()
-    kv_map = (kv_cache_group_major_map(k_cache) if contract.kv_group_major
+    kv_map = (kv_cache_group_major_map(k_cache, contract.kv_group_boxes) if contract.kv_group_boxes
               else kv_cache_tensor_map(k_cache, contract.tma_box_tokens))
     args = (kv_map, q.data_ptr(), q_strides[0], q_strides[1],
             q_strides[2], block_table.data_ptr(), block_table.stride(0),

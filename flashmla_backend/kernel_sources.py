@@ -74,15 +74,16 @@ _SELECTS_KV_PRODUCER = re.compile(r"constexpr\s+bool\s+SELECTS_KV_PRODUCER\s*=\s
 _KV_GROUP_MAJOR_DEFAULT = re.compile(r"#\s*ifndef\s+KV_GROUP_MAJOR\s*\n\s*#\s*define\s+KV_GROUP_MAJOR\s+(\d+)")
 
 
-def _kv_group_major(source: str, defines: tuple[str, ...]) -> bool:
-    """The page-tile layout knob as the preprocessor resolves it: a ``-DKV_GROUP_MAJOR[=n]``
-    option wins over the source's ``#ifndef`` default; a source without the knob is chunk-major."""
+def _kv_group_boxes(source: str, defines: tuple[str, ...]) -> int:
+    """The page-tile layout knob as the preprocessor resolves it (group-major boxes a page, 0 for
+    chunk-major): a ``-DKV_GROUP_MAJOR[=n]`` option wins over the source's ``#ifndef`` default; a
+    source without the knob is chunk-major."""
     for option in reversed(defines):
         name, _, value = option[2:].partition("=")
         if name == "KV_GROUP_MAJOR":
-            return int(value or "1") != 0
+            return int(value or "1")
     default = _KV_GROUP_MAJOR_DEFAULT.search(source)
-    return default is not None and int(default.group(1)) != 0
+    return int(default.group(1)) if default else 0
 
 
 @dataclass(frozen=True)
@@ -94,13 +95,14 @@ class DecodeLaunchContract:
     token strides (in elements) after the common arguments (``TAKES_KV_POINTER = true``).
     ``selects_kv_producer``: it then takes an int choosing its cp.async producer over TMA
     (``SELECTS_KV_PRODUCER = true``; see ``kv_producer.py``). The shipped decode declares both.
-    ``kv_group_major``: its page tiles are token-group major (the ``KV_GROUP_MAJOR`` knob), so
-    its KV map is the 5-D one whose box is a whole page (``tensor_map.kv_cache_group_major_map``)."""
+    ``kv_group_boxes``: 0 for chunk-major page tiles, else the boxes a page of its token-group
+    major tiles (the ``KV_GROUP_MAJOR`` knob, 1 or 2), whose KV map is the 5-D one
+    (``tensor_map.kv_cache_group_major_map``)."""
 
     tma_box_tokens: int
     takes_kv_pointer: bool
     selects_kv_producer: bool = False
-    kv_group_major: bool = False
+    kv_group_boxes: int = 0
 
 
 @lru_cache(maxsize=None)
@@ -113,7 +115,7 @@ def decode_launch_contract(module: KernelModule) -> DecodeLaunchContract:
     if selects and not takes_pointer:
         raise ValueError(f"{module.source_file}: SELECTS_KV_PRODUCER needs TAKES_KV_POINTER")
     return DecodeLaunchContract(int(box.group(1)) if box else PAGE_SIZE, takes_pointer, selects,
-                                _kv_group_major(source, module.extra_defines))
+                                _kv_group_boxes(source, module.extra_defines))
 
 
 #: Parameters of ``mla_schedule``: seqlens, batch, parts, overhead, slack, whole_requests,

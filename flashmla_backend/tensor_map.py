@@ -90,16 +90,17 @@ def kv_cache_tensor_map(k_cache: torch.Tensor, box_tokens: int = PAGE_SIZE) -> b
     return tmap
 
 
-def kv_cache_group_major_map(k_cache: torch.Tensor, groups_per_box: int = PAGE_SIZE // 8) -> bytes:
+def kv_cache_group_major_map(k_cache: torch.Tensor, boxes_per_page: int = 1) -> bytes:
     """Map over ``k_cache [num_pages, 64, h_k, 576]`` for a decode with token-group-major page
     tiles (``KV_GROUP_MAJOR``): the 5-D tensor (64 cols, 8 tokens, 9 h_k chunks, 8 token groups,
-    num_pages), whose box (64, 8, 9, 8, 1) is one head's whole page (``groups_per_box`` = 4:
-    half of it); its smem image puts the 128B-swizzled atom of (group g, chunk c) at (9 g + c) KB. Head kh's chunks start at chunk
+    num_pages), whose box (64, 8, 9, 8, 1) is one head's whole page (``boxes_per_page`` = 2:
+    half of it, 4 groups); its smem image puts the 128B-swizzled atom of (group g, chunk c) at (9 g + c) KB. Head kh's chunks start at chunk
     9 kh, so with h_k > 1 the heads of a token must lie 576 elements apart."""
     num_pages, page, h_k, d = k_cache.shape
     elem = k_cache.element_size()
-    if groups_per_box not in (page // 16, page // 8):
-        raise ValueError(f"groups_per_box: expected {page // 16} or {page // 8}, got {groups_per_box}")
+    if boxes_per_page not in (1, 2):
+        raise ValueError(f"boxes_per_page: expected 1 or 2, got {boxes_per_page}")
+    groups_per_box = page // 8 // boxes_per_page
     if h_k > 1 and k_cache.stride(2) != d:
         raise ValueError(f"k_cache: with h_k = {h_k} heads this decode needs the heads of a token "
                          f"{d} elements apart (stride(2) == {d}), got strides {k_cache.stride()}")

@@ -146,8 +146,12 @@ DEVICE void run_tma_producer(const DecodeArgs& a, const SharedTiles& sm) {
     for_each_ring_page(a, sm, [&](int stage, int page_id) {
         mbarrier_arrive_expect_tx(&sm.full_bar()[stage], TILE_BYTES);
 #if KV_GROUP_MAJOR
-        // One box per page: (64 columns, 8 tokens, 9 chunks of head kh, 8 groups, 1 page).
-        tma_load_5d(sm.kv(stage), a.kv_map, &sm.full_bar()[stage], 0, 0, a.kh * QK_CHUNKS, 0, page_id, policy);
+        // Box (64 columns, 8 tokens, 9 chunks of head kh, 8 / KV_BOXES_PER_PAGE groups, 1 page).
+        constexpr int GROUPS_PER_BOX = PAGE_SIZE / 8 / KV_BOXES_PER_PAGE;
+#pragma unroll
+        for (int b = 0; b < KV_BOXES_PER_PAGE; ++b)
+            tma_load_5d(sm.kv(stage) + b * GROUPS_PER_BOX * KV_GROUP_BYTES, a.kv_map, &sm.full_bar()[stage], 0, 0,
+                        a.kh * QK_CHUNKS, b * GROUPS_PER_BOX, page_id, policy);
 #else
 #pragma unroll
         for (int c = 0; c < QK_CHUNKS; ++c)

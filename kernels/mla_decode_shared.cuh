@@ -28,9 +28,12 @@ struct __align__(64) TensorMap { uint64_t opaque[16]; };
 // per page writes it while walking each 8-token group's 9 contiguous KB of the cache in turn
 // (the nine boxes each walk all 72 KB). Every reader goes through kv_chunk_offset and
 // kv_row_offset, and the wgmma descriptors take KV_GROUP_BYTES as their group stride.
+// KV_GROUP_MAJOR = 2: the same tile by two half-page boxes (in case one 72 KB box serialises).
 #ifndef KV_GROUP_MAJOR
 #define KV_GROUP_MAJOR 0
 #endif
+static_assert(KV_GROUP_MAJOR >= 0 && KV_GROUP_MAJOR <= 2, "KV_GROUP_MAJOR: 0, 1 or 2 boxes a page");
+constexpr int KV_BOXES_PER_PAGE = KV_GROUP_MAJOR;  // group-major boxes a page
 constexpr int KV_CHUNK_BYTES = KV_GROUP_MAJOR ? int(SWIZZLE_ATOM_BYTES) : CHUNK_BYTES;  // chunk c+1 - chunk c
 constexpr int KV_GROUP_BYTES = KV_GROUP_MAJOR ? QK_CHUNKS * int(SWIZZLE_ATOM_BYTES) : int(SWIZZLE_ATOM_BYTES);
 DEVICE int kv_chunk_offset(int chunk) { return chunk * KV_CHUNK_BYTES; }

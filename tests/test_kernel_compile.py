@@ -143,6 +143,11 @@ def test_group_major_pages_arrive_by_one_5d_box_and_spill_nothing() -> None:
     assert "UTMALDG.5D" in on_text and "UTMALDG.4D" not in on_text
     assert on_text.count("HGMMA") == shipped_text.count("HGMMA")
     assert not re.search(r"\b(LDL|STL)\b", on_text), "register spills to local memory"
+    # Two half-page boxes (KV_GROUP_MAJOR=2): two 5-D loads a page, the math unchanged.
+    half_text = sass(shipped_decode_with("-DKV_GROUP_MAJOR=2")[1])
+    assert half_text.count("UTMALDG.5D") == 2 * on_text.count("UTMALDG.5D")
+    assert instructions(half_text).count("HGMMA") == instructions(on_text).count("HGMMA")
+    assert not re.search(r"\b(LDL|STL)\b", half_text), "register spills to local memory"
 
 
 def test_idle_combine_ctas_exit_before_the_dependency_wait() -> None:

@@ -66,19 +66,19 @@ def test_kv_layout_follows_the_knob_as_the_preprocessor_would(monkeypatch: pytes
     from flashmla_backend.kernel_sources import decode_launch_contract
 
     monkeypatch.delenv("FLASHMLA_BACKEND_DECODE_FILE", raising=False)
-    assert not decode_launch_contract(decode_module(torch.bfloat16)).kv_group_major
-    for defines, expected in (("-DKV_GROUP_MAJOR=1", True), ("-DKV_GROUP_MAJOR", True),
-                              ("-DKV_GROUP_MAJOR=0", False), ("-DKV_GROUP_MAJOR=1 -DKV_GROUP_MAJOR=0", False),
-                              ("-DKV_GROUP_MAJORITY=1", False)):
+    assert decode_launch_contract(decode_module(torch.bfloat16)).kv_group_boxes == 0
+    for defines, expected in (("-DKV_GROUP_MAJOR=1", 1), ("-DKV_GROUP_MAJOR", 1), ("-DKV_GROUP_MAJOR=2", 2),
+                              ("-DKV_GROUP_MAJOR=0", 0), ("-DKV_GROUP_MAJOR=1 -DKV_GROUP_MAJOR=0", 0),
+                              ("-DKV_GROUP_MAJORITY=1", 0)):
         monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_DEFINES", defines)
-        assert decode_launch_contract(decode_module(torch.bfloat16)).kv_group_major is expected, defines
+        assert decode_launch_contract(decode_module(torch.bfloat16)).kv_group_boxes == expected, defines
     on_by_default = tmp_path / "group_major.cu"
     on_by_default.write_text("#ifndef KV_GROUP_MAJOR\n#define KV_GROUP_MAJOR 1\n#endif\n")
     monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(on_by_default))
     monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_DEFINES", "")
-    assert decode_launch_contract(decode_module(torch.bfloat16)).kv_group_major
+    assert decode_launch_contract(decode_module(torch.bfloat16)).kv_group_boxes == 1
     monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_DEFINES", "-DKV_GROUP_MAJOR=0")
-    assert not decode_launch_contract(decode_module(torch.bfloat16)).kv_group_major
+    assert decode_launch_contract(decode_module(torch.bfloat16)).kv_group_boxes == 0
 
 
 def test_group_major_map_names_a_head_stride_it_cannot_map() -> None:
@@ -89,6 +89,8 @@ def test_group_major_map_names_a_head_stride_it_cannot_map() -> None:
     padded = torch.zeros(2, 64, 2, 640, dtype=torch.bfloat16)[..., :576]
     with pytest.raises(ValueError, match=r"k_cache: .*stride\(2\) == 576"):
         kv_cache_group_major_map(padded)
+    with pytest.raises(ValueError, match="boxes_per_page"):
+        kv_cache_group_major_map(torch.zeros(2, 64, 1, 576, dtype=torch.bfloat16), 3)
 
 
 def test_tensor_map_rejects_other_box_heights() -> None:

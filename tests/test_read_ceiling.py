@@ -53,8 +53,8 @@ def test_wrong_arch_fails_loudly(probe) -> None:
 
 
 @requires_hopper
-@pytest.mark.parametrize("groups_per_box", [8, 4])
-def test_group_major_box_lands_in_the_swizzled_group_major_layout(probe, groups_per_box: int) -> None:
+@pytest.mark.parametrize("boxes_per_page", [1, 2])
+def test_group_major_box_lands_in_the_swizzled_group_major_layout(probe, boxes_per_page: int) -> None:
     # The decode's KV_GROUP_MAJOR map (tensor_map.kv_cache_group_major_map): one box is a page,
     # its smem image the atoms of (token group, chunk) at (9 group + chunk) KB, 128B-swizzled.
     import cupy as cp
@@ -63,13 +63,13 @@ def test_group_major_box_lands_in_the_swizzled_group_major_layout(probe, groups_
     from flashmla_backend.tensor_map import kv_cache_group_major_map
 
     cache = torch.randn(5, 64, 1, 576, device="cuda").to(torch.bfloat16)
-    tensor_map = torch.frombuffer(bytearray(kv_cache_group_major_map(cache, groups_per_box)), dtype=torch.uint8).cuda()
+    tensor_map = torch.frombuffer(bytearray(kv_cache_group_major_map(cache, boxes_per_page)), dtype=torch.uint8).cuda()
     image = torch.full((64 * 576,), float("nan"), device="cuda").to(torch.bfloat16)
     kernel = cp.RawModule(code=probe.GROUP_IMAGE_SOURCE, options=("-arch=sm_90a", "-std=c++17")).get_function(
         "group_box_image")
     kernel.max_dynamic_shared_size_bytes = probe.PAGE_BYTES
     page = 3
-    kernel((1,), (256,), (tensor_map.data_ptr(), np.int32(page), np.int32(groups_per_box), image.data_ptr()),
+    kernel((1,), (256,), (tensor_map.data_ptr(), np.int32(page), np.int32(8 // boxes_per_page), image.data_ptr()),
            shared_mem=probe.PAGE_BYTES)
     torch.cuda.synchronize()
     tokens, cols = torch.meshgrid(torch.arange(64), torch.arange(576), indexing="ij")
