@@ -68,6 +68,19 @@ def _encode(ptr: int, dtype: torch.dtype, dims: tuple[int, ...], strides_bytes: 
 _cache: dict[tuple, bytes] = {}
 
 
+def _cached_map(k_cache: torch.Tensor, dims: tuple[int, ...], strides_bytes: tuple[int, ...],
+                box: tuple[int, ...]) -> bytes:
+    """``_encode`` over ``k_cache``'s memory, cached by everything the encoding depends on."""
+    key = (k_cache.data_ptr(), k_cache.dtype, dims, strides_bytes, box, l2_promotion())
+    tmap = _cache.get(key)
+    if tmap is None:
+        tmap = _encode(k_cache.data_ptr(), k_cache.dtype, dims, strides_bytes, box)
+        if len(_cache) > 256:
+            _cache.clear()
+        _cache[key] = tmap
+    return tmap
+
+
 def kv_cache_tensor_map(k_cache: torch.Tensor, box_tokens: int = PAGE_SIZE) -> bytes:
     """Map over ``k_cache [num_pages, 64, h_k, 576]`` as the 4-D tensor
     (576 cols, h_k, 64 tokens, num_pages); one box is 64 cols x 1 head x ``box_tokens`` tokens
@@ -76,45 +89,26 @@ def kv_cache_tensor_map(k_cache: torch.Tensor, box_tokens: int = PAGE_SIZE) -> b
         raise ValueError(f"box_tokens: expected one of {BOX_TOKEN_HEIGHTS}, got {box_tokens}")
     num_pages, page, h_k, d = k_cache.shape
     elem = k_cache.element_size()
-    key = (k_cache.data_ptr(), k_cache.dtype, tuple(k_cache.shape), k_cache.stride(), box_tokens,
-           l2_promotion())
-    tmap = _cache.get(key)
-    if tmap is None:
-        tmap = _encode(
-            k_cache.data_ptr(), k_cache.dtype, (d, h_k, page, num_pages),
-            (k_cache.stride(2) * elem, k_cache.stride(1) * elem, k_cache.stride(0) * elem),
-            (BOX_COLS, 1, box_tokens, 1))
-        if len(_cache) > 256:
-            _cache.clear()
-        _cache[key] = tmap
-    return tmap
+    return _cached_map(k_cache, (d, h_k, page, num_pages),
+                       (k_cache.stride(2) * elem, k_cache.stride(1) * elem, k_cache.stride(0) * elem),
+                       (BOX_COLS, 1, box_tokens, 1))
 
 
 def kv_cache_group_major_map(k_cache: torch.Tensor, boxes_per_page: int = 1) -> bytes:
     """Map over ``k_cache [num_pages, 64, h_k, 576]`` for a decode with token-group-major page
     tiles (``KV_GROUP_MAJOR``): the 5-D tensor (64 cols, 8 tokens, 9 h_k chunks, 8 token groups,
-    num_pages), whose box (64, 8, 9, 8, 1) is one head's whole page (``boxes_per_page`` = 2:
-    half of it, 4 groups); its smem image puts the 128B-swizzled atom of (group g, chunk c) at (9 g + c) KB. Head kh's chunks start at chunk
-    9 kh, so with h_k > 1 the heads of a token must lie 576 elements apart."""
-    num_pages, page, h_k, d = k_cache.shape
-    elem = k_cache.element_size()
+    num_pages), whose box (64, 8, 9, 8 / ``boxes_per_page``, 1) is one head's whole page or half
+    of it; its smem image puts the 128B-swizzled atom of (group g, chunk c) at (9 g + c) KB. Head
+    kh's chunks start at chunk 9 kh, so with h_k > 1 the heads of a token must lie 576 elements
+    apart."""
     if boxes_per_page not in (1, 2):
         raise ValueError(f"boxes_per_page: expected 1 or 2, got {boxes_per_page}")
-    groups_per_box = page // 8 // boxes_per_page
+    num_pages, page, h_k, d = k_cache.shape
     if h_k > 1 and k_cache.stride(2) != d:
         raise ValueError(f"k_cache: with h_k = {h_k} heads this decode needs the heads of a token "
                          f"{d} elements apart (stride(2) == {d}), got strides {k_cache.stride()}")
-    chunks = d // BOX_COLS
-    key = ("group_major", groups_per_box, k_cache.data_ptr(), k_cache.dtype, tuple(k_cache.shape), k_cache.stride(),
-           l2_promotion())
-    tmap = _cache.get(key)
-    if tmap is None:
-        token_bytes = k_cache.stride(1) * elem
-        tmap = _encode(
-            k_cache.data_ptr(), k_cache.dtype, (BOX_COLS, 8, chunks * h_k, page // 8, num_pages),
-            (token_bytes, BOX_COLS * elem, 8 * token_bytes, k_cache.stride(0) * elem),
-            (BOX_COLS, 8, chunks, groups_per_box, 1))
-        if len(_cache) > 256:
-            _cache.clear()
-        _cache[key] = tmap
-    return tmap
+    elem = k_cache.element_size()
+    token_bytes = k_cache.stride(1) * elem
+    return _cached_map(k_cache, (BOX_COLS, 8, d // BOX_COLS * h_k, page // 8, num_pages),
+                       (token_bytes, BOX_COLS * elem, 8 * token_bytes, k_cache.stride(0) * elem),
+                       (BOX_COLS, 8, d // BOX_COLS, page // 8 // boxes_per_page, 1))

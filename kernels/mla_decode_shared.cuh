@@ -37,8 +37,9 @@ constexpr int KV_BOXES_PER_PAGE = KV_GROUP_MAJOR;  // group-major boxes a page
 constexpr int KV_CHUNK_BYTES = KV_GROUP_MAJOR ? int(SWIZZLE_ATOM_BYTES) : CHUNK_BYTES;  // chunk c+1 - chunk c
 constexpr int KV_GROUP_BYTES = KV_GROUP_MAJOR ? QK_CHUNKS * int(SWIZZLE_ATOM_BYTES) : int(SWIZZLE_ATOM_BYTES);
 DEVICE int kv_chunk_offset(int chunk) { return chunk * KV_CHUNK_BYTES; }
-// Token (or, for P in the rope chunk, query) row r of a chunk, before the 16-byte swizzle.
-DEVICE int kv_row_offset(int r) { return (r / 8) * KV_GROUP_BYTES + (r % 8) * 128; }
+// Token (or, for P in the rope chunk, query) row r of a chunk, before the 16-byte swizzle;
+// chunk-major rows are plainly 128 bytes apart (so written, the shipped SASS is unchanged).
+DEVICE int kv_row_offset(int r) { return KV_GROUP_MAJOR ? (r / 8) * KV_GROUP_BYTES + (r % 8) * 128 : r * 128; }
 
 
 // Phase trace (an off-by-default diagnostic, -DTRACE_PHASES=1; benchmarks/phase_trace.py reads
@@ -176,23 +177,10 @@ DEVICE void copy_page_cp_async(uint8_t* tile, const uint16_t* page_src, long lon
     }
 }
 
-// Zeroes V rows [first_row, TILE_ROWS) of a KV tile whose 64-column chunks lie CHUNK_STRIDE
-// bytes apart: cache slots past the sequence end may hold NaN, and P = 0 times NaN would
-// still be NaN. Whole 128-byte rows are zeroed, so the swizzle does not matter.
-template <int TILE_ROWS, int CHUNK_STRIDE>
-DEVICE void zero_v_rows(uint8_t* kv_tile, int first_row, int tid) {
-    const int rows = TILE_ROWS - first_row;
-    for (int idx = tid; idx < V_CHUNKS * rows * 8; idx += WG_THREADS) {
-        const int chunk = idx / (rows * 8), rem = idx % (rows * 8);
-        const int r = first_row + rem / 8, unit = rem % 8;
-        *reinterpret_cast<uint4*>(kv_tile + chunk * CHUNK_STRIDE + r * 128 + unit * 16) =
-            make_uint4(0, 0, 0, 0);
-    }
-}
-
-// The same for a whole-page tile in the kv_chunk_offset / kv_row_offset layout.
+// Zeroes V rows [first_row, 64) of a page tile (kv_chunk_offset / kv_row_offset layout): cache
+// slots past the sequence end may hold NaN, and P = 0 times NaN would still be NaN. Whole
+// 128-byte rows are zeroed, so the swizzle does not matter.
 DEVICE void zero_v_tail(uint8_t* kv_tile, int first_row, int tid) {
-#if KV_GROUP_MAJOR
     const int rows = PAGE_SIZE - first_row;
     for (int idx = tid; idx < V_CHUNKS * rows * 8; idx += WG_THREADS) {
         const int chunk = idx / (rows * 8), rem = idx % (rows * 8);
@@ -200,9 +188,6 @@ DEVICE void zero_v_tail(uint8_t* kv_tile, int first_row, int tid) {
         *reinterpret_cast<uint4*>(kv_tile + kv_chunk_offset(chunk) + kv_row_offset(r) + unit * 16) =
             make_uint4(0, 0, 0, 0);
     }
-#else
-    zero_v_rows<PAGE_SIZE, CHUNK_BYTES>(kv_tile, first_row, tid);
-#endif
 }
 
 // Accumulator fragment of wgmma m64nN (f32): register i of a thread holds

@@ -135,7 +135,8 @@ def test_padding_warps_knob_is_shipped_and_spills_nothing() -> None:
 
 def test_group_major_pages_arrive_by_one_5d_box_and_spill_nothing() -> None:
     # v41 knob (off until timed): token-group-major page tiles, one 5-D TMA box per page instead
-    # of nine 4-D ones; off, the shipped SASS is unchanged (the knob's default is 0).
+    # of nine 4-D ones; the shipped build is the knob's 0 (its SASS was compared, instruction for
+    # instruction, with run 33's build when the knob was written: identical).
     base, on = shipped_decode_with("-DKV_GROUP_MAJOR=1")
     _, off = shipped_decode_with("-DKV_GROUP_MAJOR=0")
     shipped_text, on_text = sass(base), sass(on)

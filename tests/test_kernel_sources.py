@@ -93,6 +93,26 @@ def test_group_major_map_names_a_head_stride_it_cannot_map() -> None:
         kv_cache_group_major_map(torch.zeros(2, 64, 1, 576, dtype=torch.bfloat16), 3)
 
 
+def test_kv_maps_encode_the_cache_geometry_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What each map asks the driver for (recorded instead of encoded, no GPU needed), and that a
+    # second call with the same cache is served from the cache.
+    from flashmla_backend import tensor_map
+
+    calls = []
+    monkeypatch.setattr(tensor_map, "_encode", lambda *args: calls.append(args[2:]) or bytes(128))
+    monkeypatch.setattr(tensor_map, "_cache", {})
+    cache = torch.zeros(10, 64, 1, 576, dtype=torch.bfloat16)
+    for _ in range(2):
+        tensor_map.kv_cache_tensor_map(cache)
+        tensor_map.kv_cache_group_major_map(cache)
+        tensor_map.kv_cache_group_major_map(cache, 2)
+    assert calls == [
+        ((576, 1, 64, 10), (1152, 1152, 73728), (64, 1, 64, 1)),
+        ((64, 8, 9, 8, 10), (1152, 128, 9216, 73728), (64, 8, 9, 8, 1)),
+        ((64, 8, 9, 8, 10), (1152, 128, 9216, 73728), (64, 8, 9, 4, 1)),
+    ]
+
+
 def test_tensor_map_rejects_other_box_heights() -> None:
     from flashmla_backend.tensor_map import kv_cache_tensor_map
 

@@ -13,7 +13,8 @@ from conftest import requires_hopper
 
 
 # SASS of the instruction each engine reads with.
-ENGINE_SASS = {"loads": "LDG.E.NA.128", "bulk": "UBLKCP", "pages": "UBLKCP", "tiles": "UTMALDG.4D", "groups": "UTMALDG.5D", "halfgroups": "UTMALDG.5D"}
+ENGINE_SASS = {"loads": "LDG.E.NA.128", "bulk": "UBLKCP", "pages": "UBLKCP", "tiles": "UTMALDG.4D",
+               "groups": "UTMALDG.5D", "halfgroups": "UTMALDG.5D"}
 
 
 @pytest.fixture(scope="module")
