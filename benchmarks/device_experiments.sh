@@ -39,14 +39,6 @@
 #             reference check and GPU decode tests of =0, the h_q = 16 rows in bursts (alternated
 #             twice, ours only) and back to back at the power cap with clocks (clock_probe.py
 #             --rows memory, alternated twice), beside the TMA producer forced (~3 min on an H100)
-#   v41:      page tiles in token-group-major order, filled by one 5-D TMA box per page that walks
-#             each 8-token group's 9 contiguous KB in turn (KV_GROUP_MAJOR=1) against the nine
-#             64-column boxes that each walk the whole 72 KB page: reference checks with the rule
-#             and each producer forced, GPU decode tests, then every anchor row alternated twice,
-#             ours only, by the rule and with TMA forced, and two half-page boxes a page
-#             (KV_GROUP_MAJOR=2, TMA forced) beside (~7 min; V41_ROUNDS=1: ~5; V41_QUICK=1: TMA
-#             forced only, reference checks and one round, ~2). read_ceiling's "groups" rows
-#             are the same question without the math
 #   empty_combine: benchmarks/empty_combine.py: the rows whose scheduler splits no request, timed
 #             with and without the combine launch (it has nothing to merge there), alternated
 #             three times, plus b = 132 (~1 min)
@@ -367,26 +359,6 @@ for shape in ORDERING_SHAPES:
           grep '^| ours' "$ROOT_OUT/v40/$label/clocks.md" 2>/dev/null | cut -d'|' -f2,5,7 | head -4
         done
       done
-    fi ;;
-  v41)  # token-group-major page tiles, one 5-D TMA box per page (KV_GROUP_MAJOR=1) (~6 min)
-    run v41
-    variant=shipped+KV_GROUP_MAJOR=1
-    tma=+FLASHMLA_BACKEND_KV_PRODUCER=tma
-    # Two half-page boxes a page (KV_GROUP_MAJOR=2), TMA forced: checked and timed beside.
-    check_one v41 half_boxes_tma shipped+KV_GROUP_MAJOR=2$tma
-    half=""
-    checked_ok v41 half_boxes_tma && half=shipped+KV_GROUP_MAJOR=2$tma
-    if [ -n "${V41_QUICK:-}" ]; then  # the TMA producer only: one reference check, one round
-      check_one v41 group_major_tma "$variant$tma"
-      checked_ok v41 group_major_tma && AB_SKIP_SHIPPED=1 alternated_ab v41 1 "" shipped$tma $variant$tma $half
-      continue
-    fi
-    check_variants v41 $variant
-    for producer in tma cp_async; do
-      check_one v41 "group_major_$producer" "$variant+FLASHMLA_BACKEND_KV_PRODUCER=$producer"
-    done
-    if checked_ok v41 "${variant//[+=]/_}" && checked_ok v41 group_major_tma && checked_ok v41 group_major_cp_async; then
-      alternated_ab v41 "${V41_ROUNDS:-2}" "" $variant shipped$tma $variant$tma $half
     fi ;;
   split_sustained)
     run split_sustained

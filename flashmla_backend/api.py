@@ -36,7 +36,7 @@ from .launch import KernelSignature, launch_kernel, resident_ctas_per_sm
 from .runtime import check_device, get_kernel, sm_count
 from .schedule import no_split_slack, num_sm_parts, schedule_reference, split_overhead_pages, whole_requests
 from .settings import Settings, settings
-from .tensor_map import kv_cache_group_major_map, kv_cache_tensor_map
+from .tensor_map import kv_cache_tensor_map
 from .validation import validate_contents, validate_decode_args, validate_metadata_args
 
 _LOG2E = 1.4426950408889634
@@ -259,9 +259,7 @@ def flash_mla_with_kvcache(
     kernels = _call_kernels(index, q.dtype)
     contract = kernels.contract
     q_strides = q.stride()
-    kv_map = (kv_cache_group_major_map(k_cache, contract.kv_group_boxes) if contract.kv_group_boxes
-              else kv_cache_tensor_map(k_cache, contract.tma_box_tokens))
-    args = (kv_map, q.data_ptr(), q_strides[0], q_strides[1],
+    args = (kv_cache_tensor_map(k_cache, contract.tma_box_tokens), q.data_ptr(), q_strides[0], q_strides[1],
             q_strides[2], block_table.data_ptr(), block_table.stride(0),
             cache_seqlens.data_ptr(), tile_scheduler_metadata.data_ptr(), num_splits.data_ptr(),
             out.data_ptr(), lse.data_ptr(), o_part.data_ptr(), lse_part.data_ptr(),

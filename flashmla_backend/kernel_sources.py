@@ -71,19 +71,6 @@ def decode_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModul
 _BOX_TOKENS = re.compile(r"constexpr\s+int\s+TMA_BOX_TOKENS\s*=\s*(\d+)\s*;")
 _TAKES_KV_POINTER = re.compile(r"constexpr\s+bool\s+TAKES_KV_POINTER\s*=\s*true\s*;")
 _SELECTS_KV_PRODUCER = re.compile(r"constexpr\s+bool\s+SELECTS_KV_PRODUCER\s*=\s*true\s*;")
-_KV_GROUP_MAJOR_DEFAULT = re.compile(r"#\s*ifndef\s+KV_GROUP_MAJOR\s*\n\s*#\s*define\s+KV_GROUP_MAJOR\s+(\d+)")
-
-
-def _kv_group_boxes(source: str, defines: tuple[str, ...]) -> int:
-    """The page-tile layout knob as the preprocessor resolves it (group-major boxes a page, 0 for
-    chunk-major): a ``-DKV_GROUP_MAJOR[=n]`` option wins over the source's ``#ifndef`` default; a
-    source without the knob is chunk-major."""
-    for option in reversed(defines):
-        name, _, value = option[2:].partition("=")
-        if name == "KV_GROUP_MAJOR":
-            return int(value or "1")
-    default = _KV_GROUP_MAJOR_DEFAULT.search(source)
-    return int(default.group(1)) if default else 0
 
 
 @dataclass(frozen=True)
@@ -94,15 +81,11 @@ class DecodeLaunchContract:
     whole 64-token page). ``takes_kv_pointer``: it takes the cache pointer and its page and
     token strides (in elements) after the common arguments (``TAKES_KV_POINTER = true``).
     ``selects_kv_producer``: it then takes an int choosing its cp.async producer over TMA
-    (``SELECTS_KV_PRODUCER = true``; see ``kv_producer.py``). The shipped decode declares both.
-    ``kv_group_boxes``: 0 for chunk-major page tiles, else the boxes a page of its token-group
-    major tiles (the ``KV_GROUP_MAJOR`` knob, 1 or 2), whose KV map is the 5-D one
-    (``tensor_map.kv_cache_group_major_map``)."""
+    (``SELECTS_KV_PRODUCER = true``; see ``kv_producer.py``). The shipped decode declares both."""
 
     tma_box_tokens: int
     takes_kv_pointer: bool
     selects_kv_producer: bool = False
-    kv_group_boxes: int = 0
 
 
 @lru_cache(maxsize=None)
@@ -114,8 +97,7 @@ def decode_launch_contract(module: KernelModule) -> DecodeLaunchContract:
     selects = _SELECTS_KV_PRODUCER.search(source) is not None
     if selects and not takes_pointer:
         raise ValueError(f"{module.source_file}: SELECTS_KV_PRODUCER needs TAKES_KV_POINTER")
-    return DecodeLaunchContract(int(box.group(1)) if box else PAGE_SIZE, takes_pointer, selects,
-                                _kv_group_boxes(source, module.extra_defines))
+    return DecodeLaunchContract(int(box.group(1)) if box else PAGE_SIZE, takes_pointer, selects)
 
 
 #: Parameters of ``mla_schedule``: seqlens, batch, parts, overhead, slack, whole_requests,

@@ -95,8 +95,9 @@ def kv_cache_tensor_map(k_cache: torch.Tensor, box_tokens: int = PAGE_SIZE) -> b
 
 
 def kv_cache_group_major_map(k_cache: torch.Tensor, boxes_per_page: int = 1) -> bytes:
-    """Map over ``k_cache [num_pages, 64, h_k, 576]`` for a decode with token-group-major page
-    tiles (``KV_GROUP_MAJOR``): the 5-D tensor (64 cols, 8 tokens, 9 h_k chunks, 8 token groups,
+    """Map over ``k_cache [num_pages, 64, h_k, 576]`` for token-group-major page tiles (the
+    reads of ``benchmarks/read_ceiling.py``'s group-major rows; the decode's v41 used it until run
+    34 measured no gain, NOTES.md "v41"): the 5-D tensor (64 cols, 8 tokens, 9 h_k chunks, 8 token groups,
     num_pages), whose box (64, 8, 9, 8 / ``boxes_per_page``, 1) is one head's whole page or half
     of it; its smem image puts the 128B-swizzled atom of (group g, chunk c) at (9 g + c) KB. Head
     kh's chunks start at chunk 9 kh, so with h_k > 1 the heads of a token must lie 576 elements
@@ -105,7 +106,7 @@ def kv_cache_group_major_map(k_cache: torch.Tensor, boxes_per_page: int = 1) -> 
         raise ValueError(f"boxes_per_page: expected 1 or 2, got {boxes_per_page}")
     num_pages, page, h_k, d = k_cache.shape
     if h_k > 1 and k_cache.stride(2) != d:
-        raise ValueError(f"k_cache: with h_k = {h_k} heads this decode needs the heads of a token "
+        raise ValueError(f"k_cache: with h_k = {h_k} heads this map needs the heads of a token "
                          f"{d} elements apart (stride(2) == {d}), got strides {k_cache.stride()}")
     elem = k_cache.element_size()
     token_bytes = k_cache.stride(1) * elem

@@ -88,7 +88,7 @@ struct SharedTiles {
     uint8_t* base;
     DEVICE uint8_t* q() const { return base + SMEM_Q; }
     DEVICE uint8_t* kv(int stage) const { return base + SMEM_KV + stage * TILE_BYTES; }
-    DEVICE uint8_t* p(int stage) const { return kv(stage) + kv_chunk_offset(ROPE_CHUNK); }
+    DEVICE uint8_t* p(int stage) const { return kv(stage) + ROPE_CHUNK * CHUNK_BYTES; }
     DEVICE float* row_scale(int stage) const {
         return reinterpret_cast<float*>(base + SMEM_ROW_SCALE) + stage * BLOCK_M;
     }
@@ -145,19 +145,10 @@ DEVICE void run_tma_producer(const DecodeArgs& a, const SharedTiles& sm) {
     bool first = true;
     for_each_ring_page(a, sm, [&](int stage, int page_id) {
         mbarrier_arrive_expect_tx(&sm.full_bar()[stage], TILE_BYTES);
-#if KV_GROUP_MAJOR
-        // Box (64 columns, 8 tokens, 9 chunks of head kh, 8 / KV_BOXES_PER_PAGE groups, 1 page).
-        constexpr int GROUPS_PER_BOX = PAGE_SIZE / 8 / KV_BOXES_PER_PAGE;
-#pragma unroll
-        for (int b = 0; b < KV_BOXES_PER_PAGE; ++b)
-            tma_load_5d(sm.kv(stage) + b * GROUPS_PER_BOX * KV_GROUP_BYTES, a.kv_map, &sm.full_bar()[stage], 0, 0,
-                        a.kh * QK_CHUNKS, b * GROUPS_PER_BOX, page_id, policy);
-#else
 #pragma unroll
         for (int c = 0; c < QK_CHUNKS; ++c)
             tma_load_4d(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, &sm.full_bar()[stage],
                         c * CHUNK_COLS, a.kh, 0, page_id, policy);
-#endif
         if (TRACE_PHASES && first) trace_phase(EV_FIRST_KV_ISSUED);
         first = false;
     });
@@ -220,8 +211,8 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
         for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
             const int stage = it % KV_STAGES;
             uint8_t* kv_tile = sm.kv(stage);
-            const KvTileK kv_tile_k(smem_addr(kv_tile));  // K for the scores
-            const KvTileV kv_tile_v(smem_addr(kv_tile));  // V for P V
+            const SmemOperand<> kv_tile_k(smem_addr(kv_tile));             // K for the scores
+            const SmemOperand<CHUNK_BYTES> kv_tile_v(smem_addr(kv_tile));  // V for P V
             mbarrier_wait(&sm.full_bar()[stage], (it / KV_STAGES) & 1);
             if (TRACE_PHASES && tid == 0 && page == piece.page_begin) trace_piece(pieces, PIECE_FIRST_PAGE);
             if (TRACE_PHASES && tid == 0) trace_page(pieces == 0, page - piece.page_begin, PG_READY);
@@ -235,7 +226,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
 #pragma unroll
                 for (int k = 0; k < CHUNK_COLS / K_STEP; ++k)
                     wgmma_m64n64k16_ss(s, q_tile.at(c * CHUNK_BYTES + k * K_STEP * 2),
-                                       kv_tile_k.at(kv_chunk_offset(c) + k * K_STEP * 2), (c | k) != 0);
+                                       kv_tile_k.at(c * CHUNK_BYTES + k * K_STEP * 2), (c | k) != 0);
             wgmma_commit();
             wgmma_wait<0>();
             fence_accumulators(s);
@@ -275,7 +266,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
 #pragma unroll
             for (int k = 0; k < PAGE_SIZE / K_STEP; ++k)
                 wgmma_m64n256k16_rs_bt(o, p[4 * k], p[4 * k + 1], p[4 * k + 2], p[4 * k + 3],
-                                       kv_tile_v.at(k * V_K_STEP_BYTES));
+                                       kv_tile_v.at(k * K_STEP * 128));
             wgmma_commit();
 
             // While that runs: P (into this page's rope chunk, in the A-fragment layout, 128B
@@ -327,7 +318,7 @@ DEVICE void run_softmax_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) 
 DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
     const int warp = tid / 32, lane = tid % 32;
     const int row0 = warp * 16 + lane / 4;
-    constexpr int RIGHT_HALF_BYTES = (V_COLS_PER_WG / CHUNK_COLS) * KV_CHUNK_BYTES;
+    constexpr int RIGHT_HALF_BYTES = (V_COLS_PER_WG / CHUNK_COLS) * CHUNK_BYTES;
     int it = 0, pieces = 0;
     for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
         const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);

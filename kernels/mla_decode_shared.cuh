@@ -22,25 +22,6 @@ constexpr int K_STEP = 16;                              // wgmma K per instructi
 
 struct __align__(64) TensorMap { uint64_t opaque[16]; };
 
-// Knob (v41, off): the page tile's layout. Off, chunk-major: chunk c (64 columns x 64 tokens,
-// 8 KB) at c * 8 KB, its 8-token atoms 1 KB apart, as nine 64-column TMA boxes write it. On,
-// token-group major: the atom of (token group g, chunk c) at (9 g + c) KB, as one 5-D TMA box
-// per page writes it while walking each 8-token group's 9 contiguous KB of the cache in turn
-// (the nine boxes each walk all 72 KB). Every reader goes through kv_chunk_offset and
-// kv_row_offset, and the wgmma descriptors take KV_GROUP_BYTES as their group stride.
-// KV_GROUP_MAJOR = 2: the same tile by two half-page boxes (in case one 72 KB box serialises).
-#ifndef KV_GROUP_MAJOR
-#define KV_GROUP_MAJOR 0
-#endif
-static_assert(KV_GROUP_MAJOR >= 0 && KV_GROUP_MAJOR <= 2, "KV_GROUP_MAJOR: 0, 1 or 2 boxes a page");
-constexpr int KV_BOXES_PER_PAGE = KV_GROUP_MAJOR;  // group-major boxes a page
-constexpr int KV_CHUNK_BYTES = KV_GROUP_MAJOR ? int(SWIZZLE_ATOM_BYTES) : CHUNK_BYTES;  // chunk c+1 - chunk c
-constexpr int KV_GROUP_BYTES = KV_GROUP_MAJOR ? QK_CHUNKS * int(SWIZZLE_ATOM_BYTES) : int(SWIZZLE_ATOM_BYTES);
-DEVICE int kv_chunk_offset(int chunk) { return chunk * KV_CHUNK_BYTES; }
-// Token (or, for P in the rope chunk, query) row r of a chunk, before the 16-byte swizzle;
-// chunk-major rows are plainly 128 bytes apart (so written, the shipped SASS is unchanged).
-DEVICE int kv_row_offset(int r) { return KV_GROUP_MAJOR ? (r / 8) * KV_GROUP_BYTES + (r % 8) * 128 : r * 128; }
-
 
 // Phase trace (an off-by-default diagnostic, -DTRACE_PHASES=1; benchmarks/phase_trace.py reads
 // it): one thread per role stamps the global timer at fixed events into a module-global table,
@@ -169,7 +150,7 @@ DEVICE void copy_page_cp_async(uint8_t* tile, const uint16_t* page_src, long lon
     int r = tid / VECS_PER_TOKEN, v = tid % VECS_PER_TOKEN;
 #pragma unroll 4
     for (int j = 0; j < PAGE_SIZE * VECS_PER_TOKEN / WG_THREADS; ++j) {
-        cp_async_16(tile + kv_chunk_offset(v / 8) + kv_row_offset(r) + (((v % 8) ^ (r & 7)) << 4),
+        cp_async_16(tile + (v / 8) * CHUNK_BYTES + r * 128 + (((v % 8) ^ (r & 7)) << 4),
                     page_src + r * token_stride + v * 8);
         v += WG_THREADS - VECS_PER_TOKEN;
         r += 1;
@@ -177,16 +158,15 @@ DEVICE void copy_page_cp_async(uint8_t* tile, const uint16_t* page_src, long lon
     }
 }
 
-// Zeroes V rows [first_row, 64) of a page tile (kv_chunk_offset / kv_row_offset layout): cache
-// slots past the sequence end may hold NaN, and P = 0 times NaN would still be NaN. Whole
+// Zeroes V rows [first_row, 64) of a page tile (chunks CHUNK_BYTES apart, rows 128 bytes):
+// cache slots past the sequence end may hold NaN, and P = 0 times NaN would still be NaN. Whole
 // 128-byte rows are zeroed, so the swizzle does not matter.
 DEVICE void zero_v_tail(uint8_t* kv_tile, int first_row, int tid) {
     const int rows = PAGE_SIZE - first_row;
     for (int idx = tid; idx < V_CHUNKS * rows * 8; idx += WG_THREADS) {
         const int chunk = idx / (rows * 8), rem = idx % (rows * 8);
         const int r = first_row + rem / 8, unit = rem % 8;
-        *reinterpret_cast<uint4*>(kv_tile + kv_chunk_offset(chunk) + kv_row_offset(r) + unit * 16) =
-            make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(kv_tile + chunk * CHUNK_BYTES + r * 128 + unit * 16) = make_uint4(0, 0, 0, 0);
     }
 }
 
@@ -224,34 +204,27 @@ DEVICE float exp2_on_fma_pipe(float x) {
 }
 
 // A warp's 16 rows of P (p[2n + half]: rows 8 half + lane / 4, columns 8n + 2 (lane % 4) and
-// +1, the scores' accumulator layout) into a 64 x 64 tile with 128-byte rows (kv_row_offset),
-// 16-byte groups swizzled by the row (group n of row r at (n ^ (r & 7)) * 16, the A-operand
-// layout of the P V wgmma): four stmatrix of four 8x8 matrices, (n, half) = (2j, 0), (2j, 1),
-// (2j + 1, 0), (2j + 1, 1) in store j, each lane giving row lane % 8 of matrix lane / 8.
+// +1, the scores' accumulator layout) into a 64 x 64 tile with 128-byte rows, 16-byte groups
+// swizzled by the row (group n of row r at (n ^ (r & 7)) * 16, the A-operand layout of the P V
+// wgmma): four stmatrix of four 8x8 matrices, (n, half) = (2j, 0), (2j, 1), (2j + 1, 0),
+// (2j + 1, 1) in store j, each lane giving row lane % 8 of matrix lane / 8.
 DEVICE void store_p_by_stmatrix(uint32_t tile_addr, const uint32_t (&p)[16], int warp, int lane) {
     const int m = lane / 8, r = warp * 16 + 8 * (m & 1) + lane % 8;
-    const uint32_t row_addr = tile_addr + kv_row_offset(r);
+    const uint32_t row_addr = tile_addr + r * 128;
 #pragma unroll
     for (int j = 0; j < 4; ++j)
         stmatrix_x4(row_addr + (((2 * j + (m >> 1)) ^ (lane % 8)) << 4), p[4 * j], p[4 * j + 1], p[4 * j + 2],
                     p[4 * j + 3]);
 }
 
-// The page tile as wgmma operands: K for the scores (K-major), V for P V (MN-major), and P in
-// its rope chunk (K-major); K_STEP tokens of V are K_STEP / 8 groups.
-using KvTileK = SmemOperand<0, KV_GROUP_BYTES>;
-using KvTileV = SmemOperand<KV_CHUNK_BYTES, KV_GROUP_BYTES>;
-using PTile = SmemOperand<0, KV_GROUP_BYTES>;
-constexpr int V_K_STEP_BYTES = K_STEP / 8 * KV_GROUP_BYTES;
-
 // O[:, col_base:col_base+256] += P V for one page, P from smem.
 DEVICE void pv_gemm(float (&o)[128], uint32_t p_addr, uint32_t v_addr) {
-    const PTile p_tile(p_addr);
-    const KvTileV v_tile(v_addr);
+    const SmemOperand<> p_tile(p_addr);
+    const SmemOperand<CHUNK_BYTES> v_tile(v_addr);
     wgmma_fence();
 #pragma unroll
     for (int k = 0; k < PAGE_SIZE / K_STEP; ++k)
-        wgmma_m64n256k16_ss_bt(o, p_tile.at(k * K_STEP * 2), v_tile.at(k * V_K_STEP_BYTES));
+        wgmma_m64n256k16_ss_bt(o, p_tile.at(k * K_STEP * 2), v_tile.at(k * K_STEP * 128));
     wgmma_commit();
     wgmma_wait<0>();
     fence_accumulators(o);

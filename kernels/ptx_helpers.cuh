@@ -104,6 +104,7 @@ DEVICE void tma_load_4d(void* dst, const void* tensor_map, uint64_t* bar,
         : "memory");
 }
 
+// The 5-D load of benchmarks/read_ceiling.py's group-major page boxes (v41, run 34).
 DEVICE void tma_load_5d(void* dst, const void* tensor_map, uint64_t* bar, int c0, int c1, int c2,
                         int c3, int c4, uint64_t l2_policy) {
     asm volatile(
@@ -178,16 +179,15 @@ DEVICE uint64_t make_smem_desc(uint32_t addr, uint32_t leading_bytes, uint32_t s
     return desc;
 }
 
-// K-major operand (rows of 64 K-elements per chunk): the leading offset is unused; 8-row
-// groups lie group_bytes apart (one atom, unless the tile interleaves its chunks' atoms).
-DEVICE uint64_t desc_k_major(uint32_t addr, uint32_t group_bytes = SWIZZLE_ATOM_BYTES) {
-    return make_smem_desc(addr, 16, group_bytes);
+// K-major operand (rows of 64 K-elements per chunk): the leading offset is unused.
+DEVICE uint64_t desc_k_major(uint32_t addr) {
+    return make_smem_desc(addr, 16, SWIZZLE_ATOM_BYTES);
 }
 
 // MN-major operand (V read as [tokens, dims]): 64-element MN blocks lie chunk_bytes apart,
-// 8-token K groups group_bytes apart.
-DEVICE uint64_t desc_mn_major(uint32_t addr, uint32_t chunk_bytes, uint32_t group_bytes = SWIZZLE_ATOM_BYTES) {
-    return make_smem_desc(addr, chunk_bytes, group_bytes);
+// 8-token K groups one atom apart.
+DEVICE uint64_t desc_mn_major(uint32_t addr, uint32_t chunk_bytes) {
+    return make_smem_desc(addr, chunk_bytes, SWIZZLE_ATOM_BYTES);
 }
 
 // The descriptor of an operand `bytes` past one whose descriptor is known. The start address
@@ -202,13 +202,12 @@ DEVICE uint64_t desc_advance(uint64_t desc, uint32_t bytes) { return desc + (byt
 
 // A swizzled shared-memory operand tile; at(bytes) is the descriptor of the K slice `bytes` in.
 // MN_CHUNK_BYTES = 0: K-major; otherwise MN-major with 64-element MN blocks that far apart.
-// GROUP_BYTES: the stride of the 8-row groups (the strided dimension's atoms).
-template <uint32_t MN_CHUNK_BYTES = 0, uint32_t GROUP_BYTES = SWIZZLE_ATOM_BYTES>
+template <uint32_t MN_CHUNK_BYTES = 0>
 struct SmemOperand {
     uint32_t addr;
     uint64_t desc;
     DEVICE static uint64_t desc_of(uint32_t a) {
-        return MN_CHUNK_BYTES == 0 ? desc_k_major(a, GROUP_BYTES) : desc_mn_major(a, MN_CHUNK_BYTES, GROUP_BYTES);
+        return MN_CHUNK_BYTES == 0 ? desc_k_major(a) : desc_mn_major(a, MN_CHUNK_BYTES);
     }
     DEVICE explicit SmemOperand(uint32_t a) : addr(a), desc(desc_of(a)) {}
     DEVICE uint64_t at(uint32_t bytes) const {

@@ -133,24 +133,6 @@ def test_padding_warps_knob_is_shipped_and_spills_nothing() -> None:
     assert not re.search(r"\b(LDL|STL)\b", shipped_text), "register spills to local memory"
 
 
-def test_group_major_pages_arrive_by_one_5d_box_and_spill_nothing() -> None:
-    # v41 knob (off until timed): token-group-major page tiles, one 5-D TMA box per page instead
-    # of nine 4-D ones; the shipped build is the knob's 0 (its SASS was compared, instruction for
-    # instruction, with run 33's build when the knob was written: identical).
-    base, on = shipped_decode_with("-DKV_GROUP_MAJOR=1")
-    _, off = shipped_decode_with("-DKV_GROUP_MAJOR=0")
-    shipped_text, on_text = sass(base), sass(on)
-    assert instructions(sass(off)) == instructions(shipped_text)
-    assert "UTMALDG.5D" in on_text and "UTMALDG.4D" not in on_text
-    assert on_text.count("HGMMA") == shipped_text.count("HGMMA")
-    assert not re.search(r"\b(LDL|STL)\b", on_text), "register spills to local memory"
-    # Two half-page boxes (KV_GROUP_MAJOR=2): two 5-D loads a page, the math unchanged.
-    half_text = sass(shipped_decode_with("-DKV_GROUP_MAJOR=2")[1])
-    assert half_text.count("UTMALDG.5D") == 2 * on_text.count("UTMALDG.5D")
-    assert instructions(half_text).count("HGMMA") == instructions(on_text).count("HGMMA")
-    assert not re.search(r"\b(LDL|STL)\b", half_text), "register spills to local memory"
-
-
 def test_idle_combine_ctas_exit_before_the_dependency_wait() -> None:
     # Combine (IDLE_CTAS_SKIP_WAIT, on since run 33): CTAs with no split request exit before the
     # dependency wait (ACQBULK), CTA (0, 0) excepted: a CTA-wide vote (BAR.RED.OR) and an exit

@@ -59,28 +59,6 @@ def test_tma_box_follows_the_decode_source(monkeypatch: pytest.MonkeyPatch, tmp_
     assert decode_launch_contract(decode_module(torch.bfloat16)).tma_box_tokens == 32
 
 
-def test_kv_layout_follows_the_knob_as_the_preprocessor_would(monkeypatch: pytest.MonkeyPatch,
-                                                             tmp_path: Path) -> None:
-    # KV_GROUP_MAJOR (v41) picks the page tile's layout and with it the KV map: a -D option wins
-    # over the source's #ifndef default, and the shipped default is chunk-major.
-    from flashmla_backend.kernel_sources import decode_launch_contract
-
-    monkeypatch.delenv("FLASHMLA_BACKEND_DECODE_FILE", raising=False)
-    assert decode_launch_contract(decode_module(torch.bfloat16)).kv_group_boxes == 0
-    for defines, expected in (("-DKV_GROUP_MAJOR=1", 1), ("-DKV_GROUP_MAJOR", 1), ("-DKV_GROUP_MAJOR=2", 2),
-                              ("-DKV_GROUP_MAJOR=0", 0), ("-DKV_GROUP_MAJOR=1 -DKV_GROUP_MAJOR=0", 0),
-                              ("-DKV_GROUP_MAJORITY=1", 0)):
-        monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_DEFINES", defines)
-        assert decode_launch_contract(decode_module(torch.bfloat16)).kv_group_boxes == expected, defines
-    on_by_default = tmp_path / "group_major.cu"
-    on_by_default.write_text("#ifndef KV_GROUP_MAJOR\n#define KV_GROUP_MAJOR 1\n#endif\n")
-    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(on_by_default))
-    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_DEFINES", "")
-    assert decode_launch_contract(decode_module(torch.bfloat16)).kv_group_boxes == 1
-    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_DEFINES", "-DKV_GROUP_MAJOR=0")
-    assert decode_launch_contract(decode_module(torch.bfloat16)).kv_group_boxes == 0
-
-
 def test_group_major_map_names_a_head_stride_it_cannot_map() -> None:
     # With several KV heads, head kh's chunks are chunks 9 kh.. of one map dimension, so the
     # heads of a token must be 576 elements apart; other layouts get a ValueError, not a bad map.

@@ -56,8 +56,8 @@ def test_wrong_arch_fails_loudly(probe) -> None:
 @requires_hopper
 @pytest.mark.parametrize("boxes_per_page", [1, 2])
 def test_group_major_box_lands_in_the_swizzled_group_major_layout(probe, boxes_per_page: int) -> None:
-    # The decode's KV_GROUP_MAJOR map (tensor_map.kv_cache_group_major_map): one box is a page,
-    # its smem image the atoms of (token group, chunk) at (9 group + chunk) KB, 128B-swizzled.
+    # The group-major map (tensor_map.kv_cache_group_major_map): one box is a page (or half of
+    # one), its smem image the atoms of (token group, chunk) at (9 group + chunk) KB, 128B-swizzled.
     import cupy as cp
     import numpy as np
 
