@@ -73,7 +73,6 @@ def test_group_major_box_lands_in_the_swizzled_group_major_layout(probe, boxes_p
     kernel((1,), (256,), (tensor_map.data_ptr(), np.int32(page), np.int32(8 // boxes_per_page), image.data_ptr()),
            shared_mem=probe.PAGE_BYTES)
     torch.cuda.synchronize()
-    tokens, cols = torch.meshgrid(torch.arange(64), torch.arange(576), indexing="ij")
     offsets = torch.tensor([[probe.group_major_offset(t, c) for c in range(576)] for t in range(64)])
     assert torch.equal(offsets.flatten().sort().values, torch.arange(0, probe.PAGE_BYTES, 2))
     expected = torch.empty_like(image)
