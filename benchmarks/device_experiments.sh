@@ -127,6 +127,13 @@
 #             E2E_ORDER="FLASHMLA CUSTOM", put each call's JSON under round0/ and round1/ of one
 #             folder and pool them there with `e2e_vllm.py --report-only --rounds 2 --backends
 #             CUSTOM FLASHMLA --out DIR`
+#   e2e_producer: the end-to-end decode rate of CUSTOM under the per-card KV producer rule
+#             against TMA forced (FLASHMLA_BACKEND_KV_PRODUCER=tma reaches vLLM's engine process
+#             through the environment), one e2e_vllm.py run per setting in the order
+#             E2E_PRODUCERS (default "rule tma"), E2E_REPEATS (3) repeats each, clocks sampled
+#             (~7 min on an H100; needs the bundle). Run it twice in separate calls, the second
+#             with E2E_PRODUCERS="tma rule", so the first-engine advantage (run 22) falls on each
+#             setting once: does TMA's 1-5% lead at the power cap (runs 33-34) show end to end?
 #   e2e_share: the same engines with 1-token prompts and 512 generated tokens (~4 min; needs the
 #             bundle): the decode step with almost no attention, i.e. the rest of the step that
 #             e2e1's step time minus it leaves to attention in the engine (NOTES, "Run 24")
@@ -498,6 +505,21 @@ for shape in ORDERING_SHAPES:
       --repeats "${E2E_REPEATS:-3}" --out "$ROOT_OUT/e2e1" > "$ROOT_OUT/e2e1/e2e.log" 2>&1
     kill $sampler 2>/dev/null
     tail -8 "$ROOT_OUT/e2e1/e2e.log" ;;
+  e2e_producer)
+    run e2e_producer
+    call_dir=$ROOT_OUT/e2e_producer/$(date +%H%M%S)
+    mkdir -p "$call_dir"
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
+      --format=csv,noheader -lms 500 > "$call_dir/smi.csv" 2>/dev/null &
+    sampler=$!
+    for producer in ${E2E_PRODUCERS:-rule tma}; do
+      if [ "$producer" = rule ]; then producer_env=(env -u FLASHMLA_BACKEND_KV_PRODUCER)
+      else producer_env=(env FLASHMLA_BACKEND_KV_PRODUCER=$producer); fi
+      "${producer_env[@]}" timeout 290 python benchmarks/e2e_vllm.py --backends CUSTOM --timeout 280 \
+        --repeats "${E2E_REPEATS:-3}" --out "$call_dir/$producer" > "$call_dir/$producer.log" 2>&1
+      echo "$producer: $(grep -E 'CUSTOM: [0-9]+ decode tok/s' "$call_dir/$producer.log" | tail -1)"
+    done
+    kill $sampler 2>/dev/null ;;
   e2e_share)
     run e2e_share
     timeout 500 python benchmarks/e2e_vllm.py --backends ${E2E_ORDER:-FLASHMLA CUSTOM} --timeout 240 \
