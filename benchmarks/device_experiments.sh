@@ -129,11 +129,14 @@
 #             CUSTOM FLASHMLA --out DIR`
 #   e2e_producer: the end-to-end decode rate of CUSTOM under the per-card KV producer rule
 #             against TMA forced (FLASHMLA_BACKEND_KV_PRODUCER=tma reaches vLLM's engine process
-#             through the environment), one e2e_vllm.py run per setting in the order
-#             E2E_PRODUCERS (default "rule tma"), E2E_REPEATS (3) repeats each, clocks sampled
+#             through the environment), one e2e_vllm.py run per setting, rule first,
+#             E2E_REPEATS (3) repeats each, clocks sampled
 #             (~7 min on an H100; needs the bundle). Run it twice in separate calls, the second
-#             with E2E_PRODUCERS="tma rule", so the first-engine advantage (run 22) falls on each
-#             setting once: does TMA's 1-5% lead at the power cap (runs 33-34) show end to end?
+#             with E2E_REVERSE=1, so the first-engine advantage (run 22) falls on each setting
+#             once: does TMA's 1-5% lead at the power cap (runs 33-34) show end to end?
+#   e2e_split_query: the same for vLLM's query halves read in place by the decode (shipped since
+#             the thirtieth session) against concatenated first (FLASHMLA_BACKEND_SPLIT_QUERY=0,
+#             what vLLM's FlashMLA backend does): one concatenation kernel per layer and step less
 #   e2e_share: the same engines with 1-token prompts and 512 generated tokens (~4 min; needs the
 #             bundle): the decode step with almost no attention, i.e. the rest of the step that
 #             e2e1's step time minus it leaves to attention in the engine (NOTES, "Run 24")
@@ -222,6 +225,28 @@ alternated_ab() {
         | cut -d'|' -f2,3 | tr '\n' ' ')"
     done
   done
+}
+# e2e_variants EXPERIMENT VARIANT...: CUSTOM end to end (e2e_vllm.py, E2E_REPEATS repeats, 3 by
+# default) once per VARIANT, in the order given (reversed with E2E_REVERSE=1), clocks sampled;
+# a VARIANT is LABEL or LABEL:VARIABLE=VALUE (exported to vLLM's processes for that run only).
+e2e_variants() {
+  local experiment=$1 variant label assignment; shift
+  run "$experiment"
+  local call_dir=$ROOT_OUT/$experiment/$(date +%H%M%S) sampler
+  local -a variants=("$@")
+  [ -n "${E2E_REVERSE:-}" ] && variants=($(printf '%s\n' "$@" | tac))
+  mkdir -p "$call_dir"
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
+    --format=csv,noheader -lms 500 > "$call_dir/smi.csv" 2>/dev/null &
+  sampler=$!
+  for variant in "${variants[@]}"; do
+    label=${variant%%:*}
+    assignment=; [ "$variant" != "$label" ] && assignment=${variant#*:}
+    env ${assignment:+"$assignment"} timeout 290 python benchmarks/e2e_vllm.py --backends CUSTOM --timeout 280 \
+      --repeats "${E2E_REPEATS:-3}" --out "$call_dir/$label" > "$call_dir/$label.log" 2>&1
+    echo "$label: $(grep -E 'CUSTOM: [0-9]+ decode tok/s' "$call_dir/$label.log" | tail -1)"
+  done
+  kill $sampler 2>/dev/null
 }
 for experiment in ${@:-verify}; do
   case $experiment in
@@ -506,20 +531,9 @@ for shape in ORDERING_SHAPES:
     kill $sampler 2>/dev/null
     tail -8 "$ROOT_OUT/e2e1/e2e.log" ;;
   e2e_producer)
-    run e2e_producer
-    call_dir=$ROOT_OUT/e2e_producer/$(date +%H%M%S)
-    mkdir -p "$call_dir"
-    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
-      --format=csv,noheader -lms 500 > "$call_dir/smi.csv" 2>/dev/null &
-    sampler=$!
-    for producer in ${E2E_PRODUCERS:-rule tma}; do
-      if [ "$producer" = rule ]; then producer_env=(env -u FLASHMLA_BACKEND_KV_PRODUCER)
-      else producer_env=(env FLASHMLA_BACKEND_KV_PRODUCER=$producer); fi
-      "${producer_env[@]}" timeout 290 python benchmarks/e2e_vllm.py --backends CUSTOM --timeout 280 \
-        --repeats "${E2E_REPEATS:-3}" --out "$call_dir/$producer" > "$call_dir/$producer.log" 2>&1
-      echo "$producer: $(grep -E 'CUSTOM: [0-9]+ decode tok/s' "$call_dir/$producer.log" | tail -1)"
-    done
-    kill $sampler 2>/dev/null ;;
+    e2e_variants e2e_producer rule tma:FLASHMLA_BACKEND_KV_PRODUCER=tma ;;
+  e2e_split_query)
+    e2e_variants e2e_split_query split concat:FLASHMLA_BACKEND_SPLIT_QUERY=0 ;;
   e2e_share)
     run e2e_share
     timeout 500 python benchmarks/e2e_vllm.py --backends ${E2E_ORDER:-FLASHMLA CUSTOM} --timeout 240 \

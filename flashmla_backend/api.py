@@ -37,7 +37,7 @@ from .runtime import check_device, get_kernel, sm_count
 from .schedule import no_split_slack, num_sm_parts, schedule_reference, split_overhead_pages, whole_requests
 from .settings import Settings, settings
 from .tensor_map import kv_cache_tensor_map
-from .validation import validate_contents, validate_decode_args, validate_metadata_args
+from .validation import query_parts, validate_contents, validate_decode_args, validate_metadata_args
 
 _LOG2E = 1.4426950408889634
 
@@ -189,7 +189,7 @@ def reserve_workspace(device: torch.device | int, max_batch: int, num_q_tokens_p
 
 
 def flash_mla_with_kvcache(
-    q: torch.Tensor,
+    q: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
     k_cache: torch.Tensor,
     block_table: torch.Tensor,
     cache_seqlens: torch.Tensor,
@@ -206,7 +206,10 @@ def flash_mla_with_kvcache(
     """Paged MLA decode attention, FlashMLA semantics (see ``mla-contract.md``).
 
     Args:
-        q: ``[b, s_q, h_q, 576]`` bf16 or fp16; last dim contiguous.
+        q: ``[b, s_q, h_q, 576]`` bf16 or fp16; last dim contiguous. Or, beyond FlashMLA's API,
+            a pair ``(q_latent [b, s_q, h_q, 512], q_rope [b, s_q, h_q, 64])`` of one dtype, each
+            with its own strides: the kernel reads both in place, so a caller that holds the
+            two halves apart (vLLM's MLA layer) needs no concatenation.
         k_cache: ``[num_pages, 64, h_k, 576]``, dtype of ``q``; V is its first 512 columns.
         block_table: ``[b, max_pages_per_seq]`` int32 page ids; entries past a sequence's
             end are never read.
@@ -228,6 +231,7 @@ def flash_mla_with_kvcache(
     _unsupported_flags(is_fp8_kvcache, indices, "indices")
     shape = validate_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v,
                                  tile_scheduler_metadata, num_splits, softmax_scale, causal, out)
+    q, q_rope = query_parts(q)  # (q, None) for one [.., 576] tensor
     sms = sm_count(check_device(q.device)) if q.is_cuda else DEFAULT_NUM_SMS
     expected_parts = num_sm_parts(sms, shape.rows, shape.h_k)
     if tile_scheduler_metadata.shape[0] != expected_parts:
@@ -240,7 +244,8 @@ def flash_mla_with_kvcache(
     scale = float(softmax_scale) if softmax_scale is not None else HEAD_DIM_QK ** -0.5
 
     if not q.is_cuda:
-        ref_out, lse = mla_decode_reference(q, k_cache, block_table, cache_seqlens, HEAD_DIM_V,
+        q_full = q if q_rope is None else torch.cat((q, q_rope), dim=-1)
+        ref_out, lse = mla_decode_reference(q_full, k_cache, block_table, cache_seqlens, HEAD_DIM_V,
                                             scale, causal)
         if out is None:
             return ref_out, lse
@@ -258,6 +263,8 @@ def flash_mla_with_kvcache(
 
     kernels = _call_kernels(index, q.dtype)
     contract = kernels.contract
+    if q_rope is not None and not contract.takes_q_rope_pointer:
+        q, q_rope = torch.cat((q, q_rope), dim=-1), None  # a decode version without the RoPE pointer
     q_strides = q.stride()
     args = (kv_cache_tensor_map(k_cache, contract.tma_box_tokens), q.data_ptr(), q_strides[0], q_strides[1],
             q_strides[2], block_table.data_ptr(), block_table.stride(0),
@@ -268,6 +275,12 @@ def flash_mla_with_kvcache(
         args += (k_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1))
     if contract.selects_kv_producer:
         args += (int(load_by_cp_async(index, m_blocks)),)
+    if contract.takes_q_rope_pointer:
+        if q_rope is None:  # one [.., 576] tensor: its RoPE columns follow the 512 latent ones
+            args += (q.data_ptr() + HEAD_DIM_V * q.element_size(), q_strides[0], q_strides[1], q_strides[2])
+        else:
+            rope_strides = q_rope.stride()
+            args += (q_rope.data_ptr(), rope_strides[0], rope_strides[1], rope_strides[2])
     launch_kernel(kernels.decode, kernels.decode_signature, (m_blocks, shape.h_k, parts), DECODE_THREADS, args,
                   index, shared_mem=DECODE_SMEM_BYTES, programmatic=kernels.settings.programmatic_launch)
     warps_per_row = _combine_warps_per_row(shape.batch, parts)

@@ -71,6 +71,7 @@ def decode_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModul
 _BOX_TOKENS = re.compile(r"constexpr\s+int\s+TMA_BOX_TOKENS\s*=\s*(\d+)\s*;")
 _TAKES_KV_POINTER = re.compile(r"constexpr\s+bool\s+TAKES_KV_POINTER\s*=\s*true\s*;")
 _SELECTS_KV_PRODUCER = re.compile(r"constexpr\s+bool\s+SELECTS_KV_PRODUCER\s*=\s*true\s*;")
+_TAKES_Q_ROPE_POINTER = re.compile(r"constexpr\s+bool\s+TAKES_Q_ROPE_POINTER\s*=\s*true\s*;")
 
 
 @dataclass(frozen=True)
@@ -81,11 +82,15 @@ class DecodeLaunchContract:
     whole 64-token page). ``takes_kv_pointer``: it takes the cache pointer and its page and
     token strides (in elements) after the common arguments (``TAKES_KV_POINTER = true``).
     ``selects_kv_producer``: it then takes an int choosing its cp.async producer over TMA
-    (``SELECTS_KV_PRODUCER = true``; see ``kv_producer.py``). The shipped decode declares both."""
+    (``SELECTS_KV_PRODUCER = true``; see ``kv_producer.py``). ``takes_q_rope_pointer``: it then
+    takes the pointer to Q's 64 RoPE columns and their batch, token and head strides, so that q
+    may come as a (latent, rope) pair of tensors (``TAKES_Q_ROPE_POINTER = true``). The shipped
+    decode declares all three."""
 
     tma_box_tokens: int
     takes_kv_pointer: bool
     selects_kv_producer: bool = False
+    takes_q_rope_pointer: bool = False
 
 
 @lru_cache(maxsize=None)
@@ -95,9 +100,12 @@ def decode_launch_contract(module: KernelModule) -> DecodeLaunchContract:
     box = _BOX_TOKENS.search(source)
     takes_pointer = _TAKES_KV_POINTER.search(source) is not None
     selects = _SELECTS_KV_PRODUCER.search(source) is not None
+    takes_rope = _TAKES_Q_ROPE_POINTER.search(source) is not None
     if selects and not takes_pointer:
         raise ValueError(f"{module.source_file}: SELECTS_KV_PRODUCER needs TAKES_KV_POINTER")
-    return DecodeLaunchContract(int(box.group(1)) if box else PAGE_SIZE, takes_pointer, selects)
+    if takes_rope and not selects:
+        raise ValueError(f"{module.source_file}: TAKES_Q_ROPE_POINTER needs SELECTS_KV_PRODUCER")
+    return DecodeLaunchContract(int(box.group(1)) if box else PAGE_SIZE, takes_pointer, selects, takes_rope)
 
 
 #: Parameters of ``mla_schedule``: seqlens, batch, parts, overhead, slack, whole_requests,
@@ -116,9 +124,10 @@ _DECODE_COMMON = "128s Q q q q Q q Q Q Q Q Q Q Q i i i i f i"
 def decode_signature(contract: DecodeLaunchContract) -> KernelSignature:
     """The decode's parameters under ``contract``: the common ones, then the cache pointer and
     its page and token strides (``takes_kv_pointer``), then the producer choice
-    (``selects_kv_producer``)."""
+    (``selects_kv_producer``), then Q's RoPE pointer and its batch, token and head strides
+    (``takes_q_rope_pointer``)."""
     codes = _DECODE_COMMON + (" Q q q" if contract.takes_kv_pointer else "") + (
-        " i" if contract.selects_kv_producer else "")
+        " i" if contract.selects_kv_producer else "") + (" Q q q q" if contract.takes_q_rope_pointer else "")
     return KernelSignature("mla_decode", codes)
 
 

@@ -36,7 +36,9 @@ class Settings:
     the default: the fewest that keep its grid within one wave; ``_COMBINE_REQUESTS_PER_CTA``);
     ``whole_requests``: the scheduler's whole-request rule (``_WHOLE_REQUESTS``: 1, the default,
     or 0; ``schedule.whole_requests``); ``check_contents``: the content checks
-    of GPU tensors (``_CHECK_CONTENTS=0`` turns them off)."""
+    of GPU tensors (``_CHECK_CONTENTS=0`` turns them off); ``split_query``: the vLLM backend
+    hands the decode vLLM's latent and RoPE query halves as they are (``_SPLIT_QUERY``: 1, the
+    default, or 0 to concatenate them first, as vLLM's FlashMLA backend does)."""
 
     decode_file: str = "mla_decode.cu"
     decode_defines: tuple[str, ...] = ()
@@ -52,6 +54,7 @@ class Settings:
     combine_requests_per_cta: int = 0
     whole_requests: bool = True
     check_contents: bool = True
+    split_query: bool = True
 
 
 def _defines(variable: str) -> tuple[str, ...]:
@@ -97,6 +100,7 @@ def read_settings() -> Settings:
                                       COMBINE_MAX_REQUESTS_PER_CTA),
         whole_requests=_int("FLASHMLA_BACKEND_WHOLE_REQUESTS", 1, 0, 1) == 1,
         check_contents=os.environ.get("FLASHMLA_BACKEND_CHECK_CONTENTS", "1") != "0",
+        split_query=_int("FLASHMLA_BACKEND_SPLIT_QUERY", 1, 0, 1) == 1,
     )
 
 

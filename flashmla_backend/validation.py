@@ -91,6 +91,39 @@ def validate_metadata_args(cache_seqlens: object, num_q_tokens_per_head_k: objec
         raise ValueError(f"num_heads_k: expected >= 1, got {heads}")
 
 
+def _query_part(name: str, t: object, width: int, what: str) -> torch.Tensor:
+    """One tensor of a (latent, rope) query pair: a 16-bit ``[b, s_q, h_q, width]`` tensor."""
+    t = _tensor(name, t)
+    _dtype(name, t, _SUPPORTED)
+    _ndim(name, t, 4, f"[batch, s_q, h_q, {width}]")
+    if t.shape[-1] != width:
+        raise ValueError(f"{name}: expected the {width} {what} columns (last dim), got {t.shape[-1]}")
+    _last_dim_contiguous(name, t)
+    return t
+
+
+def query_parts(q: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``q`` as ``(full, None)`` for one ``[b, s_q, h_q, 576]`` tensor, or ``(latent, rope)`` for a
+    pair ``([b, s_q, h_q, 512], [b, s_q, h_q, 64])``; checks what tells the two forms apart and
+    what a pair's halves must share (dtype, leading sizes, device)."""
+    if not isinstance(q, (tuple, list)):
+        return _tensor("q", q), None
+    if len(q) != 2 or not all(isinstance(t, torch.Tensor) for t in q):
+        raise TypeError(f"q: expected a [batch, s_q, h_q, {HEAD_DIM_QK}] tensor or a (latent, rope) pair of "
+                        f"[batch, s_q, h_q, {HEAD_DIM_V}] and [.., {HEAD_DIM_QK - HEAD_DIM_V}] tensors, "
+                        f"got a {type(q).__name__} of {len(q)} items")
+    latent = _query_part("q[0]", q[0], HEAD_DIM_V, "latent")
+    rope = _query_part("q[1]", q[1], HEAD_DIM_QK - HEAD_DIM_V, "RoPE")
+    if rope.dtype != latent.dtype:
+        raise TypeError(f"q[1]: expected the dtype of q[0] ({latent.dtype}), got {rope.dtype}")
+    if rope.shape[:3] != latent.shape[:3]:
+        raise ValueError(f"q[1]: expected the batch, s_q and h_q of q[0] {tuple(latent.shape[:3])}, "
+                         f"got {tuple(rope.shape[:3])}")
+    if rope.device != latent.device:
+        raise ValueError(f"q[1]: expected a tensor on {latent.device} (the device of q[0]), got {rope.device}")
+    return latent, rope
+
+
 def validate_decode_args(
     q: object,
     k_cache: object,
@@ -103,16 +136,18 @@ def validate_decode_args(
     causal: object,
     out: object,
 ) -> DecodeShape:
-    """Checks the arguments of ``flash_mla_with_kvcache`` and returns the call's sizes."""
-    q = _tensor("q", q)
-    _dtype("q", q, _SUPPORTED)
-    _ndim("q", q, 4, "[batch, s_q, h_q, 576]")
-    batch, s_q, h_q, d = q.shape
-    if d != HEAD_DIM_QK:
-        raise ValueError(f"q: expected head size {HEAD_DIM_QK} (512 latent + 64 RoPE), got {d}")
+    """Checks the arguments of ``flash_mla_with_kvcache`` and returns the call's sizes. ``q`` is
+    one ``[b, s_q, h_q, 576]`` tensor or a (latent, rope) pair (``query_parts``)."""
+    q, q_rope = query_parts(q)
+    if q_rope is None:
+        _dtype("q", q, _SUPPORTED)
+        _ndim("q", q, 4, "[batch, s_q, h_q, 576]")
+        if q.shape[-1] != HEAD_DIM_QK:
+            raise ValueError(f"q: expected head size {HEAD_DIM_QK} (512 latent + 64 RoPE), got {q.shape[-1]}")
+        _last_dim_contiguous("q", q)
+    batch, s_q, h_q = q.shape[:3]
     if batch < 1 or s_q < 1 or h_q < 1:
         raise ValueError(f"q: expected batch, s_q and h_q >= 1, got shape {tuple(q.shape)}")
-    _last_dim_contiguous("q", q)
 
     k_cache = _tensor("k_cache", k_cache)
     if k_cache.dtype != q.dtype:
@@ -190,18 +225,28 @@ def validate_decode_args(
         _same_device("out", out, q)
 
     if q.is_cuda:
-        _check_gpu_layout(q, k_cache, block_table)
+        if q_rope is None:
+            _check_query_layout("q", q)
+        else:
+            _check_query_layout("q[0]", q)
+            _check_query_layout("q[1]", q_rope)
+        _check_cache_layout(k_cache, block_table)
     return DecodeShape(batch, s_q, h_q, h_k, num_pages, block_table.shape[1])
 
 
-def _check_gpu_layout(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor) -> None:
-    """Alignment the kernels rely on: 16-byte rows of q, and TMA-legal strides of k_cache."""
+def _check_query_layout(name: str, q: torch.Tensor) -> None:
+    """Alignment the kernel's 16-byte Q loads rely on."""
     elem = q.element_size()
-    for dim, name in ((0, "batch"), (1, "s_q"), (2, "h_q")):
+    for dim, dim_name in ((0, "batch"), (1, "s_q"), (2, "h_q")):
         if q.shape[dim] > 1 and (q.stride(dim) * elem) % 16:
-            raise ValueError(f"q: the {name} stride ({q.stride(dim)} elements) must be a multiple of 16 bytes")
+            raise ValueError(f"{name}: the {dim_name} stride ({q.stride(dim)} elements) must be a multiple of 16 bytes")
     if q.data_ptr() % 16:
-        raise ValueError("q: the data pointer must be 16-byte aligned")
+        raise ValueError(f"{name}: the data pointer must be 16-byte aligned")
+
+
+def _check_cache_layout(k_cache: torch.Tensor, block_table: torch.Tensor) -> None:
+    """TMA-legal strides and alignment of k_cache; a block table with columns."""
+    elem = k_cache.element_size()
     for dim, name in ((0, "page"), (1, "token"), (2, "head")):
         if (k_cache.stride(dim) * elem) % 16:
             raise ValueError(f"k_cache: the {name} stride ({k_cache.stride(dim)} elements) must be a multiple of 16 bytes")

@@ -114,11 +114,28 @@ def assert_matches(out: torch.Tensor, lse: torch.Tensor, ref_out: torch.Tensor, 
     torch.testing.assert_close(lse[finite], ref_lse[finite].float(), atol=2e-3, rtol=1e-3)
 
 
+def vllm_query_halves(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q [T, H, 576]`` as vLLM's MLA layer passes it: ``(q_nope [T, H, 512], q_pe [T, H, 64])``,
+    q_nope a transposed view of the W_UK product's ``[H, T, 512]`` buffer, q_pe a view into the
+    ``[T, H, 192]`` query projection whose 128 other columns hold NaN here."""
+    q_nope = q[..., :512].transpose(0, 1).contiguous().transpose(0, 1)
+    projection = torch.full((*q.shape[:2], 192), float("nan"), dtype=q.dtype, device=q.device)
+    projection[..., 128:] = q[..., 512:]
+    return q_nope, projection[..., 128:]
+
+
+QUERY_FORMS = {
+    "one tensor": lambda q: q,
+    "halves of one tensor": lambda q: (q[..., :512], q[..., 512:]),
+    "vllm layout": vllm_query_halves,
+}
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block_size", [64, 128])
 @pytest.mark.parametrize("query_len", [1, 2])
-@pytest.mark.parametrize("q_as_tuple", [True, False])
-def test_forward_mqa_matches_the_reference(device: str, block_size: int, query_len: int, q_as_tuple: bool) -> None:
+@pytest.mark.parametrize("q_form", list(QUERY_FORMS))
+def test_forward_mqa_matches_the_reference(device: str, block_size: int, query_len: int, q_form: str) -> None:
     dev = torch.device(device)
     lengths = [1, 64, 65, 300, 700, 0] if query_len == 1 else [2, 64, 65, 300, 700, 129]
     step = make_step(lengths, query_len, num_heads=16, block_size=block_size, device=dev, seed=block_size + query_len)
@@ -126,10 +143,34 @@ def test_forward_mqa_matches_the_reference(device: str, block_size: int, query_l
     decode = step.build(builder)
     assert decode.query_len == query_len
     assert decode.block_table.shape == (len(lengths), step.block_table.shape[1] * block_size // 64)
-    q = (step.q[..., :512], step.q[..., 512:]) if q_as_tuple else step.q
+    q = QUERY_FORMS[q_form](step.q)
     out, lse = make_impl().forward_mqa(q, step.cache, make_metadata(decode, len(lengths)), None)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     assert_matches(out, lse, *reference(step, block_size))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_heads,query_len", [(16, 1), (16, 2), (128, 1)])
+def test_split_query_gives_the_concatenated_result(device: str, num_heads: int, query_len: int,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's query halves read in place (the default) give the bits that concatenating them
+    first (``FLASHMLA_BACKEND_SPLIT_QUERY=0``, vLLM's FlashMLA path) gives."""
+    from flashmla_backend.settings import reload_settings
+
+    dev = torch.device(device)
+    step = make_step([5, 64, 700, 3000 if device == "cuda" else 300], query_len, num_heads, 64, dev, seed=9,
+                     num_blocks=64, max_blocks=48)
+    decode = step.build(make_builder(dev, num_heads, 64, full_cudagraphs=False, max_query_len=query_len))
+    results = {}
+    for split in ("1", "0"):
+        monkeypatch.setenv("FLASHMLA_BACKEND_SPLIT_QUERY", split)
+        reload_settings()
+        results[split] = make_impl().forward_mqa(vllm_query_halves(step.q), step.cache, make_metadata(decode, 4), None)
+    monkeypatch.undo()
+    reload_settings()
+    for got, want in zip(results["1"], results["0"]):
+        assert torch.equal(got, want)
+    assert_matches(*results["1"], *reference(step, 64))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -59,6 +59,9 @@ static_assert(WG_THREADS * (SOFTMAX_WG_REGS + PV_WG_REGS + PRODUCER_WG_REGS) <=
 // The API passes the cache pointer, its page and token strides and the choice (literals it reads).
 constexpr bool TAKES_KV_POINTER = true;
 constexpr bool SELECTS_KV_PRODUCER = true;
+// Then Q's 64 RoPE columns by their own pointer and strides (QSource): the API passes q + 512
+// for one [.., 576] tensor, or the second tensor of a (latent, rope) pair.
+constexpr bool TAKES_Q_ROPE_POINTER = true;
 
 // Hand-off mbarriers between the math warpgroups (index into SharedTiles::handoff_bar()).
 constexpr int HB_Q_READY = 0;    // both WGs copied Q       (256 arrivals, WG0 waits)
@@ -173,8 +176,7 @@ DEVICE void run_cp_async_producer(const DecodeArgs& a, const SharedTiles& sm, co
 // pieces with pages).
 DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int req, int tid, bool waits,
                           int q_phase) {
-    load_q_block(sm.q(), a.q, a.q_stride_b, a.q_stride_s, a.q_stride_h, req, a.kh, a.row_base,
-                 a.rows, tid);
+    load_q_block(sm.q(), a.q, req, a.kh, a.row_base, a.rows, tid);
     cp_async_wait_all();
     fence_proxy_async_smem();
     mbarrier_arrive(sm.handoff_bar(HB_Q_READY));
@@ -352,8 +354,9 @@ DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
     if (TRACE_PHASES && tid == 0) trace_phase(EV_MATH1_DONE);
 }
 
-// q: [b, s_q, h_q, 576] with the given element strides; block_table: [b, *] int32 with row
-// stride bt_stride; out: contiguous [b, s_q, h_q, 512]; lse: contiguous [b, h_q, s_q];
+// q: the latent columns [b, s_q, h_q, 512] and q_rope the RoPE columns [b, s_q, h_q, 64], each
+// with the given element strides (q_rope = q + 512 for one [.., 576] tensor); block_table:
+// [b, *] int32 with row stride bt_stride; out: contiguous [b, s_q, h_q, 512]; lse: contiguous [b, h_q, s_q];
 // o_part: [splits, h_k, s_q*G, 512] f32; lse_part: [splits, h_k, s_q*G] f32.
 // Grid: (ceil(s_q*G / 64), h_k, num_sm_parts).
 extern "C" __global__ void __launch_bounds__(DECODE_THREADS, 1)
@@ -365,7 +368,8 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
            float* __restrict__ lse, float* __restrict__ o_part, float* __restrict__ lse_part,
            int s_q, int h_q, int h_k, int causal, float scale_log2, int kv_evict_first,
            const uint16_t* __restrict__ k_cache, long long kv_page_stride, long long kv_token_stride,
-           int load_by_cp_async) {
+           int load_by_cp_async, const uint16_t* __restrict__ q_rope, long long q_rope_stride_b,
+           long long q_rope_stride_s, long long q_rope_stride_h) {
     extern __shared__ uint8_t smem_raw[];
     // The base is smem_raw plus an offset (not a rounded integer) so that the compiler keeps it in
     // the shared window: P and the row statistics go by st.shared / ld.shared, not generic 64-bit
@@ -375,6 +379,8 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     DecodeArgs a = gather_decode_args(&kv_map, q, q_stride_b, q_stride_s, q_stride_h, block_table, bt_stride,
                                       seqlens, num_splits, out, lse, o_part, lse_part, s_q, h_q, h_k, causal,
                                       scale_log2, kv_evict_first);
+    a.q.rope = q_rope;
+    a.q.rope_stride_b = q_rope_stride_b; a.q.rope_stride_s = q_rope_stride_s; a.q.rope_stride_h = q_rope_stride_h;
     if (TRACE_PHASES && threadIdx.x == 0) trace_phase(EV_ENTRY);
 #ifdef MLA_PROGRAMMATIC_LAUNCH
     if (!DEPENDENTS_AFTER_FIRST_ISSUE) allow_dependent_launch();  // the combine may take idle SMs and wait there

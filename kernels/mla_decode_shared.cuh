@@ -116,26 +116,49 @@ struct RowMap {
     DEVICE int head(int row, int kh) const { return kh * group + row % group; }
 };
 
+// Where a Q block's rows come from: the 512 latent columns and the 64 RoPE columns, each laid
+// out [b, s_q, h_q, *] with its own element strides. One [.., 576] tensor is the case rope =
+// latent + 512 with the same strides; vLLM hands the two halves over as separate tensors, and
+// reading them in place spares it a concatenation per layer.
+struct QSource {
+    const uint16_t* latent;
+    long long latent_stride_b, latent_stride_s, latent_stride_h;
+    const uint16_t* rope;
+    long long rope_stride_b, rope_stride_s, rope_stride_h;
+};
+
+constexpr int Q_LATENT_VECS = HEAD_DIM_V / 8;                  // 64 16-byte vectors a row
+constexpr int Q_ROPE_VECS = (HEAD_DIM_QK - HEAD_DIM_V) / 8;     // 8
+
+// Vectors [FIRST_VEC, FIRST_VEC + VECS) of each Q block row from `src` (its column 0 is vector
+// FIRST_VEC) into the swizzled block; rows past the end are zero.
+template <int THREADS, int FIRST_VEC, int VECS>
+DEVICE void copy_q_columns(uint8_t* q_smem, const uint16_t* src, long long stride_b, long long stride_s,
+                           long long stride_h, int req, int kh, int row_base, const RowMap& rows, int tid) {
+    for (int idx = tid; idx < BLOCK_M * VECS; idx += THREADS) {
+        const int r = idx / VECS, v = FIRST_VEC + idx % VECS;
+        const int grow = row_base + r;
+        const bool valid = grow < rows.rows;
+        const uint16_t* from = valid ? src + req * stride_b + rows.s_idx(grow) * stride_s +
+                                           rows.head(grow, kh) * stride_h + (v - FIRST_VEC) * 8
+                                     : src;
+        const int chunk = v / 8, unit = v % 8;
+        cp_async_16_or_zero(q_smem + chunk * CHUNK_BYTES + r * 128 + ((unit ^ (r & 7)) << 4), from, valid);
+    }
+}
+
 // Q block -> smem, 128B-swizzled K-major chunks; rows past the end are zero. By cp.async, so that
 // every load of the block is in flight at once: a load-then-store loop waits one memory round
 // trip per 16-byte vector (18 per thread), which cost 1-25% per row on an H200 (NOTES.md, v9).
 // The caller waits with cp_async_wait_all and fences to the async proxy before wgmma reads it.
 // THREADS threads share the block (tid in [0, THREADS)).
 template <int THREADS = CONSUMER_THREADS>
-DEVICE void load_q_block(uint8_t* q_smem, const uint16_t* q, long long q_stride_b,
-                         long long q_stride_s, long long q_stride_h, int req, int kh,
-                         int row_base, const RowMap& rows, int tid) {
-    constexpr int VECS_PER_ROW = HEAD_DIM_QK / 8;
-    for (int idx = tid; idx < BLOCK_M * VECS_PER_ROW; idx += THREADS) {
-        const int r = idx / VECS_PER_ROW, v = idx % VECS_PER_ROW;
-        const int grow = row_base + r;
-        const bool valid = grow < rows.rows;
-        const uint16_t* src = valid ? q + req * q_stride_b + rows.s_idx(grow) * q_stride_s +
-                                          rows.head(grow, kh) * q_stride_h + v * 8
-                                    : q;
-        const int chunk = v / 8, unit = v % 8;
-        cp_async_16_or_zero(q_smem + chunk * CHUNK_BYTES + r * 128 + ((unit ^ (r & 7)) << 4), src, valid);
-    }
+DEVICE void load_q_block(uint8_t* q_smem, const QSource& q, int req, int kh, int row_base,
+                         const RowMap& rows, int tid) {
+    copy_q_columns<THREADS, 0, Q_LATENT_VECS>(q_smem, q.latent, q.latent_stride_b, q.latent_stride_s,
+                                              q.latent_stride_h, req, kh, row_base, rows, tid);
+    copy_q_columns<THREADS, Q_LATENT_VECS, Q_ROPE_VECS>(q_smem, q.rope, q.rope_stride_b, q.rope_stride_s,
+                                                        q.rope_stride_h, req, kh, row_base, rows, tid);
 }
 
 // One 64-token page of one KV head (576 columns, token rows token_stride elements apart) into
@@ -311,8 +334,7 @@ DEVICE void store_output(const float (&o)[128], const float (&row_sum)[2], const
 // Everything a role needs to walk its part's pieces.
 struct DecodeArgs {
     const TensorMap* kv_map;
-    const uint16_t* q;
-    long long q_stride_b, q_stride_s, q_stride_h;
+    QSource q;
     const int* block_table;
     long long bt_stride;
     const int* seqlens;
@@ -337,7 +359,8 @@ DEVICE DecodeArgs gather_decode_args(const TensorMap* kv_map, const uint16_t* q,
                                      int h_q, int h_k, int causal, float scale_log2, int kv_evict_first) {
     DecodeArgs a;
     a.kv_map = kv_map;
-    a.q = q; a.q_stride_b = q_stride_b; a.q_stride_s = q_stride_s; a.q_stride_h = q_stride_h;
+    // One [.., 576] q tensor; a version that takes the RoPE columns separately overwrites a.q.rope*.
+    a.q = QSource{q, q_stride_b, q_stride_s, q_stride_h, q + HEAD_DIM_V, q_stride_b, q_stride_s, q_stride_h};
     a.block_table = block_table; a.bt_stride = bt_stride;
     a.seqlens = seqlens; a.num_splits = num_splits;
     a.out = out; a.lse = lse; a.o_part = o_part; a.lse_part = lse_part;

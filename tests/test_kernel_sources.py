@@ -117,7 +117,7 @@ def test_launch_contract_of_pointer_and_producer_choice(monkeypatch: pytest.Monk
 
     monkeypatch.delenv("FLASHMLA_BACKEND_DECODE_FILE", raising=False)
     shipped = decode_launch_contract(decode_module(torch.bfloat16))
-    assert shipped.takes_kv_pointer and shipped.selects_kv_producer
+    assert shipped.takes_kv_pointer and shipped.selects_kv_producer and shipped.takes_q_rope_pointer
     plain = tmp_path / "plain.cu"
     plain.write_text("constexpr int TMA_BOX_TOKENS = 64;\n")
     monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(plain))
@@ -125,7 +125,12 @@ def test_launch_contract_of_pointer_and_producer_choice(monkeypatch: pytest.Monk
     assert not neither.takes_kv_pointer and not neither.selects_kv_producer
     monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(ARCHIVED / "mla_decode_diag_pipeline_only.cu"))
     diag = decode_launch_contract(decode_module(torch.bfloat16))
-    assert diag.takes_kv_pointer and not diag.selects_kv_producer
+    assert diag.takes_kv_pointer and not diag.selects_kv_producer and not diag.takes_q_rope_pointer
+    rope_alone = tmp_path / "rope_without_choice.cu"
+    rope_alone.write_text("constexpr bool TAKES_KV_POINTER = true;\nconstexpr bool TAKES_Q_ROPE_POINTER = true;\n")
+    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(rope_alone))
+    with pytest.raises(ValueError, match="SELECTS_KV_PRODUCER"):
+        decode_launch_contract(decode_module(torch.bfloat16))
     bad = tmp_path / "choice_without_pointer.cu"
     bad.write_text("constexpr bool SELECTS_KV_PRODUCER = true;\n")
     monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(bad))

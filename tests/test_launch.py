@@ -55,6 +55,8 @@ def test_decode_signature_follows_the_contract() -> None:
     full = decode_signature(DecodeLaunchContract(64, True, True))
     assert len(plain.codes) == 20 and plain.codes[0] == "128s"
     assert full.codes[:20] == plain.codes and full.codes[20:] == ("Q", "q", "q", "i")
+    with_rope = decode_signature(DecodeLaunchContract(64, True, True, True))
+    assert with_rope.codes[:24] == full.codes and with_rope.codes[24:] == ("Q", "q", "q", "q")
 
 
 @requires_hopper

@@ -147,8 +147,7 @@ DEVICE RingCursor start_refills(const DecodeArgs& a, const SharedTiles& sm, int 
 // pieces with pages).
 DEVICE void stage_q_block(const DecodeArgs& a, const SharedTiles& sm, int req, int tid, bool waits,
                           int q_phase) {
-    load_q_block(sm.q(), a.q, a.q_stride_b, a.q_stride_s, a.q_stride_h, req, a.kh, a.row_base,
-                 a.rows, tid);
+    load_q_block(sm.q(), a.q, req, a.kh, a.row_base, a.rows, tid);
     cp_async_wait_all();
     fence_proxy_async_smem();
     mbarrier_arrive(sm.handoff_bar(HB_Q_READY));

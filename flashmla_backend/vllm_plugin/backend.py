@@ -46,6 +46,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec  # noqa: E402
 
 from .. import flash_mla_with_kvcache, get_mla_metadata, precompile, reserve_workspace  # noqa: E402
 from .._constants import DEFAULT_NUM_SMS, METADATA_FIELDS  # noqa: E402
+from ..settings import settings  # noqa: E402
 from . import allocator_trace  # noqa: E402
 from .block_table import expand_block_table, kernel_pages_per_block, split_cache_blocks  # noqa: E402
 from .capabilities import (  # noqa: E402
@@ -369,10 +370,12 @@ class FlashMLACompatImpl(MLACommonImpl[FlashMLACompatMetadata]):
         """
         decode = attn_metadata.decode
         assert decode is not None, "forward_mqa needs decode metadata"
-        if isinstance(q, tuple):
-            # Our kernel takes one [.., 576] query; the copy also makes it contiguous.
-            q = torch.cat(q, dim=-1)
-        num_tokens, num_heads, head_dim = q.shape
+        if isinstance(q, tuple) and not settings().split_query:
+            q = torch.cat(q, dim=-1)  # FLASHMLA_BACKEND_SPLIT_QUERY=0: vLLM's FlashMLA path, for A/B runs
+        # The kernel reads the latent and RoPE halves in place, each with its own strides: no
+        # concatenation kernel per layer.
+        parts = q if isinstance(q, tuple) else (q,)
+        num_tokens, num_heads = parts[0].shape[:2]
         num_decodes = attn_metadata.num_decodes
         query_len = num_tokens // num_decodes
         if query_len * num_decodes != num_tokens or query_len != decode.query_len:
@@ -381,14 +384,13 @@ class FlashMLACompatImpl(MLACommonImpl[FlashMLACompatMetadata]):
                 f"{decode.query_len} tokens each (uniform query lengths are required)")
 
         k_cache = split_cache_blocks(kv_c_and_k_pe_cache).unsqueeze(-2)  # [pages, 64, 1, 576]
-        out_dtype = q.dtype
-        if q.dtype != k_cache.dtype:
-            # A cache stored in the other 16-bit type ("float16" beside a bf16 model).
-            q = q.to(k_cache.dtype)
-        q = q.reshape(num_decodes, query_len, num_heads, head_dim)
+        out_dtype = parts[0].dtype
+        # A cache stored in the other 16-bit type ("float16" beside a bf16 model) takes a converted q.
+        query = tuple(part.to(k_cache.dtype).reshape(num_decodes, query_len, num_heads, part.shape[-1])
+                      for part in parts)
 
         out, lse = flash_mla_with_kvcache(
-            q,
+            query[0] if len(query) == 1 else query,
             k_cache,
             decode.block_table,
             decode.seq_lens,
