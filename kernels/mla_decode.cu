@@ -356,8 +356,8 @@ DEVICE void run_pv_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
 
 // q: the latent columns [b, s_q, h_q, 512] and q_rope the RoPE columns [b, s_q, h_q, 64], each
 // with the given element strides (q_rope = q + 512 for one [.., 576] tensor); block_table:
-// [b, *] int32 with row stride bt_stride; out: contiguous [b, s_q, h_q, 512]; lse: contiguous [b, h_q, s_q];
-// o_part: [splits, h_k, s_q*G, 512] f32; lse_part: [splits, h_k, s_q*G] f32.
+// [b, *] int32 with row stride bt_stride; out: contiguous [b, s_q, h_q, 512]; lse: contiguous
+// [b, h_q, s_q]; o_part: [splits, h_k, s_q*G, 512] f32; lse_part: [splits, h_k, s_q*G] f32.
 // Grid: (ceil(s_q*G / 64), h_k, num_sm_parts).
 extern "C" __global__ void __launch_bounds__(DECODE_THREADS, 1)
 mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict__ q,
