@@ -137,6 +137,10 @@
 #   e2e_split_query: the same for vLLM's query halves read in place by the decode (shipped since
 #             the thirtieth session) against concatenated first (FLASHMLA_BACKEND_SPLIT_QUERY=0,
 #             what vLLM's FlashMLA backend does): one concatenation kernel per layer and step less
+#   v42:      the first GPU run of q as a (latent, rope) pair (~2 min, no bundle): the shipped
+#             decode's reference check with each producer forced, tests/test_split_query.py and
+#             the GPU decode tests that vary q's layout or the producer, then memcheck and
+#             initcheck over sanitizer_cases.py (two of its cases pass q as tight halves)
 #   e2e_share: the same engines with 1-token prompts and 512 generated tokens (~4 min; needs the
 #             bundle): the decode step with almost no attention, i.e. the rest of the step that
 #             e2e1's step time minus it leaves to attention in the engine (NOTES, "Run 24")
@@ -530,6 +534,17 @@ for shape in ORDERING_SHAPES:
       --repeats "${E2E_REPEATS:-3}" --out "$ROOT_OUT/e2e1" > "$ROOT_OUT/e2e1/e2e.log" 2>&1
     kill $sampler 2>/dev/null
     tail -8 "$ROOT_OUT/e2e1/e2e.log" ;;
+  v42)  # q pair read in place: checks, GPU tests, memcheck + initcheck (~2 min)
+    run v42
+    for producer in tma cp_async; do
+      FLASHMLA_BACKEND_KV_PRODUCER=$producer timeout 120 python benchmarks/check_decode_version.py --max-rows 512 \
+        > "$ROOT_OUT/v42/check_$producer.log" 2>&1
+      echo "== $producer producer, correctness (rc $?): $(tail -1 "$ROOT_OUT/v42/check_$producer.log")"
+    done
+    timeout 300 python -m pytest -q -p no:cacheprovider tests/test_split_query.py tests/test_gpu_decode.py \
+      -k "split_query or pair or noncontiguous or both_kv_producers or graph" > "$ROOT_OUT/v42/tests.log" 2>&1
+    echo "GPU tests: $(tail -1 "$ROOT_OUT/v42/tests.log")"
+    SANITIZER_TOOLS="memcheck initcheck" OUT=$ROOT_OUT/v42 bash benchmarks/run_sanitizers.sh ;;
   e2e_producer)
     e2e_variants e2e_producer rule tma:FLASHMLA_BACKEND_KV_PRODUCER=tma ;;
   e2e_split_query)
