@@ -43,11 +43,14 @@ def make_builder(device: torch.device, num_heads: int, block_size: int, full_cud
     return builder
 
 
-def make_impl():
+def make_impl(dcp_world_size: int = 2):
+    """The impl with the attributes ``forward_mqa`` reads; by default as under decode context
+    parallelism (2 ranks), the one case where it returns the LSE, so that tests can check it."""
     backend = _backend()
     impl = backend.FlashMLACompatImpl.__new__(backend.FlashMLACompatImpl)
     impl.kv_lora_rank = 512
     impl.scale = SCALE
+    impl.dcp_world_size = dcp_world_size
     return impl
 
 
@@ -147,6 +150,22 @@ def test_forward_mqa_matches_the_reference(device: str, block_size: int, query_l
     out, lse = make_impl().forward_mqa(q, step.cache, make_metadata(decode, len(lengths)), None)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     assert_matches(out, lse, *reference(step, block_size))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("query_len", [1, 2])
+def test_no_lse_without_context_parallelism(device: str, query_len: int) -> None:
+    """vLLM reads the LSE only to merge decode-context-parallel ranks: with one rank none is
+    returned (for s_q > 1 its [T, H] layout would cost a copy per layer), and the output is the
+    same as with the LSE."""
+    dev = torch.device(device)
+    step = make_step([3, 64, 700], query_len, 16, 64, dev, seed=12)
+    decode = step.build(make_builder(dev, 16, 64, full_cudagraphs=False, max_query_len=query_len))
+    out, lse = make_impl(dcp_world_size=1).forward_mqa(vllm_query_halves(step.q), step.cache,
+                                                        make_metadata(decode, 3), None)
+    assert lse is None
+    with_lse, _ = make_impl().forward_mqa(vllm_query_halves(step.q), step.cache, make_metadata(decode, 3), None)
+    assert torch.equal(out, with_lse)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -365,8 +365,9 @@ class FlashMLACompatImpl(MLACommonImpl[FlashMLACompatMetadata]):
             attn_metadata: this step's metadata; ``decode`` is set.
 
         Returns:
-            ``out [T, H, 512]`` (dtype of q) and ``lse [T, H]`` float32 (natural log; +inf for a
-            request with no keys), the layout vLLM's context-parallel merge expects.
+            ``out [T, H, 512]`` (dtype of q) and, under decode context parallelism (the only
+            reader of it in vLLM), ``lse [T, H]`` float32 (natural log; +inf for a request with
+            no keys), the layout vLLM's context-parallel merge expects; else None.
         """
         decode = attn_metadata.decode
         assert decode is not None, "forward_mqa needs decode metadata"
@@ -404,6 +405,10 @@ class FlashMLACompatImpl(MLACommonImpl[FlashMLACompatMetadata]):
         out = out.view(num_tokens, num_heads, out.shape[-1])
         if out.dtype != out_dtype:
             out = out.to(out_dtype)
+        if getattr(self, "dcp_world_size", 1) <= 1:
+            # vLLM reads the LSE only to merge decode-context-parallel ranks; without them the
+            # [T, H] layout below would cost a transposing copy per layer whenever s_q > 1 (MTP).
+            return out, None
         # [b, H, s_q] -> [b * s_q, H]: one row per token, like the output.
         lse = lse.transpose(1, 2).reshape(num_tokens, num_heads)
         return out, lse
