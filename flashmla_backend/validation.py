@@ -234,14 +234,24 @@ def validate_decode_args(
     return DecodeShape(batch, s_q, h_q, h_k, num_pages, block_table.shape[1])
 
 
-def _check_query_layout(name: str, q: torch.Tensor) -> None:
-    """Alignment the kernel's 16-byte Q loads rely on."""
+def query_layout_problem(name: str, q: torch.Tensor) -> str | None:
+    """What keeps the kernel's 16-byte loads from reading ``q`` (``[b, s_q, h_q, *]``, or one
+    half of a pair) in place, or None: a strided last dim, a stride or base off 16 bytes."""
+    if q.shape[-1] > 1 and q.stride(-1) != 1:
+        return f"{name}: the last dimension must be contiguous (stride 1), got strides {q.stride()}"
     elem = q.element_size()
     for dim, dim_name in ((0, "batch"), (1, "s_q"), (2, "h_q")):
         if q.shape[dim] > 1 and (q.stride(dim) * elem) % 16:
-            raise ValueError(f"{name}: the {dim_name} stride ({q.stride(dim)} elements) must be a multiple of 16 bytes")
+            return f"{name}: the {dim_name} stride ({q.stride(dim)} elements) must be a multiple of 16 bytes"
     if q.data_ptr() % 16:
-        raise ValueError(f"{name}: the data pointer must be 16-byte aligned")
+        return f"{name}: the data pointer must be 16-byte aligned"
+    return None
+
+
+def _check_query_layout(name: str, q: torch.Tensor) -> None:
+    problem = query_layout_problem(name, q)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def _check_cache_layout(k_cache: torch.Tensor, block_table: torch.Tensor) -> None:

@@ -153,6 +153,20 @@ def test_forward_mqa_matches_the_reference(device: str, block_size: int, query_l
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_halves_off_16_bytes_are_concatenated_first(device: str) -> None:
+    """A RoPE half whose head stride and base are off 16 bytes cannot be read in place by the
+    kernel's 16-byte loads (the API would refuse it on a GPU): the backend concatenates."""
+    dev = torch.device(device)
+    step = make_step([3, 64, 700], 1, 16, 64, dev, seed=13)
+    decode = step.build(make_builder(dev, 16, 64, full_cudagraphs=False))
+    projection = torch.full((*step.q.shape[:2], 68), float("nan"), dtype=step.q.dtype, device=dev)
+    projection[..., 4:] = step.q[..., 512:]
+    q = (step.q[..., :512], projection[..., 4:])
+    out, lse = make_impl().forward_mqa(q, step.cache, make_metadata(decode, 3), None)
+    assert_matches(out, lse, *reference(step, 64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("query_len", [1, 2])
 def test_no_lse_without_context_parallelism(device: str, query_len: int) -> None:
     """vLLM reads the LSE only to merge decode-context-parallel ranks: with one rank none is

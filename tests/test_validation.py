@@ -145,3 +145,14 @@ def test_bad_metadata_input_names_the_argument(args: tuple, exc: type[Exception]
 def test_fp8_metadata_rejected() -> None:
     with pytest.raises(ValueError, match="is_fp8_kvcache"):
         get_mla_metadata(torch.tensor([1], dtype=torch.int32), 16, 1, is_fp8_kvcache=True)
+
+
+def test_query_layout_problem_names_what_the_16_byte_loads_cannot_read() -> None:
+    from flashmla_backend.validation import query_layout_problem
+
+    assert query_layout_problem("q[1]", torch.zeros(2, 1, 16, 64, dtype=torch.bfloat16)) is None
+    assert query_layout_problem("q[1]", torch.zeros(2, 1, 16, 192, dtype=torch.bfloat16)[..., 128:]) is None
+    off = torch.zeros(2, 1, 16, 68, dtype=torch.bfloat16)[..., 4:]  # 136-byte head stride, base 8 bytes in
+    assert "h_q stride" in query_layout_problem("q[1]", off)
+    assert "16-byte aligned" in query_layout_problem("q[1]", torch.zeros(2, 1, 1, 72, dtype=torch.bfloat16)[..., 4:68])
+    assert "last dimension" in query_layout_problem("q", torch.zeros(2, 1, 16, 128, dtype=torch.bfloat16)[..., ::2])

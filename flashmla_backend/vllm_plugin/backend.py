@@ -47,6 +47,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec  # noqa: E402
 from .. import flash_mla_with_kvcache, get_mla_metadata, precompile, reserve_workspace  # noqa: E402
 from .._constants import DEFAULT_NUM_SMS, METADATA_FIELDS  # noqa: E402
 from ..settings import settings  # noqa: E402
+from ..validation import query_layout_problem  # noqa: E402
 from . import allocator_trace  # noqa: E402
 from .block_table import expand_block_table, kernel_pages_per_block, split_cache_blocks  # noqa: E402
 from .capabilities import (  # noqa: E402
@@ -371,10 +372,12 @@ class FlashMLACompatImpl(MLACommonImpl[FlashMLACompatMetadata]):
         """
         decode = attn_metadata.decode
         assert decode is not None, "forward_mqa needs decode metadata"
-        if isinstance(q, tuple) and not settings().split_query:
-            q = torch.cat(q, dim=-1)  # FLASHMLA_BACKEND_SPLIT_QUERY=0: vLLM's FlashMLA path, for A/B runs
         # The kernel reads the latent and RoPE halves in place, each with its own strides: no
-        # concatenation kernel per layer.
+        # concatenation kernel per layer. Halves its 16-byte loads cannot read in place, and
+        # FLASHMLA_BACKEND_SPLIT_QUERY=0 (vLLM's FlashMLA path, for A/B runs), concatenate.
+        if isinstance(q, tuple) and (not settings().split_query or any(
+                query_layout_problem("q", part.unsqueeze(0)) is not None for part in q)):
+            q = torch.cat(q, dim=-1)
         parts = q if isinstance(q, tuple) else (q,)
         num_tokens, num_heads = parts[0].shape[:2]
         num_decodes = attn_metadata.num_decodes
