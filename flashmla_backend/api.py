@@ -37,7 +37,7 @@ from .runtime import check_device, get_kernel, sm_count
 from .schedule import no_split_slack, num_sm_parts, schedule_reference, split_overhead_pages, whole_requests
 from .settings import Settings, settings
 from .tensor_map import kv_cache_tensor_map
-from .validation import query_parts, validate_contents, validate_decode_args, validate_metadata_args
+from .validation import validate_contents, validate_decode_args, validate_metadata_args
 
 _LOG2E = 1.4426950408889634
 
@@ -231,7 +231,7 @@ def flash_mla_with_kvcache(
     _unsupported_flags(is_fp8_kvcache, indices, "indices")
     shape = validate_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v,
                                  tile_scheduler_metadata, num_splits, softmax_scale, causal, out)
-    q, q_rope = query_parts(q)  # (q, None) for one [.., 576] tensor
+    q, q_rope = (q, None) if isinstance(q, torch.Tensor) else q  # validated: a tensor or a pair
     sms = sm_count(check_device(q.device)) if q.is_cuda else DEFAULT_NUM_SMS
     expected_parts = num_sm_parts(sms, shape.rows, shape.h_k)
     if tile_scheduler_metadata.shape[0] != expected_parts:

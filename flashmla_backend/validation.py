@@ -64,9 +64,19 @@ def _same_device(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of q), got {t.device}")
 
 
-def _last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+def _last_dim_problem(name: str, t: torch.Tensor) -> str | None:
     if t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {t.stride()}")
+        return f"{name}: the last dimension must be contiguous (stride 1), got strides {t.stride()}"
+    return None
+
+
+def _raise_if(problem: str | None) -> None:
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def _last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    _raise_if(_last_dim_problem(name, t))
 
 
 def _int_arg(name: str, v: object) -> int:
@@ -92,12 +102,12 @@ def validate_metadata_args(cache_seqlens: object, num_q_tokens_per_head_k: objec
 
 
 def _query_part(name: str, t: object, width: int, what: str) -> torch.Tensor:
-    """One tensor of a (latent, rope) query pair: a 16-bit ``[b, s_q, h_q, width]`` tensor."""
+    """q, or one tensor of a (latent, rope) pair: a 16-bit ``[b, s_q, h_q, width]`` tensor."""
     t = _tensor(name, t)
     _dtype(name, t, _SUPPORTED)
     _ndim(name, t, 4, f"[batch, s_q, h_q, {width}]")
     if t.shape[-1] != width:
-        raise ValueError(f"{name}: expected the {width} {what} columns (last dim), got {t.shape[-1]}")
+        raise ValueError(f"{name}: expected {width} columns ({what}) in the last dim, got {t.shape[-1]}")
     _last_dim_contiguous(name, t)
     return t
 
@@ -107,13 +117,13 @@ def query_parts(q: object) -> tuple[torch.Tensor, torch.Tensor | None]:
     pair ``([b, s_q, h_q, 512], [b, s_q, h_q, 64])``; checks what tells the two forms apart and
     what a pair's halves must share (dtype, leading sizes, device)."""
     if not isinstance(q, (tuple, list)):
-        return _tensor("q", q), None
+        return _query_part("q", q, HEAD_DIM_QK, f"{HEAD_DIM_V} latent + {HEAD_DIM_QK - HEAD_DIM_V} RoPE"), None
     if len(q) != 2 or not all(isinstance(t, torch.Tensor) for t in q):
         raise TypeError(f"q: expected a [batch, s_q, h_q, {HEAD_DIM_QK}] tensor or a (latent, rope) pair of "
                         f"[batch, s_q, h_q, {HEAD_DIM_V}] and [.., {HEAD_DIM_QK - HEAD_DIM_V}] tensors, "
                         f"got a {type(q).__name__} of {len(q)} items")
-    latent = _query_part("q[0]", q[0], HEAD_DIM_V, "latent")
-    rope = _query_part("q[1]", q[1], HEAD_DIM_QK - HEAD_DIM_V, "RoPE")
+    latent = _query_part("q[0]", q[0], HEAD_DIM_V, "the latent half")
+    rope = _query_part("q[1]", q[1], HEAD_DIM_QK - HEAD_DIM_V, "the RoPE half")
     if rope.dtype != latent.dtype:
         raise TypeError(f"q[1]: expected the dtype of q[0] ({latent.dtype}), got {rope.dtype}")
     if rope.shape[:3] != latent.shape[:3]:
@@ -139,12 +149,6 @@ def validate_decode_args(
     """Checks the arguments of ``flash_mla_with_kvcache`` and returns the call's sizes. ``q`` is
     one ``[b, s_q, h_q, 576]`` tensor or a (latent, rope) pair (``query_parts``)."""
     q, q_rope = query_parts(q)
-    if q_rope is None:
-        _dtype("q", q, _SUPPORTED)
-        _ndim("q", q, 4, "[batch, s_q, h_q, 576]")
-        if q.shape[-1] != HEAD_DIM_QK:
-            raise ValueError(f"q: expected head size {HEAD_DIM_QK} (512 latent + 64 RoPE), got {q.shape[-1]}")
-        _last_dim_contiguous("q", q)
     batch, s_q, h_q = q.shape[:3]
     if batch < 1 or s_q < 1 or h_q < 1:
         raise ValueError(f"q: expected batch, s_q and h_q >= 1, got shape {tuple(q.shape)}")
@@ -226,10 +230,10 @@ def validate_decode_args(
 
     if q.is_cuda:
         if q_rope is None:
-            _check_query_layout("q", q)
+            _raise_if(query_layout_problem("q", q))
         else:
-            _check_query_layout("q[0]", q)
-            _check_query_layout("q[1]", q_rope)
+            _raise_if(query_layout_problem("q[0]", q))
+            _raise_if(query_layout_problem("q[1]", q_rope))
         _check_cache_layout(k_cache, block_table)
     return DecodeShape(batch, s_q, h_q, h_k, num_pages, block_table.shape[1])
 
@@ -237,8 +241,9 @@ def validate_decode_args(
 def query_layout_problem(name: str, q: torch.Tensor) -> str | None:
     """What keeps the kernel's 16-byte loads from reading ``q`` (``[b, s_q, h_q, *]``, or one
     half of a pair) in place, or None: a strided last dim, a stride or base off 16 bytes."""
-    if q.shape[-1] > 1 and q.stride(-1) != 1:
-        return f"{name}: the last dimension must be contiguous (stride 1), got strides {q.stride()}"
+    problem = _last_dim_problem(name, q)
+    if problem is not None:
+        return problem
     elem = q.element_size()
     for dim, dim_name in ((0, "batch"), (1, "s_q"), (2, "h_q")):
         if q.shape[dim] > 1 and (q.stride(dim) * elem) % 16:
@@ -246,12 +251,6 @@ def query_layout_problem(name: str, q: torch.Tensor) -> str | None:
     if q.data_ptr() % 16:
         return f"{name}: the data pointer must be 16-byte aligned"
     return None
-
-
-def _check_query_layout(name: str, q: torch.Tensor) -> None:
-    problem = query_layout_problem(name, q)
-    if problem is not None:
-        raise ValueError(problem)
 
 
 def _check_cache_layout(k_cache: torch.Tensor, block_table: torch.Tensor) -> None:

@@ -372,12 +372,6 @@ class FlashMLACompatImpl(MLACommonImpl[FlashMLACompatMetadata]):
         """
         decode = attn_metadata.decode
         assert decode is not None, "forward_mqa needs decode metadata"
-        # The kernel reads the latent and RoPE halves in place, each with its own strides: no
-        # concatenation kernel per layer. Halves its 16-byte loads cannot read in place, and
-        # FLASHMLA_BACKEND_SPLIT_QUERY=0 (vLLM's FlashMLA path, for A/B runs), concatenate.
-        if isinstance(q, tuple) and (not settings().split_query or any(
-                query_layout_problem("q", part.unsqueeze(0)) is not None for part in q)):
-            q = torch.cat(q, dim=-1)
         parts = q if isinstance(q, tuple) else (q,)
         num_tokens, num_heads = parts[0].shape[:2]
         num_decodes = attn_metadata.num_decodes
@@ -392,6 +386,12 @@ class FlashMLACompatImpl(MLACommonImpl[FlashMLACompatMetadata]):
         # A cache stored in the other 16-bit type ("float16" beside a bf16 model) takes a converted q.
         query = tuple(part.to(k_cache.dtype).reshape(num_decodes, query_len, num_heads, part.shape[-1])
                       for part in parts)
+        # The kernel reads the latent and RoPE halves in place, each with its own strides: no
+        # concatenation kernel per layer. Halves its 16-byte loads cannot read in place, and
+        # FLASHMLA_BACKEND_SPLIT_QUERY=0 (vLLM's FlashMLA path, for A/B runs), concatenate.
+        if len(query) == 2 and (not settings().split_query or any(
+                query_layout_problem("q", part) is not None for part in query)):
+            query = (torch.cat(query, dim=-1),)
 
         out, lse = flash_mla_with_kvcache(
             query[0] if len(query) == 1 else query,
