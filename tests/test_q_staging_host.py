@@ -15,9 +15,8 @@ end to end on a Hopper GPU.
 from __future__ import annotations
 
 import re
-import zlib
-import shutil
 import subprocess
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +25,9 @@ import pytest
 
 from flashmla_backend import _constants as C
 
-KERNELS = Path(__file__).resolve().parents[1] / "kernels"
-COMPILER = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-pytestmark = pytest.mark.skipif(COMPILER is None, reason="no host C++ compiler (g++, c++ or clang++) on PATH")
+from host_kernels import COMPILER, KERNELS, requires_host_compiler
+
+pytestmark = requires_host_compiler
 
 CHUNK_BYTES = C.PAGE_SIZE * 64 * 2
 TILE_BYTES = (C.HEAD_DIM_QK // 64) * CHUNK_BYTES

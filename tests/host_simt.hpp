@@ -1,0 +1,232 @@
+// A small host emulation of the CUDA execution model, for running the scheduler and combine
+// kernels on a machine without a GPU (tests/host_kernels.py builds them with it). Every thread
+// of a CTA is a fiber (ucontext) on one OS thread, switched only where it waits: at
+// __syncthreads (a CTA barrier) and in every warp intrinsic (an exchange through the warp's
+// slots between two warp barriers). CTAs run one after another. A kernel whose lanes skip a
+// full-mask intrinsic the others reach would never finish here (the harness's timeout fails
+// it), as it would misbehave on the GPU. Only what those kernels use is provided; a kernel that
+// needs more fails to compile, naming it.
+#pragma once
+
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __forceinline__
+#define __launch_bounds__(...)
+#define __shared__ static  // one CTA runs at a time: a function-level static is its shared memory
+#define DEVICE inline
+#define POS_INF INFINITY
+#define NEG_INF (-INFINITY)
+
+constexpr float LN2 = 0.69314718055994530942f;
+
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+struct float4 { float x, y, z, w; };
+struct int2 { int x, y; };
+struct uint2 { uint32_t x, y; };
+struct uint4 { uint32_t x, y, z, w; };
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline int2 make_int2(int x, int y) { return {x, y}; }
+inline uint2 make_uint2(uint32_t x, uint32_t y) { return {x, y}; }
+inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return {x, y, z, w}; }
+
+namespace simt {
+
+void yield();
+inline unsigned long progress = 0;  // arrivals and finished fibers: a round without any is a deadlock
+
+// A reusable barrier for `count` fibers: the last to arrive opens the next generation.
+struct Barrier {
+    int count, arrived = 0;
+    unsigned long generation = 0;
+    explicit Barrier(int n) : count(n) {}
+    void wait() {
+        const unsigned long g = generation;
+        ++progress;
+        if (++arrived == count) {
+            arrived = 0;
+            ++generation;
+            return;
+        }
+        while (generation == g) yield();
+    }
+};
+
+struct Warp {
+    Barrier barrier{32};
+    uint64_t slots[32];
+};
+
+constexpr size_t STACK_BYTES = 64 * 1024;
+
+struct Cta {
+    dim3 block_idx, grid_dim, block_dim;
+    int threads;
+    Barrier barrier;
+    std::vector<Warp> warps;
+    std::vector<unsigned char> dynamic_smem;
+    int vote = 0;
+    Cta(dim3 b, dim3 g, dim3 d, size_t smem)
+        : block_idx(b), grid_dim(g), block_dim(d), threads(int(d.x * d.y * d.z)), barrier(threads),
+          warps((threads + 31) / 32), dynamic_smem(smem) {}
+};
+
+inline Cta* current_cta = nullptr;
+inline int current_thread = 0;
+inline ucontext_t scheduler_context;
+inline std::vector<ucontext_t> fiber_contexts;
+inline std::vector<char> fiber_done;
+inline const std::function<void()>* current_kernel = nullptr;
+
+inline void yield() { swapcontext(&fiber_contexts[current_thread], &scheduler_context); }
+
+inline void fiber_entry() {
+    (*current_kernel)();
+    fiber_done[current_thread] = 1;
+    ++progress;
+}  // returns to uc_link: the scheduler
+
+inline dim3 thread_idx() {
+    const dim3 d = current_cta->block_dim;
+    return {unsigned(current_thread % d.x), unsigned(current_thread / d.x % d.y), unsigned(current_thread / (d.x * d.y))};
+}
+
+// Every CTA of `grid` with `block` threads, one CTA at a time; each thread runs `kernel`.
+inline void launch(dim3 grid, dim3 block, size_t dynamic_smem, const std::function<void()>& kernel) {
+    const int threads = int(block.x * block.y * block.z);
+    std::vector<std::vector<char>> stacks(threads, std::vector<char>(STACK_BYTES));
+    current_kernel = &kernel;
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+                Cta cta({x, y, z}, grid, block, dynamic_smem);
+                current_cta = &cta;
+                fiber_contexts.assign(threads, ucontext_t{});
+                fiber_done.assign(threads, 0);
+                for (int t = 0; t < threads; ++t) {
+                    getcontext(&fiber_contexts[t]);
+                    fiber_contexts[t].uc_stack.ss_sp = stacks[t].data();
+                    fiber_contexts[t].uc_stack.ss_size = STACK_BYTES;
+                    fiber_contexts[t].uc_link = &scheduler_context;
+                    makecontext(&fiber_contexts[t], fiber_entry, 0);
+                }
+                for (int live = threads; live > 0;) {  // round robin until every fiber returned
+                    const unsigned long before = progress;
+                    live = 0;
+                    for (int t = 0; t < threads; ++t) {
+                        if (fiber_done[t]) continue;
+                        current_thread = t;
+                        swapcontext(&scheduler_context, &fiber_contexts[t]);
+                        live += !fiber_done[t];
+                    }
+                    if (live > 0 && progress == before) {
+                        std::fprintf(stderr, "simt: deadlock in CTA (%u, %u, %u): %d threads wait at barriers "
+                                     "the others never reach\n", x, y, z, live);
+                        std::exit(4);
+                    }
+                }
+            }
+}
+
+template <typename T>
+T* dynamic_smem() { return reinterpret_cast<T*>(current_cta->dynamic_smem.data()); }
+
+// All 32 lanes put `value` in their slots; each reads lane `source(lane)`'s.
+template <typename T, typename Source>
+T exchange(T value, Source source) {
+    static_assert(sizeof(T) <= sizeof(uint64_t), "one slot per lane");
+    Warp& warp = current_cta->warps[current_thread / 32];
+    const int lane = current_thread % 32;
+    std::memcpy(&warp.slots[lane], &value, sizeof(T));
+    warp.barrier.wait();
+    T got;
+    std::memcpy(&got, &warp.slots[source(lane) & 31], sizeof(T));
+    warp.barrier.wait();
+    return got;
+}
+
+}  // namespace simt
+
+#define threadIdx (simt::thread_idx())
+#define blockIdx (simt::current_cta->block_idx)
+#define gridDim (simt::current_cta->grid_dim)
+#define blockDim (simt::current_cta->block_dim)
+
+inline void __syncthreads() { simt::current_cta->barrier.wait(); }
+
+inline int __syncthreads_or(int predicate) {
+    simt::Cta& cta = *simt::current_cta;
+    __syncthreads();  // the previous vote has been read by everyone
+    if (simt::current_thread == 0) cta.vote = 0;
+    __syncthreads();
+    if (predicate) cta.vote = 1;
+    __syncthreads();
+    return cta.vote;
+}
+
+template <typename T>
+T __shfl_sync(unsigned, T value, int source) {
+    return simt::exchange(value, [source](int) { return source; });
+}
+template <typename T>
+T __shfl_xor_sync(unsigned, T value, int mask) {
+    return simt::exchange(value, [mask](int lane) { return lane ^ mask; });
+}
+template <typename T>
+T __shfl_up_sync(unsigned, T value, unsigned delta) {
+    return simt::exchange(value, [delta](int lane) { return lane >= int(delta) ? lane - int(delta) : lane; });
+}
+inline int __reduce_max_sync(unsigned, int value) {
+    int result = value;
+    for (int source = 0; source < 32; ++source) {
+        const int got = simt::exchange(value, [source](int) { return source; });
+        result = got > result ? got : result;
+    }
+    return result;
+}
+
+inline int atomicMax(int* address, int value) {  // fibers switch only at barriers: no race
+    const int old = *address;
+    if (value > old) *address = value;
+    return old;
+}
+
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+
+// The PTX helpers the scheduler and combine use (kernels/ptx_helpers.cuh), for the host.
+inline void allow_dependent_launch() {}
+inline void grid_dependency_wait() {}  // CTAs run after the kernel before them
+
+// Round to nearest even, as cvt.rn does; NaN stays NaN.
+inline uint16_t to_half_bits(float x) {
+#ifdef MLA_FP16
+    return static_cast<uint16_t>(0);  // not emulated: the host tests build bf16 only
+#else
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+#endif
+}
+inline uint32_t pack_half2(float lo, float hi) {
+    return uint32_t(to_half_bits(lo)) | (uint32_t(to_half_bits(hi)) << 16);
+}
+
+inline float warp_reduce_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+inline float warp_reduce_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
