@@ -29,6 +29,27 @@ _DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;
 _BUILD_DIR = Path(tempfile.mkdtemp(prefix="flashmla_host_kernels_"))
 
 
+def definition(source: str, opening: str, where: str = "the kernel headers") -> str:
+    """The text of the top-level definition in ``source`` that starts with ``opening`` (a
+    regex), through its closing brace (and the ``;`` after a struct)."""
+    match = re.search(opening, source, re.MULTILINE)
+    assert match is not None, f"{opening!r} not found in {where}: update this test"
+    depth, i = 0, source.index("{", match.start())
+    while True:
+        depth += {"{": 1, "}": -1}.get(source[i], 0)
+        i += 1
+        if depth == 0:
+            break
+    return source[match.start():i] + (";" if source[i:i + 1] == ";" else "")
+
+
+def constant(source: str, name: str) -> str:
+    """The ``constexpr int name = ...;`` line of ``source``."""
+    match = re.search(rf"^constexpr int {name} = [^;]+;", source, re.MULTILINE)
+    assert match is not None, f"constant {name} not found in the kernel headers: update this test"
+    return match.group(0)
+
+
 def host_kernel_source(source_file: str) -> str:
     """``kernels/source_file`` with its local includes inlined (``ptx_helpers.cuh`` left out) and
     its dynamic shared array taken from the emulation."""

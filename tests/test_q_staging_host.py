@@ -14,7 +14,6 @@ end to end on a Hopper GPU.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import zlib
 from dataclasses import dataclass
@@ -25,32 +24,12 @@ import pytest
 
 from flashmla_backend import _constants as C
 
-from host_kernels import COMPILER, KERNELS, requires_host_compiler
+from host_kernels import COMPILER, KERNELS, constant, definition, requires_host_compiler
 
 pytestmark = requires_host_compiler
 
 CHUNK_BYTES = C.PAGE_SIZE * 64 * 2
 TILE_BYTES = (C.HEAD_DIM_QK // 64) * CHUNK_BYTES
-
-
-def _definition(source: str, opening: str) -> str:
-    """The text of the top-level definition that starts with ``opening`` (a regex), through its
-    closing brace (and the ``;`` after a struct)."""
-    match = re.search(opening, source, re.MULTILINE)
-    assert match is not None, f"{opening!r} not found in mla_decode_shared.cuh: update this test"
-    depth, i = 0, source.index("{", match.start())
-    while True:
-        depth += {"{": 1, "}": -1}.get(source[i], 0)
-        i += 1
-        if depth == 0:
-            break
-    return source[match.start():i] + (";" if source[i:i + 1] == ";" else "")
-
-
-def _constant(source: str, name: str) -> str:
-    match = re.search(rf"^constexpr int {name} = [^;]+;", source, re.MULTILINE)
-    assert match is not None, f"constant {name} not found in the kernel headers: update this test"
-    return match.group(0)
 
 
 HARNESS = r"""
@@ -99,13 +78,13 @@ def staging_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The header's Q staging code built into a host program."""
     shared = (KERNELS / "mla_decode_shared.cuh").read_text()
     common = (KERNELS / "mla_common.cuh").read_text()
-    constants = [_constant(common, n) for n in ("HEAD_DIM_QK", "HEAD_DIM_V", "PAGE_SIZE", "BLOCK_M")]
-    constants += [_constant(shared, n) for n in ("CHUNK_COLS", "CHUNK_BYTES", "QK_CHUNKS", "TILE_BYTES",
+    constants = [constant(common, n) for n in ("HEAD_DIM_QK", "HEAD_DIM_V", "PAGE_SIZE", "BLOCK_M")]
+    constants += [constant(shared, n) for n in ("CHUNK_COLS", "CHUNK_BYTES", "QK_CHUNKS", "TILE_BYTES",
                                                   "WG_THREADS", "CONSUMER_THREADS", "Q_LATENT_VECS",
                                                   "Q_ROPE_VECS")]
-    definitions = [_definition(shared, r"^struct RowMap \{"), _definition(shared, r"^struct QSource \{"),
-                   _definition(shared, r"^template <int THREADS, int FIRST_VEC, int VECS>\nDEVICE void copy_q_columns"),
-                   _definition(shared, r"^template <int THREADS = CONSUMER_THREADS>\nDEVICE void load_q_block")]
+    definitions = [definition(shared, r"^struct RowMap \{"), definition(shared, r"^struct QSource \{"),
+                   definition(shared, r"^template <int THREADS, int FIRST_VEC, int VECS>\nDEVICE void copy_q_columns"),
+                   definition(shared, r"^template <int THREADS = CONSUMER_THREADS>\nDEVICE void load_q_block")]
     folder = tmp_path_factory.mktemp("q_staging")
     source = folder / "q_staging.cpp"
     source.write_text(HARNESS % {"constants": "\n".join(constants), "definitions": "\n\n".join(definitions)})
