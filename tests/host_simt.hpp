@@ -203,9 +203,14 @@ inline int atomicMax(int* address, int value) {  // fibers switch only at barrie
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 
-// The PTX helpers the scheduler and combine use (kernels/ptx_helpers.cuh), for the host.
+// The PTX helpers the host-tested kernel code uses (kernels/ptx_helpers.cuh), for the host.
 inline void allow_dependent_launch() {}
 inline void grid_dependency_wait() {}  // CTAs run after the kernel before them
+// cp.async completes at once on the host (the waits and fences that follow have nothing to do).
+inline void cp_async_16(void* dst, const void* src) { std::memcpy(dst, src, 16); }
+inline void cp_async_16_or_zero(void* dst, const void* src, bool valid) {
+    if (valid) std::memcpy(dst, src, 16); else std::memset(dst, 0, 16);
+}
 
 // Round to nearest even, as cvt.rn does; NaN stays NaN.
 inline uint16_t to_half_bits(float x) {

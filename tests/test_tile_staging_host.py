@@ -1,20 +1,23 @@
-"""The decode's Q staging (``load_q_block`` in ``kernels/mla_decode_shared.cuh``), compiled for the
-host and checked byte for byte against the swizzled tile layout, on machines without a GPU.
+"""The decode's shared-memory tile staging, compiled for the host and checked byte for byte
+against the 128-byte-swizzled tile layout, on machines without a GPU.
 
-The kernel copies each 64-row Q block into shared memory as nine 128-byte-swizzled 8 KB chunks:
-16-byte vector ``v`` of row ``r`` lands at ``(v // 8) * 8192 + r * 128 + ((v % 8) ^ (r % 8)) * 16``,
-and rows past the block's valid rows are zero. The latent columns (vectors 0-63) and the RoPE
-columns (64-71) come from two pointers with their own strides (``QSource``); one ``[.., 576]``
-tensor is the case ``rope = latent + 512`` with the same strides. This test takes the device
-functions' own text out of the header, compiles it with a host C++ compiler (the ``cp.async``
-becomes a 16-byte copy or zero fill), runs every thread's loop and compares the tile with the
-layout computed here in numpy. The GPU tests (``test_split_query.py``) check the same path
-end to end on a Hopper GPU.
+A tile is nine 8 KB chunks of 64 rows x 128 bytes: 16-byte vector ``v`` of row ``r`` lands at
+``(v // 8) * 8192 + r * 128 + ((v % 8) ^ (r % 8)) * 16``, the layout TMA writes with the 128B
+swizzle and the wgmma descriptors read. Checked here, from ``kernels/mla_decode_shared.cuh``:
+- ``load_q_block``: a Q block, rows past the block's valid rows zero. The latent columns
+  (vectors 0-63) and the RoPE columns (64-71) come from two pointers with their own strides
+  (``QSource``); one ``[.., 576]`` tensor is the case ``rope = latent + 512`` with the same strides.
+- ``copy_page_cp_async``: a KV page by the cp.async producer's 128 threads (its index walk is
+  stepped incrementally to fit 40 registers).
+- ``zero_v_tail``: the V rows past a sequence's end zeroed, nothing else touched.
+The device functions' own text is taken out of the header and built on the host emulation
+(``host_simt.hpp``: ``cp.async`` becomes a 16-byte copy or zero fill); every thread's loop runs
+and the tile is compared with the layout computed here in numpy. The GPU tests
+(``test_split_query.py``, ``test_gpu_decode.py``) check the same paths end to end.
 """
 
 from __future__ import annotations
 
-import subprocess
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,7 @@ import pytest
 
 from flashmla_backend import _constants as C
 
-from host_kernels import COMPILER, KERNELS, constant, definition, requires_host_compiler
+from host_kernels import KERNELS, build, constant, definition, requires_host_compiler, run
 
 pytestmark = requires_host_compiler
 
@@ -33,35 +36,43 @@ TILE_BYTES = (C.HEAD_DIM_QK // 64) * CHUNK_BYTES
 
 
 HARNESS = r"""
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
-#define DEVICE inline
-%(constants)s
-inline void cp_async_16_or_zero(void* dst, const void* src, bool valid) {
-    if (valid) std::memcpy(dst, src, 16); else std::memset(dst, 0, 16);
-}
 %(definitions)s
 
-// argv: threads b s_q h_q h_k latent_strides(3) rope_strides(3) latent_elems rope_elems
-// stdin: the latent then the rope buffer (uint16); stdout: every (req, kh, row block) tile in order.
+// argv[1]: "q", "page" or "vtail".
+// q: threads b s_q h_q h_k latent_strides(3) rope_strides(3) latent_elems rope_elems; stdin: the
+//    latent then the rope buffer (uint16); stdout: every (req, kh, row block) tile in order.
+// page: token_stride; stdin: one page (uint16 [64 * token_stride]); stdout: the tile.
+// vtail: first_row; stdin: a tile; stdout: the tile after zero_v_tail.
 int main(int argc, char** argv) {
-    if (argc != 14) return 2;
-    long long v[13];
-    for (int i = 0; i < 13; ++i) v[i] = std::atoll(argv[i + 1]);
+    if (argc < 3) return 2;
+    const std::string mode = argv[1];
+    std::vector<long long> v;
+    for (int i = 2; i < argc; ++i) v.push_back(std::atoll(argv[i]));
+    std::vector<uint8_t> tile(TILE_BYTES);
+    if (mode == "page" || mode == "vtail") {
+        std::vector<uint16_t> page(mode == "page" ? size_t(PAGE_SIZE * v[0]) : 0);
+        if (mode == "page" && std::fread(page.data(), 2, page.size(), stdin) != page.size()) return 3;
+        if (mode == "vtail" && std::fread(tile.data(), 1, tile.size(), stdin) != tile.size()) return 3;
+        if (mode == "page") std::memset(tile.data(), 0xA5, tile.size());  // poison: every byte must be written
+        for (int tid = 0; tid < WG_THREADS; ++tid) {
+            if (mode == "page") copy_page_cp_async(tile.data(), page.data(), v[0], tid);
+            else zero_v_tail(tile.data(), int(v[0]), tid);
+        }
+        std::fwrite(tile.data(), 1, tile.size(), stdout);
+        return 0;
+    }
+    if (mode != "q" || v.size() != 13) return 2;
     const int threads = int(v[0]), b = int(v[1]), s_q = int(v[2]), h_q = int(v[3]), h_k = int(v[4]);
     std::vector<uint16_t> latent(v[11]), rope(v[12]);
     if (std::fread(latent.data(), 2, latent.size(), stdin) != latent.size()) return 3;
     if (std::fread(rope.data(), 2, rope.size(), stdin) != rope.size()) return 3;
     const QSource q{latent.data(), v[5], v[6], v[7], rope.data(), v[8], v[9], v[10]};
     const RowMap rows{s_q * (h_q / h_k), h_q / h_k};
-    std::vector<uint8_t> tile(TILE_BYTES);
     for (int req = 0; req < b; ++req)
         for (int kh = 0; kh < h_k; ++kh)
             for (int row_base = 0; row_base < rows.rows; row_base += BLOCK_M) {
-                std::memset(tile.data(), 0xA5, tile.size());  // poison: every byte must be written
+                std::memset(tile.data(), 0xA5, tile.size());
                 for (int tid = 0; tid < threads; ++tid) {
                     if (threads == CONSUMER_THREADS) load_q_block(tile.data(), q, req, kh, row_base, rows, tid);
                     else load_q_block<96>(tile.data(), q, req, kh, row_base, rows, tid);
@@ -74,25 +85,24 @@ int main(int argc, char** argv) {
 
 
 @pytest.fixture(scope="module")
-def staging_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The header's Q staging code built into a host program."""
+def staging_program() -> Path:
+    """The header's tile staging code built into a host program."""
     shared = (KERNELS / "mla_decode_shared.cuh").read_text()
     common = (KERNELS / "mla_common.cuh").read_text()
-    constants = [constant(common, n) for n in ("HEAD_DIM_QK", "HEAD_DIM_V", "PAGE_SIZE", "BLOCK_M")]
-    constants += [constant(shared, n) for n in ("CHUNK_COLS", "CHUNK_BYTES", "QK_CHUNKS", "TILE_BYTES",
-                                                  "WG_THREADS", "CONSUMER_THREADS", "Q_LATENT_VECS",
-                                                  "Q_ROPE_VECS")]
-    definitions = [definition(shared, r"^struct RowMap \{"), definition(shared, r"^struct QSource \{"),
-                   definition(shared, r"^template <int THREADS, int FIRST_VEC, int VECS>\nDEVICE void copy_q_columns"),
-                   definition(shared, r"^template <int THREADS = CONSUMER_THREADS>\nDEVICE void load_q_block")]
-    folder = tmp_path_factory.mktemp("q_staging")
-    source = folder / "q_staging.cpp"
-    source.write_text(HARNESS % {"constants": "\n".join(constants), "definitions": "\n\n".join(definitions)})
-    binary = folder / "q_staging"
-    build = subprocess.run([COMPILER, "-std=c++17", "-O1", "-Wall", "-Werror", str(source), "-o", str(binary)],
-                           capture_output=True, text=True)
-    assert build.returncode == 0, f"host build of the Q staging failed:\n{build.stderr}"
-    return binary
+    parts = [constant(common, n) for n in ("HEAD_DIM_QK", "HEAD_DIM_V", "PAGE_SIZE", "BLOCK_M")]
+    parts += [constant(shared, n) for n in ("CHUNK_COLS", "CHUNK_BYTES", "QK_CHUNKS", "V_CHUNKS", "TILE_BYTES",
+                                             "WG_THREADS", "CONSUMER_THREADS", "Q_LATENT_VECS", "Q_ROPE_VECS")]
+    parts += [definition(shared, opening) for opening in (
+        r"^struct RowMap \{", r"^struct QSource \{",
+        r"^template <int THREADS, int FIRST_VEC, int VECS>\nDEVICE void copy_q_columns",
+        r"^template <int THREADS = CONSUMER_THREADS>\nDEVICE void load_q_block",
+        r"^DEVICE void copy_page_cp_async", r"^DEVICE void zero_v_tail")]
+    return build("#include <string>\n" + HARNESS % {"definitions": "\n\n".join(parts)})
+
+
+def swizzled_at(row: int, vec: int) -> int:
+    """Byte offset of 16-byte vector ``vec`` of row ``row`` in a tile."""
+    return (vec // 8) * CHUNK_BYTES + row * 128 + ((vec % 8) ^ (row % 8)) * 16
 
 
 @dataclass
@@ -157,8 +167,7 @@ def expected_tiles(values: np.ndarray, h_k: int) -> bytes:
                         continue  # zero rows past the end
                     vectors = values[req, grow // group, kh * group + grow % group].view(np.uint8).reshape(72, 16)
                     for vec in range(72):
-                        at = (vec // 8) * CHUNK_BYTES + r * 128 + (((vec % 8) ^ (r % 8)) * 16)
-                        tile[at:at + 16] = vectors[vec]
+                        tile[swizzled_at(r, vec):swizzled_at(r, vec) + 16] = vectors[vec]
                 out.append(tile.tobytes())
     return b"".join(out)
 
@@ -166,11 +175,8 @@ def expected_tiles(values: np.ndarray, h_k: int) -> bytes:
 def run_staging(program: Path, query: Query, h_k: int, threads: int) -> bytes:
     b, s_q, h_q, _ = query.values.shape
     rope = query.rope[query.rope_offset:]
-    args = [threads, b, s_q, h_q, h_k, *query.latent_strides, *query.rope_strides, query.latent.size, rope.size]
-    result = subprocess.run([str(program), *map(str, args)], input=query.latent.tobytes() + rope.tobytes(),
-                            capture_output=True)
-    assert result.returncode == 0, f"the staging harness exited with {result.returncode}"
-    return result.stdout
+    args = ["q", threads, b, s_q, h_q, h_k, *query.latent_strides, *query.rope_strides, query.latent.size, rope.size]
+    return run(program, args, query.latent.tobytes() + rope.tobytes())
 
 
 SHAPES = [(1, 1, 16, 1), (2, 2, 16, 1), (3, 1, 128, 1), (2, 4, 24, 1), (1, 3, 5, 1), (2, 1, 64, 2), (1, 2, 96, 2)]
@@ -204,3 +210,28 @@ def test_the_check_catches_a_wrong_rope_offset(staging_program: Path) -> None:
     query = vllm_halves(values, rng)
     query.rope_offset = 8  # the staging then reads columns 8-71 of the RoPE half and 8 beyond
     assert run_staging(staging_program, query, 1, 256) != expected_tiles(values, 1)
+
+
+@pytest.mark.parametrize("token_stride", [576, 1152, 584], ids=["one_kv_head", "two_kv_heads", "padded"])
+def test_cp_async_page_copy_matches_the_swizzled_layout(staging_program: Path, token_stride: int) -> None:
+    """The cp.async producer's page tile equals the one TMA writes (the GPU tests compare the
+    two producers' outputs; this checks the layout itself)."""
+    rng = np.random.default_rng(token_stride)
+    page = rng.integers(0, 1 << 16, C.PAGE_SIZE * token_stride, dtype=np.uint16)
+    got = np.frombuffer(run(staging_program, ["page", token_stride], page.tobytes()), np.uint8)
+    want = np.zeros(TILE_BYTES, np.uint8)
+    for r in range(C.PAGE_SIZE):
+        vectors = page[r * token_stride:r * token_stride + C.HEAD_DIM_QK].view(np.uint8).reshape(72, 16)
+        for vec in range(72):
+            want[swizzled_at(r, vec):swizzled_at(r, vec) + 16] = vectors[vec]
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("first_row", [1, 17, 40, 63])
+def test_v_tail_zeroes_only_the_v_rows_past_the_end(staging_program: Path, first_row: int) -> None:
+    rng = np.random.default_rng(first_row)
+    tile = rng.integers(1, 256, TILE_BYTES, dtype=np.uint8)  # no zero byte: every zero was written
+    got = np.frombuffer(run(staging_program, ["vtail", first_row], tile.tobytes()), np.uint8)
+    want = tile.copy().reshape(9, C.PAGE_SIZE, 128)
+    want[:C.HEAD_DIM_V // 64, first_row:] = 0  # the V chunks' rows; the RoPE chunk is never read as V
+    np.testing.assert_array_equal(got, want.reshape(-1))
