@@ -18,8 +18,11 @@ from ._constants import DECODE_SMEM_BYTES, PAGE_SIZE
 from .launch import KernelSignature
 from .settings import settings
 
-#: NVRTC options for every module. sm_90a unlocks wgmma, TMA and setmaxnreg.
-NVRTC_OPTIONS: tuple[str, ...] = ("-arch=sm_90a", "-std=c++17")
+#: NVRTC options for every module. sm_90a unlocks wgmma, TMA and setmaxnreg. Flush-to-zero is
+#: part of the decode's contract, not only CuPy's default (CuPy appends it too): the softmax's
+#: 2^x on the FMA pipe turns a masked score into a denormal pattern that must flush to 0, so that
+#: a row with no key sums to 0 (out 0, lse +inf; ``tests/test_softmax_host.py``).
+NVRTC_OPTIONS: tuple[str, ...] = ("-arch=sm_90a", "-std=c++17", "-ftz=true")
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 

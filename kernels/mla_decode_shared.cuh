@@ -217,7 +217,9 @@ DEVICE void rescale_rows_if_needed(float (&o)[128], float alpha0, float alpha1) 
 DEVICE float exp2_on_fma_pipe(float x) {
     constexpr float ROUND_MAGIC = 12582912.f;  // 1.5 * 2^23
     constexpr float C0 = 0.99992812f, C1 = 0.69326097f, C2 = 0.24261053f, C3 = 0.05517131f;
-    x = fmaxf(x, -126.f);  // the result's exponent field stays >= 0 (flushed to zero below 2^-126)
+    // The result's exponent field stays >= 0; below 2^-126 it is a denormal, which the kernels'
+    // -ftz=true flushes to zero (a masked score, -inf, must give exactly 0 to a row's sum).
+    x = fmaxf(x, -126.f);
     const float shifted = x + ROUND_MAGIC;
     const float frac = x - (shifted - ROUND_MAGIC);  // in [-0.5, 0.5]
     float p = fmaf(frac, C3, C2);

@@ -9,6 +9,9 @@
 #pragma once
 
 #include <ucontext.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -100,8 +103,22 @@ inline dim3 thread_idx() {
     return {unsigned(current_thread % d.x), unsigned(current_thread / d.x % d.y), unsigned(current_thread / (d.x * d.y))};
 }
 
+// The kernels are built with -ftz=true: float32 denormals flush to zero, as inputs and results.
+// The softmax relies on it (a masked score's polynomial 2^x is a denormal pattern that must sum
+// to 0), so the host does the same. Every fiber's context is taken after this, so they inherit it.
+inline void flush_denormals() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_setcsr(_mm_getcsr() | 0x8040);  // FTZ (bit 15) and DAZ (bit 6)
+#elif defined(__aarch64__)
+    __builtin_aarch64_set_fpcr(__builtin_aarch64_get_fpcr() | (1u << 24));  // FPCR.FZ
+#else
+#error "host_simt.hpp: no flush-to-zero control for this CPU"
+#endif
+}
+
 // Every CTA of `grid` with `block` threads, one CTA at a time; each thread runs `kernel`.
 inline void launch(dim3 grid, dim3 block, size_t dynamic_smem, const std::function<void()>& kernel) {
+    flush_denormals();
     const int threads = int(block.x * block.y * block.z);
     std::vector<std::vector<char>> stacks(threads, std::vector<char>(STACK_BYTES));
     current_kernel = &kernel;
@@ -199,6 +216,15 @@ inline int atomicMax(int* address, int value) {  // fibers switch only at barrie
     if (value > old) *address = value;
     return old;
 }
+
+inline int __any_sync(unsigned, int predicate) {
+    int any = 0;
+    for (int source = 0; source < 32; ++source)
+        any |= simt::exchange(predicate, [source](int) { return source; });
+    return any;
+}
+inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
+inline int __float_as_int(float f) { int x; std::memcpy(&x, &f, 4); return x; }
 
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }

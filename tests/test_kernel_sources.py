@@ -136,3 +136,12 @@ def test_launch_contract_of_pointer_and_producer_choice(monkeypatch: pytest.Monk
     monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(bad))
     with pytest.raises(ValueError, match="TAKES_KV_POINTER"):
         decode_launch_contract(decode_module(torch.bfloat16))
+
+
+def test_every_module_is_built_with_flush_to_zero() -> None:
+    """The softmax needs denormals flushed (kernel_sources.NVRTC_OPTIONS); CuPy's default is not
+    relied on."""
+    from flashmla_backend.kernel_sources import NVRTC_OPTIONS, all_modules
+
+    assert "-ftz=true" in NVRTC_OPTIONS
+    assert all("-ftz=true" in module.options for module in all_modules())
