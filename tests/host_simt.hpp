@@ -52,14 +52,18 @@ struct Barrier {
     int count, arrived = 0;
     unsigned long generation = 0;
     explicit Barrier(int n) : count(n) {}
-    void wait() {
+    // Arrives; returns the generation to wait for the end of.
+    unsigned long arrive() {
         const unsigned long g = generation;
         ++progress;
         if (++arrived == count) {
             arrived = 0;
             ++generation;
-            return;
         }
+        return g;
+    }
+    void wait() {
+        const unsigned long g = arrive();
         while (generation == g) yield();
     }
 };
@@ -76,11 +80,13 @@ struct Cta {
     int threads;
     Barrier barrier;
     std::vector<Warp> warps;
-    std::vector<unsigned char> dynamic_smem;
+    std::vector<unsigned char> smem_storage;
+    unsigned char* dynamic_smem;  // 1024-byte aligned, as the kernels' swizzled tiles need
     int vote = 0;
     Cta(dim3 b, dim3 g, dim3 d, size_t smem)
         : block_idx(b), grid_dim(g), block_dim(d), threads(int(d.x * d.y * d.z)), barrier(threads),
-          warps((threads + 31) / 32), dynamic_smem(smem) {}
+          warps((threads + 31) / 32), smem_storage(smem + 1024),
+          dynamic_smem(smem_storage.data() + (1024 - reinterpret_cast<uintptr_t>(smem_storage.data()) % 1024) % 1024) {}
 };
 
 inline Cta* current_cta = nullptr;
@@ -89,6 +95,7 @@ inline ucontext_t scheduler_context;
 inline std::vector<ucontext_t> fiber_contexts;
 inline std::vector<char> fiber_done;
 inline const std::function<void()>* current_kernel = nullptr;
+inline std::function<void(Cta&)> on_cta_start;  // run before each CTA's threads (host_ptx.hpp's reset)
 
 inline void yield() { swapcontext(&fiber_contexts[current_thread], &scheduler_context); }
 
@@ -127,6 +134,7 @@ inline void launch(dim3 grid, dim3 block, size_t dynamic_smem, const std::functi
             for (unsigned x = 0; x < grid.x; ++x) {
                 Cta cta({x, y, z}, grid, block, dynamic_smem);
                 current_cta = &cta;
+                if (on_cta_start) on_cta_start(cta);
                 fiber_contexts.assign(threads, ucontext_t{});
                 fiber_done.assign(threads, 0);
                 for (int t = 0; t < threads; ++t) {
@@ -155,7 +163,7 @@ inline void launch(dim3 grid, dim3 block, size_t dynamic_smem, const std::functi
 }
 
 template <typename T>
-T* dynamic_smem() { return reinterpret_cast<T*>(current_cta->dynamic_smem.data()); }
+T* dynamic_smem() { return reinterpret_cast<T*>(current_cta->dynamic_smem); }
 
 // All 32 lanes put `value` in their slots; each reads lane `source(lane)`'s.
 template <typename T, typename Source>
@@ -169,6 +177,19 @@ T exchange(T value, Source source) {
     std::memcpy(&got, &warp.slots[source(lane) & 31], sizeof(T));
     warp.barrier.wait();
     return got;
+}
+
+// Every lane's `value`, as all 32 lanes put it (each lane gets the whole warp's).
+template <typename T>
+std::vector<T> gather(T value) {
+    static_assert(sizeof(T) <= sizeof(uint64_t), "one slot per lane");
+    Warp& warp = current_cta->warps[current_thread / 32];
+    std::memcpy(&warp.slots[current_thread % 32], &value, sizeof(T));
+    warp.barrier.wait();
+    std::vector<T> all(32);
+    for (int lane = 0; lane < 32; ++lane) std::memcpy(&all[lane], &warp.slots[lane], sizeof(T));
+    warp.barrier.wait();
+    return all;
 }
 
 }  // namespace simt
@@ -204,10 +225,7 @@ T __shfl_up_sync(unsigned, T value, unsigned delta) {
 }
 inline int __reduce_max_sync(unsigned, int value) {
     int result = value;
-    for (int source = 0; source < 32; ++source) {
-        const int got = simt::exchange(value, [source](int) { return source; });
-        result = got > result ? got : result;
-    }
+    for (int got : simt::gather(value)) result = got > result ? got : result;
     return result;
 }
 
@@ -219,8 +237,7 @@ inline int atomicMax(int* address, int value) {  // fibers switch only at barrie
 
 inline int __any_sync(unsigned, int predicate) {
     int any = 0;
-    for (int source = 0; source < 32; ++source)
-        any |= simt::exchange(predicate, [source](int) { return source; });
+    for (int got : simt::gather(predicate)) any |= got != 0;
     return any;
 }
 inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
@@ -241,7 +258,10 @@ inline void cp_async_16_or_zero(void* dst, const void* src, bool valid) {
 // Round to nearest even, as cvt.rn does; NaN stays NaN.
 inline uint16_t to_half_bits(float x) {
 #ifdef MLA_FP16
-    return static_cast<uint16_t>(0);  // not emulated: the host tests build bf16 only
+    const _Float16 h = static_cast<_Float16>(x);  // round to nearest even
+    uint16_t bits;
+    std::memcpy(&bits, &h, 2);
+    return bits;
 #else
     uint32_t u;
     std::memcpy(&u, &x, 4);
@@ -261,3 +281,9 @@ inline float warp_reduce_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
+
+// Harness I/O: whole arrays from stdin and to stdout.
+template <typename T>
+bool read_all(std::vector<T>& v) { return std::fread(v.data(), sizeof(T), v.size(), stdin) == v.size(); }
+template <typename T>
+void write_all(const std::vector<T>& v) { std::fwrite(v.data(), sizeof(T), v.size(), stdout); }

@@ -23,8 +23,6 @@ HARNESS = r"""
 // stdin: int32 num_splits [batch + 1], f32 o_part [splits, h_k, rows, 512], f32 lse_part
 // [splits, h_k, rows], uint16 out [batch, s_q, h_q, 512], f32 lse [batch, h_q, s_q] (both as the
 // decode left them); stdout: out, lse after the combine.
-template <typename T>
-bool read_all(std::vector<T>& v) { return std::fread(v.data(), sizeof(T), v.size(), stdin) == v.size(); }
 
 int main(int argc, char** argv) {
     if (argc != 8) return 2;
@@ -50,6 +48,24 @@ int main(int argc, char** argv) {
     return 0;
 }
 """
+
+def combine_on_host(num_splits: np.ndarray, o_part: np.ndarray, lse_part: np.ndarray, out: np.ndarray,
+                    lse: np.ndarray, warps_per_row: int, requests_per_cta: int,
+                    programmatic: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``mla_combine`` on the host: num_splits int32 [b + 1], o_part f32 [splits, h_k, rows, 512],
+    lse_part f32 [splits, h_k, rows], out uint16 (bf16 bits) [b, s_q, h_q, 512] and lse f32
+    [b, h_q, s_q] as the decode left them; returns out and lse after the merge."""
+    batch, s_q, h_q, _ = out.shape
+    h_k = o_part.shape[1]
+    defines = ("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ()
+    binary = build(host_kernel_source("mla_combine.cu") + HARNESS, defines)
+    args = [s_q, h_q, h_k, warps_per_row, batch, requests_per_cta, int(num_splits[-1])]
+    parts = (num_splits.astype(np.int32), o_part.astype(np.float32), lse_part.astype(np.float32),
+             out.astype(np.uint16), lse.astype(np.float32))
+    result = run(binary, args, b"".join(np.ascontiguousarray(a).tobytes() for a in parts))
+    got_out = np.frombuffer(result[:out.nbytes], dtype=np.uint16).reshape(out.shape)
+    return got_out, np.frombuffer(result[out.nbytes:], dtype=np.float32).reshape(lse.shape)
+
 
 OUT_POISON = 0x7FC1  # a bf16 NaN the combine never writes
 LSE_POISON = -12345.0
@@ -99,12 +115,8 @@ def test_combine_merges_split_requests_only(case: tuple, programmatic: bool) -> 
     out = np.full((batch, s_q, h_q, HEAD_DIM_V), OUT_POISON, dtype=np.uint16)
     lse = np.full((batch, h_q, s_q), LSE_POISON, dtype=np.float32)
 
-    defines = ("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ()
-    binary = build(host_kernel_source("mla_combine.cu") + HARNESS, defines)
-    args = [s_q, h_q, h_k, warps_per_row, batch, requests_per_cta, splits]
-    result = run(binary, args, b"".join(a.tobytes() for a in (num_splits, o_part, lse_part, out, lse)))
-    got_out = np.frombuffer(result[:out.nbytes], dtype=np.uint16).reshape(out.shape)
-    got_lse = np.frombuffer(result[out.nbytes:], dtype=np.float32).reshape(lse.shape)
+    got_out, got_lse = combine_on_host(num_splits, o_part, lse_part, out, lse, warps_per_row, requests_per_cta,
+                                       programmatic)
 
     group = h_q // h_k
     for req, count in enumerate(counts):

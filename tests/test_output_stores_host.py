@@ -23,10 +23,6 @@ HARNESS = r"""
 // stdin: f32 block [64][512] (this CTA's rows of O before normalisation), f32 row_sum[64],
 // f32 row_lse[64], then out (uint16), lse, o_part, lse_part as poisoned by the caller;
 // stdout: out, lse, o_part, lse_part after both warpgroups' stores.
-template <typename T>
-bool read_all(std::vector<T>& v) { return std::fread(v.data(), sizeof(T), v.size(), stdin) == v.size(); }
-template <typename T>
-void write_all(const std::vector<T>& v) { std::fwrite(v.data(), sizeof(T), v.size(), stdout); }
 
 int main(int argc, char** argv) {
     if (argc != 11) return 2;
