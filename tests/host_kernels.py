@@ -24,6 +24,21 @@ COMPILER = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 requires_host_compiler = pytest.mark.skipif(COMPILER is None,
                                             reason="no host C++ compiler (g++, c++ or clang++) on PATH")
 
+
+
+@lru_cache(maxsize=None)
+def compiler_has_float16() -> bool:
+    """Whether the host compiler has ``_Float16`` (GCC 12+ and Clang on x86-64 and AArch64):
+    the fp16 builds of the emulation need it."""
+    if COMPILER is None:
+        return False
+    probe = _BUILD_DIR / "float16_probe.cpp"
+    probe.write_text("int main() { _Float16 h = static_cast<_Float16>(1.5f); return int(float(h)) - 1; }\n")
+    result = subprocess.run([COMPILER, "-std=c++17", str(probe), "-o", str(_BUILD_DIR / "float16_probe")],
+                            capture_output=True)
+    return result.returncode == 0
+
+
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 _DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;")
 _BUILD_DIR = Path(tempfile.mkdtemp(prefix="flashmla_host_kernels_"))

@@ -24,7 +24,8 @@ from flashmla_backend.schedule import schedule_reference
 from flashmla_backend.testing import make_problem
 
 from conftest import assert_lse_close, relative_error
-from host_kernels import EMULATION, KERNELS, build, definition, host_kernel_source, requires_host_compiler, run
+from host_kernels import (EMULATION, KERNELS, build, compiler_has_float16, definition, host_kernel_source,
+                          requires_host_compiler, run)
 from test_combine_host import combine_on_host
 
 pytestmark = requires_host_compiler
@@ -208,6 +209,7 @@ def test_decode_on_the_host_programmatic_build() -> None:
     decode_on_host(lengths, s_q, h_q, h_k, parts, "tma", pair=False, seed=5, programmatic=True)
 
 
+@pytest.mark.skipif(not compiler_has_float16(), reason="the host compiler has no _Float16 (GCC 12+ or Clang)")
 @pytest.mark.parametrize("producer", ["tma", "cp_async"])
 def test_decode_on_the_host_fp16(producer: str) -> None:
     """fp16 q and cache (MLA_FP16), one request per part (the host combine is built for bf16)."""
