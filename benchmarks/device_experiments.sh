@@ -141,6 +141,12 @@
 #             decode's reference check with each producer forced, tests/test_split_query.py and
 #             the GPU decode tests that vary q's layout or the producer, then memcheck and
 #             initcheck over sanitizer_cases.py (two of its cases pass q as tight halves)
+#   v43:      query rows on the wgmma N dimension for at most 32 rows per KV head
+#             (kernel_versions/mla_decode_v43_heads_on_n.cu; run on the CPU emulation only so far):
+#             reference checks with each producer (--max-rows 32), the row-limit GPU test, then
+#             the h_q = 16 rows (memory, varlen, 32k, MTP, b = 1) and b = 132 alternated three
+#             times against the shipped decode, ours only, then the same back to back at the
+#             power cap with clocks (clock_probe.py), TMA forced in both (~5 min on an H100)
 #   e2e_share: the same engines with 1-token prompts and 512 generated tokens (~4 min; needs the
 #             bundle): the decode step with almost no attention, i.e. the rest of the step that
 #             e2e1's step time minus it leaves to attention in the engine (NOTES, "Run 24")
@@ -545,6 +551,29 @@ for shape in ORDERING_SHAPES:
       -k "split_query or pair or noncontiguous or both_kv_producers or graph" > "$ROOT_OUT/v42/tests.log" 2>&1
     echo "GPU tests: $(tail -1 "$ROOT_OUT/v42/tests.log")"
     SANITIZER_TOOLS="memcheck initcheck" OUT=$ROOT_OUT/v42 bash benchmarks/run_sanitizers.sh ;;
+  v43)  # heads on N for <= 32 rows: checks, then bursts and the power cap against shipped (~5 min)
+    run v43
+    . benchmarks/versions.sh
+    for producer in tma cp_async; do
+      FLASHMLA_BACKEND_KV_PRODUCER=$producer with_version mla_decode_v43_heads_on_n timeout 120 \
+        python benchmarks/check_decode_version.py --max-rows 32 > "$ROOT_OUT/v43/v43_$producer.check" 2>&1
+      echo "== v43, $producer producer, correctness (rc $?): $(tail -1 "$ROOT_OUT/v43/v43_$producer.check")"
+    done
+    timeout 120 python -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py -k row_limit \
+      > "$ROOT_OUT/v43/v43_tma.tests" 2>&1
+    echo "row-limit test: $(tail -1 "$ROOT_OUT/v43/v43_tma.tests")"
+    if checked_ok v43 v43_tma && checked_ok v43 v43_cp_async; then
+      AB_CASES="memory:132,1,16,4096" alternated_ab v43 3 ", 16, " mla_decode_v43_heads_on_n
+      for round in 1 2; do  # back to back at the cap, TMA in both (the sustained regime's producer)
+        for version in shipped mla_decode_v43_heads_on_n; do
+          label=${version}_sustained$round
+          FLASHMLA_BACKEND_KV_PRODUCER=tma with_version "$version" timeout 150 python benchmarks/clock_probe.py \
+            --rows 128x1x16x4096 128x1x16x4096v 32x1x16x32768 128x2x16x8192 --seconds 3 \
+            --out "$ROOT_OUT/v43/$label" > "$ROOT_OUT/v43/$label.log" 2>&1
+          echo "$label: $(sed -n '/^## Sustained/,$p' "$ROOT_OUT/v43/$label.log" | grep '^| [0-9]' | cut -d'|' -f2,3 | tr '\n' ' ')"
+        done
+      done
+    fi ;;
   e2e_producer)
     e2e_variants e2e_producer rule tma:FLASHMLA_BACKEND_KV_PRODUCER=tma ;;
   e2e_split_query)

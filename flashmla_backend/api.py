@@ -263,6 +263,9 @@ def flash_mla_with_kvcache(
 
     kernels = _call_kernels(index, q.dtype)
     contract = kernels.contract
+    if contract.max_query_rows is not None and rows > contract.max_query_rows:
+        raise ValueError(f"q: {rows} query rows per KV head (s_q * h_q / h_k), but the decode version "
+                         f"{kernels.settings.decode_file} takes at most {contract.max_query_rows}")
     if q_rope is not None and not contract.takes_q_rope_pointer:
         q, q_rope = torch.cat((q, q_rope), dim=-1), None  # a decode version without the RoPE pointer
     q_strides = q.stride()

@@ -75,6 +75,7 @@ _BOX_TOKENS = re.compile(r"constexpr\s+int\s+TMA_BOX_TOKENS\s*=\s*(\d+)\s*;")
 _TAKES_KV_POINTER = re.compile(r"constexpr\s+bool\s+TAKES_KV_POINTER\s*=\s*true\s*;")
 _SELECTS_KV_PRODUCER = re.compile(r"constexpr\s+bool\s+SELECTS_KV_PRODUCER\s*=\s*true\s*;")
 _TAKES_Q_ROPE_POINTER = re.compile(r"constexpr\s+bool\s+TAKES_Q_ROPE_POINTER\s*=\s*true\s*;")
+_MAX_QUERY_ROWS = re.compile(r"constexpr\s+int\s+MAX_QUERY_ROWS\s*=\s*(\d+)\s*;")
 
 
 @dataclass(frozen=True)
@@ -88,12 +89,14 @@ class DecodeLaunchContract:
     (``SELECTS_KV_PRODUCER = true``; see ``kv_producer.py``). ``takes_q_rope_pointer``: it then
     takes the pointer to Q's 64 RoPE columns and their batch, token and head strides, so that q
     may come as a (latent, rope) pair of tensors (``TAKES_Q_ROPE_POINTER = true``). The shipped
-    decode declares all three."""
+    decode declares all three. ``max_query_rows``: the most query rows per KV head
+    (``s_q * h_q / h_k``) a version takes (``MAX_QUERY_ROWS``; None: any)."""
 
     tma_box_tokens: int
     takes_kv_pointer: bool
     selects_kv_producer: bool = False
     takes_q_rope_pointer: bool = False
+    max_query_rows: int | None = None
 
 
 @lru_cache(maxsize=None)
@@ -108,7 +111,9 @@ def decode_launch_contract(module: KernelModule) -> DecodeLaunchContract:
         raise ValueError(f"{module.source_file}: SELECTS_KV_PRODUCER needs TAKES_KV_POINTER")
     if takes_rope and not selects:
         raise ValueError(f"{module.source_file}: TAKES_Q_ROPE_POINTER needs SELECTS_KV_PRODUCER")
-    return DecodeLaunchContract(int(box.group(1)) if box else PAGE_SIZE, takes_pointer, selects, takes_rope)
+    max_rows = _MAX_QUERY_ROWS.search(source)
+    return DecodeLaunchContract(int(box.group(1)) if box else PAGE_SIZE, takes_pointer, selects, takes_rope,
+                                int(max_rows.group(1)) if max_rows else None)
 
 
 #: Parameters of ``mla_schedule``: seqlens, batch, parts, overhead, slack, whole_requests,

@@ -24,16 +24,10 @@
 // page's scores, which are done): warpgroup 0 never waits for warpgroup 1 to free a P tile
 // (+1-3% on the compute rows of both cards, NOTES.md "v16", "v21").
 #include "mla_decode_shared.cuh"
+#include "mla_kv_producers.cuh"
 #include "mla_softmax.cuh"
 
 constexpr int KV_STAGES = 2;
-// Knob (on), set together with the combine's SPLITS_BEFORE_WAIT: dependents (the combine) are
-// released by the producer after its first page, i.e. after this CTA's dependency wait, so that
-// the combine may read the scheduler's num_splits before its own wait (run 20, H100: b = 1 whole
-// call -1.2 us, b = 8 +0.3 us).
-#ifndef DEPENDENTS_AFTER_FIRST_ISSUE
-#define DEPENDENTS_AFTER_FIRST_ISSUE 1
-#endif
 
 // Knob (on; v40): with fewer than 64 valid rows (h_q = 16: 16 of 64), the warps of warpgroup 0
 // whose 16 rows are all padding skip masking, softmax and P packing (P = 0, alpha = 1). A
@@ -117,58 +111,6 @@ DEVICE void init_ring_barriers(const SharedTiles& sm, int load_by_cp_async) {
     for (int s = 0; s < KV_STAGES; ++s) mbarrier_init(sm.handoff_bar(HB_P_READY + s), WG_THREADS);
     mbarrier_init(sm.handoff_bar(HB_STATS), WG_THREADS);
     fence_barrier_init();
-}
-
-// Walks every page of every piece in ring order: waits until the page's stage is free, then
-// hands (stage, page id) to fill_stage, which must make the full barrier complete.
-template <typename FillStage>
-DEVICE void for_each_ring_page(const DecodeArgs& a, const SharedTiles& sm, FillStage fill_stage) {
-    int it = 0;
-    for (int req = a.work.begin_req; req <= a.work.end_req; ++req) {
-        const Piece piece = piece_of(a.work, req, a.seqlens, a.num_splits);
-        const int* pages = a.block_table + (size_t)req * a.bt_stride;
-        int page_id = piece.page_begin < piece.page_end ? pages[piece.page_begin] : 0;
-        for (int page = piece.page_begin; page < piece.page_end; ++page, ++it) {
-            // Issued before the wait, used after the next one: its latency hides behind them.
-            const int next_page_id = page + 1 < piece.page_end ? pages[page + 1] : 0;
-            const int stage = it % KV_STAGES;
-            mbarrier_wait(&sm.empty_bar()[stage], ((it / KV_STAGES) & 1) ^ 1);
-            fill_stage(stage, page_id);
-            // One thread's release counts for the CTA (the cp.async producer's 128 all release).
-            if (DEPENDENTS_AFTER_FIRST_ISSUE && it == 0) allow_dependent_launch();
-            page_id = next_page_id;
-        }
-    }
-}
-
-// TMA producer: one thread streams every page of every piece through the KV ring.
-DEVICE void run_tma_producer(const DecodeArgs& a, const SharedTiles& sm) {
-    // One query block streams each page once; several blocks re-read it from L2.
-    const uint64_t policy = a.kv_evict_first ? l2_policy_evict_first() : l2_policy_evict_last();
-    bool first = true;
-    for_each_ring_page(a, sm, [&](int stage, int page_id) {
-        mbarrier_arrive_expect_tx(&sm.full_bar()[stage], TILE_BYTES);
-#pragma unroll
-        for (int c = 0; c < QK_CHUNKS; ++c)
-            tma_load_4d(sm.kv(stage) + c * CHUNK_BYTES, a.kv_map, &sm.full_bar()[stage],
-                        c * CHUNK_COLS, a.kh, 0, page_id, policy);
-        if (TRACE_PHASES && first) trace_phase(EV_FIRST_KV_ISSUED);
-        first = false;
-    });
-}
-
-// cp.async producer: all 128 threads copy every page by cp.async, in the 128B-swizzled
-// chunks the wgmma descriptors expect. Each thread waits for its own copies and fences them to
-// the async proxy before it arrives, so the consumers' wgmma read the stage with no fence.
-DEVICE void run_cp_async_producer(const DecodeArgs& a, const SharedTiles& sm, const uint16_t* k_cache,
-                                  long long page_stride, long long token_stride, int tid) {
-    for_each_ring_page(a, sm, [&](int stage, int page_id) {
-        copy_page_cp_async(sm.kv(stage), k_cache + (size_t)page_id * page_stride + a.kh * HEAD_DIM_QK,
-                           token_stride, tid);
-        cp_async_wait_all();
-        fence_proxy_async_smem();
-        mbarrier_arrive(&sm.full_bar()[stage]);
-    });
 }
 
 // Both math warpgroups copy their share of the Q block (cp.async, all in flight, then waited
@@ -401,9 +343,9 @@ mla_decode(const __grid_constant__ TensorMap kv_map, const uint16_t* __restrict_
     if (wg == 2) {
         setmaxnreg_dec_40();
         if (load_by_cp_async)
-            run_cp_async_producer(a, sm, k_cache, kv_page_stride, kv_token_stride, tid - 2 * WG_THREADS);
+            run_cp_async_producer<KV_STAGES>(a, sm, k_cache, kv_page_stride, kv_token_stride, tid - 2 * WG_THREADS);
         else if (tid == 2 * WG_THREADS)
-            run_tma_producer(a, sm);
+            run_tma_producer<KV_STAGES>(a, sm);
     } else if (wg == 0) {
         setmaxnreg_inc_240();
         run_softmax_wg(a, sm, tid);

@@ -251,6 +251,19 @@ inline void wgmma_m64n256k16_rs_bt(float (&d)[128], uint32_t a0, uint32_t a1, ui
     ptx::mma_k16<128>(d, true, a, [&](int k, int n) { return b(n, k); });
 }
 
+// D[64 x N] (+)= A B with the query rows on N (benchmarks/kernel_versions' heads-on-N decodes):
+// B K-major; A K-major (TRANS_A = 0, S^T = K Q^T) or MN-major (TRANS_A = 1, O^T += V^T P^T).
+template <int TRANS_A>
+void wgmma_m64n16k16_ss(float (&d)[8], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    const ptx::Operand a(desc_a, TRANS_A != 0), b(desc_b, false);
+    ptx::mma_k16<8>(d, accumulate != 0, [&](int m, int k) { return a(m, k); }, [&](int k, int n) { return b(n, k); });
+}
+template <int TRANS_A>
+void wgmma_m64n32k16_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    const ptx::Operand a(desc_a, TRANS_A != 0), b(desc_b, false);
+    ptx::mma_k16<16>(d, accumulate != 0, [&](int m, int k) { return a(m, k); }, [&](int k, int n) { return b(n, k); });
+}
+
 // Four 8x8 16-bit matrices into smem: lane L gives the address of row L % 8 of matrix L / 8 and
 // holds, in register j, its two elements (row L / 4, columns 2 (L % 4), + 1) of matrix j.
 inline void stmatrix_x4(uint32_t row_addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {

@@ -101,12 +101,16 @@ def descriptor_helpers() -> str:
     return "\n\n".join(parts)
 
 
-def decode_program() -> str:
-    """The decode source for the host: its only inline PTX outside ptx_helpers.cuh is setmaxnreg
-    (a register budget, nothing to emulate)."""
-    source = host_kernel_source("mla_decode.cu")
+VERSIONS = KERNELS.parent / "benchmarks" / "kernel_versions"
+
+
+def decode_program(source_file: str = "mla_decode.cu") -> str:
+    """A decode source for the host (the shipped one, or a kernel_versions/ path): its only
+    inline PTX outside ptx_helpers.cuh is setmaxnreg (a register budget, nothing to emulate)."""
+    source = host_kernel_source(source_file)
     source, count = _ASM_STATEMENT.subn(";", source)
-    assert count == 3, f"expected the three setmaxnreg statements in mla_decode.cu, found {count}: update this test"
+    assert count >= 2 and "asm" not in re.sub(r"//.*", "", source), \
+        f"inline PTX in {source_file} beyond the setmaxnreg statements: emulate it in host_ptx.hpp"
     return f'#include "{HOST_PTX}"\n#include <vector>\n' + descriptor_helpers() + "\n" + source + HARNESS
 
 
@@ -117,7 +121,7 @@ def as_bits(t: torch.Tensor) -> np.ndarray:
 
 def decode_on_host(lengths: list[int], s_q: int, h_q: int, h_k: int, parts: int, producer: str, pair: bool,
                    seed: int, scores: str = "random", dtype: torch.dtype = torch.bfloat16,
-                   programmatic: bool = False) -> None:
+                   programmatic: bool = False, source_file: str = "mla_decode.cu") -> None:
     p = make_problem(lengths, s_q, h_q, h_k, dtype, device="cpu", causal=True, seed=seed)
     if scores != "random":  # a common direction in q and a weight along it in K, as the GPU tests
         p.q.mul_(0.5).add_(1.0)
@@ -142,7 +146,7 @@ def decode_on_host(lengths: list[int], s_q: int, h_q: int, h_k: int, parts: int,
             int(producer == "cp_async"), int(pair)]
     defines = ("-O2",) + (("-DMLA_FP16",) if dtype == torch.float16 else ()) + (
         ("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ())
-    result = run(build(decode_program(), defines), args, stdin)
+    result = run(build(decode_program(source_file), defines), args, stdin)
 
     splits = int(num_splits[-1])
     shapes = [((b, s_q, h_q, 512), np.uint16), ((b, h_q, s_q), np.float32), ((splits, h_k, rows, 512), np.float32),
@@ -214,3 +218,28 @@ def test_decode_on_the_host_programmatic_build() -> None:
 def test_decode_on_the_host_fp16(producer: str) -> None:
     """fp16 q and cache (MLA_FP16), one request per part (the host combine is built for bf16)."""
     decode_on_host([130, 0, 333], 2, 16, 1, 3, producer, pair=False, seed=3, dtype=torch.float16)
+
+
+V43 = str(VERSIONS / "mla_decode_v43_heads_on_n.cu")
+
+
+@pytest.mark.parametrize("producer", ["tma", "cp_async"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] * c[2] // c[3] <= 32],
+                         ids=lambda c: "len{}_sq{}_hq{}_hk{}_parts{}".format("-".join(map(str, c[0])), *c[1:]))
+def test_v43_heads_on_n_on_the_host(case: tuple, producer: str) -> None:
+    """benchmarks/kernel_versions' v43 (query rows on the wgmma N dimension, at most 32 rows per
+    KV head), before any GPU has run it."""
+    lengths, s_q, h_q, h_k, parts = case
+    decode_on_host(lengths, s_q, h_q, h_k, parts, producer, pair=False, seed=len(lengths) + h_q, source_file=V43)
+
+
+@pytest.mark.parametrize("scores", ["rising", "spike"])
+def test_v43_rescales_and_redoes_pages_on_the_host(scores: str) -> None:
+    lengths, s_q, h_q, h_k, parts = CASES[1]
+    decode_on_host(lengths, s_q, h_q, h_k, parts, "tma", pair=True, seed=13, scores=scores, source_file=V43)
+
+
+@pytest.mark.skipif(not compiler_has_float16(), reason="the host compiler has no _Float16 (GCC 12+ or Clang)")
+def test_v43_fp16_on_the_host() -> None:
+    decode_on_host([130, 0, 333], 2, 16, 1, 3, "tma", pair=False, seed=3, dtype=torch.float16,
+                   programmatic=True, source_file=V43)

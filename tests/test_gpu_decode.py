@@ -249,6 +249,20 @@ def test_returns_new_tensors_without_out() -> None:
     run_and_check(p, torch.bfloat16, poisoned_out=False)
 
 
+def test_decode_version_row_limit_is_enforced(monkeypatch: pytest.MonkeyPatch) -> None:
+    # v43 (benchmarks/kernel_versions) takes at most 32 query rows per KV head: 64 are refused
+    # before any launch, and 32 still run.
+    from pathlib import Path
+
+    version = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_versions" / "mla_decode_v43_heads_on_n.cu"
+    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(version))
+    p = make_problem([300, 70], 1, 64, causal=True, seed=3)
+    md, ns = get_mla_metadata(p.cache_seqlens, 64, 1)
+    with pytest.raises(ValueError, match="64 query rows per KV head.*at most 32"):
+        flash_mla_with_kvcache(p.q, p.k_cache, p.block_table, p.cache_seqlens, 512, md, ns, causal=True)
+    run_and_check(make_problem([300, 70], 2, 16, causal=True, seed=4), torch.bfloat16)
+
+
 def test_noncontiguous_q_view() -> None:
     # q sliced out of a wider buffer (as vLLM's q_nope/q_pe concat may produce).
     p = make_problem([700, 1300], 2, 16, seed=10)

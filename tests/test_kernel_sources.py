@@ -138,6 +138,18 @@ def test_launch_contract_of_pointer_and_producer_choice(monkeypatch: pytest.Monk
         decode_launch_contract(decode_module(torch.bfloat16))
 
 
+def test_launch_contract_limits_query_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A version built for few query rows per KV head (v43: rows on the wgmma N dimension)
+    # declares its limit; the shipped decode has none.
+    from flashmla_backend.kernel_sources import decode_launch_contract
+
+    monkeypatch.delenv("FLASHMLA_BACKEND_DECODE_FILE", raising=False)
+    assert decode_launch_contract(decode_module(torch.bfloat16)).max_query_rows is None
+    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(ARCHIVED / "mla_decode_v43_heads_on_n.cu"))
+    v43 = decode_launch_contract(decode_module(torch.bfloat16))
+    assert v43.max_query_rows == 32 and v43.takes_q_rope_pointer
+
+
 def test_every_module_is_built_with_flush_to_zero() -> None:
     """The softmax needs denormals flushed (kernel_sources.NVRTC_OPTIONS); CuPy's default is not
     relied on."""
