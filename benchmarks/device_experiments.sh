@@ -143,7 +143,8 @@
 #             initcheck over sanitizer_cases.py (two of its cases pass q as tight halves)
 #   v43:      query rows on the wgmma N dimension for at most 32 rows per KV head
 #             (kernel_versions/mla_decode_v43_heads_on_n.cu; run on the CPU emulation only so far):
-#             reference checks with each producer (--max-rows 32), the row-limit GPU test, then
+#             reference checks with each producer (--max-rows 32; if they fail, again with P^T by
+#             single stores instead of stmatrix.trans, P_BY_STMATRIX=0), the row-limit GPU test, then
 #             the h_q = 16 rows (memory, varlen, 32k, MTP, b = 1) and b = 132 alternated three
 #             times against the shipped decode, ours only, then the same back to back at the
 #             power cap with clocks (clock_probe.py), TMA forced in both (~5 min on an H100)
@@ -554,19 +555,26 @@ for shape in ORDERING_SHAPES:
   v43)  # heads on N for <= 32 rows: checks, then bursts and the power cap against shipped (~5 min)
     run v43
     . benchmarks/versions.sh
-    for producer in tma cp_async; do
-      FLASHMLA_BACKEND_KV_PRODUCER=$producer with_version mla_decode_v43_heads_on_n timeout 120 \
-        python benchmarks/check_decode_version.py --max-rows 32 > "$ROOT_OUT/v43/v43_$producer.check" 2>&1
-      echo "== v43, $producer producer, correctness (rc $?): $(tail -1 "$ROOT_OUT/v43/v43_$producer.check")"
+    v43=mla_decode_v43_heads_on_n
+    for variant in $v43 $v43+P_BY_STMATRIX=0; do  # the second only if the first is off
+      for producer in tma cp_async; do
+        label=${variant//[+=]/_}_$producer
+        FLASHMLA_BACKEND_KV_PRODUCER=$producer with_version $variant timeout 120 \
+          python benchmarks/check_decode_version.py --max-rows 32 > "$ROOT_OUT/v43/$label.check" 2>&1
+        echo "== $variant, $producer producer, correctness (rc $?): $(tail -1 "$ROOT_OUT/v43/$label.check")"
+      done
+      label=${variant//[+=]/_}
+      if checked_ok v43 ${label}_tma && checked_ok v43 ${label}_cp_async; then v43=$variant; break; fi
+      v43=""
     done
     timeout 120 python -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py -k row_limit \
-      > "$ROOT_OUT/v43/v43_tma.tests" 2>&1
-    echo "row-limit test: $(tail -1 "$ROOT_OUT/v43/v43_tma.tests")"
-    if checked_ok v43 v43_tma && checked_ok v43 v43_cp_async; then
-      AB_CASES="memory:132,1,16,4096" alternated_ab v43 3 ", 16, " mla_decode_v43_heads_on_n
+      > "$ROOT_OUT/v43/row_limit.log" 2>&1
+    echo "row-limit test: $(tail -1 "$ROOT_OUT/v43/row_limit.log")"
+    if [ -n "$v43" ]; then
+      AB_CASES="memory:132,1,16,4096" alternated_ab v43 3 ", 16, " $v43
       for round in 1 2; do  # back to back at the cap, TMA in both (the sustained regime's producer)
-        for version in shipped mla_decode_v43_heads_on_n; do
-          label=${version}_sustained$round
+        for version in shipped $v43; do
+          label=${version//[+=]/_}_sustained$round
           FLASHMLA_BACKEND_KV_PRODUCER=tma with_version "$version" timeout 150 python benchmarks/clock_probe.py \
             --rows 128x1x16x4096 128x1x16x4096v 32x1x16x32768 128x2x16x8192 --seconds 3 \
             --out "$ROOT_OUT/v43/$label" > "$ROOT_OUT/v43/$label.log" 2>&1

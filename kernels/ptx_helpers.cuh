@@ -281,6 +281,13 @@ DEVICE void stmatrix_x4(uint32_t row_addr, uint32_t r0, uint32_t r1, uint32_t r2
                  ::"r"(row_addr), "r"(r0), "r"(r1), "r"(r2), "r"(r3) : "memory");
 }
 
+// The same, each matrix stored transposed: lane L gives the address of row L % 8 of matrix L / 8
+// of the transpose (column L % 8 of what the registers hold), 16 contiguous bytes.
+DEVICE void stmatrix_x4_trans(uint32_t row_addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};"
+                 ::"r"(row_addr), "r"(r0), "r"(r1), "r"(r2), "r"(r3) : "memory");
+}
+
 // D[64x16] / D[64x32] (+)= A[64x16] * B[16xN] with the query rows on N, for few rows per KV
 // head (v5, rejected: `git show efdf8d6^:benchmarks/kernel_versions/mla_decode_v5_heads_on_n.cu`;
 // kept for the heads-on-N designs in NOTES.md). B is K-major; A is K-major

@@ -264,16 +264,36 @@ void wgmma_m64n32k16_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int ac
     ptx::mma_k16<16>(d, accumulate != 0, [&](int m, int k) { return a(m, k); }, [&](int k, int n) { return b(n, k); });
 }
 
-// Four 8x8 16-bit matrices into smem: lane L gives the address of row L % 8 of matrix L / 8 and
-// holds, in register j, its two elements (row L / 4, columns 2 (L % 4), + 1) of matrix j.
-inline void stmatrix_x4(uint32_t row_addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
-    const auto lo = simt::gather(uint64_t(r0) | (uint64_t(r1) << 32));
-    const auto hi = simt::gather(uint64_t(r2) | (uint64_t(r3) << 32));
-    const int lane = simt::current_thread % 32, matrix = lane / 8, row = lane % 8;
-    uint32_t words[4];
-    for (int t = 0; t < 4; ++t) {
-        const uint64_t pair = matrix < 2 ? lo[4 * row + t] : hi[4 * row + t];
-        words[t] = uint32_t(pair >> (32 * (matrix % 2)));
+namespace ptx {
+// The four 8x8 16-bit matrices a warp's stmatrix.x4 holds: element (row, col) of matrix j is
+// half col % 2 of register j of lane 4 row + col / 2.
+struct WarpMatrices {
+    std::vector<uint64_t> lo, hi;  // every lane's registers 0 | 1 << 32 and 2 | 3 << 32
+    WarpMatrices(uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3)
+        : lo(simt::gather(uint64_t(r0) | (uint64_t(r1) << 32))), hi(simt::gather(uint64_t(r2) | (uint64_t(r3) << 32))) {}
+    uint16_t operator()(int matrix, int row, int col) const {
+        const uint64_t pair = (matrix < 2 ? lo : hi)[4 * row + col / 2];
+        return uint16_t(pair >> (32 * (matrix % 2) + 16 * (col % 2)));
     }
-    std::memcpy(ptx::at(row_addr), words, 16);
+};
+}  // namespace ptx
+
+// Four 8x8 16-bit matrices into smem: lane L gives the address of row L % 8 of matrix L / 8 and
+// writes that row's 16 bytes.
+inline void stmatrix_x4(uint32_t row_addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+    const ptx::WarpMatrices m(r0, r1, r2, r3);
+    const int lane = simt::current_thread % 32;
+    uint16_t elements[8];
+    for (int col = 0; col < 8; ++col) elements[col] = m(lane / 8, lane % 8, col);
+    std::memcpy(ptx::at(row_addr), elements, 16);
+}
+
+// The same with each matrix stored transposed: lane L writes row L % 8 of the transpose of
+// matrix L / 8, i.e. that matrix's column L % 8.
+inline void stmatrix_x4_trans(uint32_t row_addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+    const ptx::WarpMatrices m(r0, r1, r2, r3);
+    const int lane = simt::current_thread % 32;
+    uint16_t elements[8];
+    for (int row = 0; row < 8; ++row) elements[row] = m(lane / 8, row, lane % 8);
+    std::memcpy(ptx::at(row_addr), elements, 16);
 }

@@ -121,7 +121,8 @@ def as_bits(t: torch.Tensor) -> np.ndarray:
 
 def decode_on_host(lengths: list[int], s_q: int, h_q: int, h_k: int, parts: int, producer: str, pair: bool,
                    seed: int, scores: str = "random", dtype: torch.dtype = torch.bfloat16,
-                   programmatic: bool = False, source_file: str = "mla_decode.cu") -> None:
+                   programmatic: bool = False, source_file: str = "mla_decode.cu",
+                   knobs: tuple[str, ...] = ()) -> None:
     p = make_problem(lengths, s_q, h_q, h_k, dtype, device="cpu", causal=True, seed=seed)
     if scores != "random":  # a common direction in q and a weight along it in K, as the GPU tests
         p.q.mul_(0.5).add_(1.0)
@@ -145,7 +146,7 @@ def decode_on_host(lengths: list[int], s_q: int, h_q: int, h_k: int, parts: int,
     args = [b, s_q, h_q, h_k, p.k_cache.shape[0], p.block_table.shape[1], parts, 1, repr(scale * 1.4426950408889634),
             int(producer == "cp_async"), int(pair)]
     defines = ("-O2",) + (("-DMLA_FP16",) if dtype == torch.float16 else ()) + (
-        ("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ())
+        ("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ()) + knobs
     result = run(build(decode_program(source_file), defines), args, stdin)
 
     splits = int(num_splits[-1])
@@ -237,6 +238,14 @@ def test_v43_heads_on_n_on_the_host(case: tuple, producer: str) -> None:
 def test_v43_rescales_and_redoes_pages_on_the_host(scores: str) -> None:
     lengths, s_q, h_q, h_k, parts = CASES[1]
     decode_on_host(lengths, s_q, h_q, h_k, parts, "tma", pair=True, seed=13, scores=scores, source_file=V43)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=["h16", "mtp"])
+def test_v43_p_by_single_stores_on_the_host(case: tuple) -> None:
+    """v43's fallback knob P_BY_STMATRIX=0 (P^T element by element instead of stmatrix.trans)."""
+    lengths, s_q, h_q, h_k, parts = case
+    decode_on_host(lengths, s_q, h_q, h_k, parts, "tma", pair=False, seed=17, source_file=V43,
+                   knobs=("-DP_BY_STMATRIX=0",))
 
 
 @pytest.mark.skipif(not compiler_has_float16(), reason="the host compiler has no _Float16 (GCC 12+ or Clang)")

@@ -13,7 +13,8 @@
 //   warpgroup 0 (math):     S^T, masking, the online softmax down the columns (a head's 64
 //                           scores of a page lie in 8 lanes of each of the 4 warps: shuffles,
 //                           then one named barrier for the cross-warp max), P^T into the page's
-//                           RoPE chunk, O^T for all 512 dims (8 wgmma tiles), the stores
+//                           RoPE chunk (stmatrix, transposed), O^T for all 512 dims (8 wgmma
+//                           tiles), the stores
 //   warpgroup 1:            idle (setmaxnreg gives its registers to warpgroup 0)
 //   warpgroup 2 (producer): the shipped producers (mla_kv_producers.cuh)
 // The softmax keeps a column's max until a page raises it by more than 8 (log2), so P stays
@@ -89,45 +90,58 @@ DEVICE void wgmma_rows_on_n(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
 DEVICE int column_slot(int i) { return 2 * (i >> 2) + (i & 1); }
 DEVICE int slot_column(int c, int lane) { return 8 * (c >> 1) + 2 * (lane % 4) + (c & 1); }
 
-// Max over the warpgroup of each of this thread's columns (lanes sharing lane % 4 share them):
-// shuffles within the warp, then the four warps' values through shared memory.
-template <int N>
-DEVICE void column_max(float (&v)[N / 4], float* slot, int warp, int lane) {
+// Max (MAX) or sum over the warpgroup of each of this thread's columns (lanes sharing lane % 4
+// share them): shuffles within the warp, then the four warps' values through shared memory,
+// laid out [column][warp] so that a thread reads a column's four in one 16-byte load.
+template <int N, bool MAX>
+DEVICE void reduce_columns(float (&v)[N / 4], float* slot, int warp, int lane) {
+    const auto op = [](float x, float y) { return MAX ? fmaxf(x, y) : x + y; };
 #pragma unroll
     for (int c = 0; c < N / 4; ++c) {
-        v[c] = fmaxf(v[c], __shfl_xor_sync(0xffffffffu, v[c], 4));
-        v[c] = fmaxf(v[c], __shfl_xor_sync(0xffffffffu, v[c], 8));
-        v[c] = fmaxf(v[c], __shfl_xor_sync(0xffffffffu, v[c], 16));
-        if (lane < 4) slot[warp * MAX_QUERY_ROWS + slot_column(c, lane)] = v[c];
+        v[c] = op(v[c], __shfl_xor_sync(0xffffffffu, v[c], 4));
+        v[c] = op(v[c], __shfl_xor_sync(0xffffffffu, v[c], 8));
+        v[c] = op(v[c], __shfl_xor_sync(0xffffffffu, v[c], 16));
+        if (lane < 4) slot[slot_column(c, lane) * 4 + warp] = v[c];
     }
     named_barrier_sync(BAR_MATH, MATH_THREADS);
 #pragma unroll
     for (int c = 0; c < N / 4; ++c) {
-        const int col = slot_column(c, lane);
-        v[c] = fmaxf(fmaxf(slot[col], slot[MAX_QUERY_ROWS + col]),
-                     fmaxf(slot[2 * MAX_QUERY_ROWS + col], slot[3 * MAX_QUERY_ROWS + col]));
+        const float4 w = *reinterpret_cast<const float4*>(slot + slot_column(c, lane) * 4);
+        v[c] = op(op(w.x, w.y), op(w.z, w.w));
     }
 }
+
+// P^T (query row n, token t) of a page: rows of 64 tokens (128 bytes), 16-byte groups swizzled
+// by the row. A warp's 16 tokens x N rows of P, in the scores' accumulator layout, go out by
+// stmatrix with transpose: 8x8 matrix (h, j) holds tokens 16 warp + 8 h + 0..7 of rows 8 j + 0..7
+// (registers p[4 j + 2 h], + 1); its transpose's row r is row 8 j + r's 8 tokens, 16 bytes. One
+// stmatrix.x4 stores matrices (0, 2q), (1, 2q), (0, 2q + 1), (1, 2q + 1).
+// Knob (on): P^T by stmatrix.trans; 0 stores each element by itself (16-bit st.shared), the
+// fallback if the transposed stmatrix's layout (emulated on the host as PTX documents it) is off.
+#ifndef P_BY_STMATRIX
+#define P_BY_STMATRIX 1
+#endif
 
 template <int N>
-DEVICE void column_sum(float (&v)[N / 4], float* slot, int warp, int lane) {
+DEVICE void store_p_transposed(uint8_t* tile, const float (&p)[N / 2], int warp, int lane) {
+    if (!P_BY_STMATRIX) {
 #pragma unroll
-    for (int c = 0; c < N / 4; ++c) {
-        v[c] += __shfl_xor_sync(0xffffffffu, v[c], 4);
-        v[c] += __shfl_xor_sync(0xffffffffu, v[c], 8);
-        v[c] += __shfl_xor_sync(0xffffffffu, v[c], 16);
-        if (lane < 4) slot[warp * MAX_QUERY_ROWS + slot_column(c, lane)] = v[c];
+        for (int i = 0; i < N / 2; ++i) {
+            const int n = frag_col(i, lane), t = frag_row(i, warp, lane);
+            *reinterpret_cast<uint16_t*>(tile + n * 128 + (((t >> 3) ^ (n & 7)) << 4) + (t & 7) * 2) = to_half_bits(p[i]);
+        }
+        return;
     }
-    named_barrier_sync(BAR_MATH, MATH_THREADS);
+    const uint32_t tile_addr = smem_addr(tile);
+    const int m = lane / 8, r = lane % 8, h = m & 1;
 #pragma unroll
-    for (int c = 0; c < N / 4; ++c) {
-        const int col = slot_column(c, lane);
-        v[c] = slot[col] + slot[MAX_QUERY_ROWS + col] + slot[2 * MAX_QUERY_ROWS + col] + slot[3 * MAX_QUERY_ROWS + col];
+    for (int q = 0; q < N / 16; ++q) {
+        const int n = 8 * (2 * q + (m >> 1)) + r;
+        const uint32_t addr = tile_addr + n * 128 + (((2 * warp + h) ^ r) << 4);
+        stmatrix_x4_trans(addr, pack_half2(p[8 * q], p[8 * q + 1]), pack_half2(p[8 * q + 2], p[8 * q + 3]),
+                          pack_half2(p[8 * q + 4], p[8 * q + 5]), pack_half2(p[8 * q + 6], p[8 * q + 7]));
     }
 }
-
-// P^T element (query row n, token t) of a page: rows of 64 tokens (128 bytes), 128B swizzle.
-DEVICE uint32_t p_offset(int n, int t) { return n * 128 + (((t >> 3) ^ (n & 7)) << 4) + (t & 7) * 2; }
 
 // One piece's output, normalised by the column sums: staged transposed in shared memory (the
 // Q block's space), then 16-byte stores of whole rows; the final output and LSE, or a split's
@@ -236,7 +250,7 @@ DEVICE void run_math_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
                 if (tok0 + frag_row(i, warp, lane) >= limit[column_slot(i)]) s[i] = NEG_INF;
                 page_max[column_slot(i)] = fmaxf(page_max[column_slot(i)], s[i]);
             }
-            column_max<N>(page_max, sm.reduce(it & 1), warp, lane);
+            reduce_columns<N, true>(page_max, sm.reduce(it & 1), warp, lane);
 
             float alpha[N / 4], m_use[N / 4];
             bool rescale = false;
@@ -259,14 +273,12 @@ DEVICE void run_math_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
             }
             // P^T into the page's RoPE chunk (its scores are done), and the V rows past the
             // sequence's end zeroed (P is 0 there, but the cache slots may hold NaN).
-            uint8_t* p_bytes = sm.p(stage);
 #pragma unroll
             for (int i = 0; i < N / 2; ++i) {
-                const float p = exp2f(s[i] * a.scale_log2 - m_use[column_slot(i)]);
-                col_sum[column_slot(i)] += p;
-                *reinterpret_cast<uint16_t*>(p_bytes + p_offset(frag_col(i, lane), frag_row(i, warp, lane))) =
-                    to_half_bits(p);
+                s[i] = exp2f(s[i] * a.scale_log2 - m_use[column_slot(i)]);
+                col_sum[column_slot(i)] += s[i];
             }
+            store_p_transposed<N>(sm.p(stage), s, warp, lane);
             if (tok0 + PAGE_SIZE > seqlen) zero_v_tail(kv_tile, seqlen - tok0, tid);
             fence_proxy_async_smem();
             named_barrier_sync(BAR_MATH, MATH_THREADS);  // P^T and the zeroes, before the wgmma reads them
@@ -285,7 +297,7 @@ DEVICE void run_math_wg(const DecodeArgs& a, const SharedTiles& sm, int tid) {
             mbarrier_arrive(&sm.empty_bar()[stage]);
         }
 
-        column_sum<N>(col_sum, sm.reduce(2), warp, lane);
+        reduce_columns<N, false>(col_sum, sm.reduce(2), warp, lane);
         float inv[N / 4], lse_of[N / 4];
 #pragma unroll
         for (int c = 0; c < N / 4; ++c) {
