@@ -82,9 +82,10 @@ def host_kernel_source(source_file: str) -> str:
 
 
 @lru_cache(maxsize=None)
-def build(program: str, defines: tuple[str, ...] = ()) -> Path:
-    """Compiles ``program`` (C++ after the emulation header) and returns the executable."""
-    text = f'#include "{EMULATION}"\n{program}'
+def build(program: str, defines: tuple[str, ...] = (), header: Path = EMULATION) -> Path:
+    """Compiles ``program`` (C++ after ``header``: the emulation, or ``host_ptx.hpp`` for kernels
+    with Hopper PTX) and returns the executable."""
+    text = f'#include "{header}"\n{program}'
     name = hashlib.sha1((text + " ".join(defines)).encode()).hexdigest()[:16]
     source, binary = _BUILD_DIR / f"{name}.cpp", _BUILD_DIR / name
     source.write_text(text)

@@ -11,9 +11,12 @@
 // Tensor maps: the harness encodes its own 4-D map into the 128 opaque bytes (HostTensorMap).
 #pragma once
 
+#include <array>
+#include <deque>
 #include <map>
 #include <memory>
 
+#define SIMT_DEFERRED_COPIES
 #include "host_simt.hpp"
 
 #define __grid_constant__
@@ -61,11 +64,7 @@ struct HostTensorMap {
 };
 constexpr uint64_t HOST_TENSOR_MAP_MAGIC = 0x7e45a9f1c0ffee11ull;
 
-inline void reset_cta(simt::Cta&) {
-    mbarriers.clear();
-    named_barriers.clear();
-}
-inline const bool installed = (simt::on_cta_start = reset_cta, true);
+
 
 // A wgmma shared-memory operand from its descriptor: element (mn, k) of a K-major operand
 // (rows of 64 K-elements per 128-byte row, 8-row atoms `stride` apart) or of an MN-major one
@@ -109,14 +108,79 @@ struct Operand {
 inline int acc_row(int i) { return (simt::current_thread % 128) / 32 * 16 + (simt::current_thread % 32) / 4 + 8 * ((i >> 1) & 1); }
 inline int acc_col(int i) { return 8 * (i >> 2) + 2 * (simt::current_thread % 4) + (i & 1); }
 
-// D (+)= A B for this thread's accumulators (N / 2 of them): A(row, k) and B(k, col) over one k16.
+// A wgmma is one operation of the warpgroup: it starts when the last of its 128 threads has
+// issued it (reading shared memory then) and completes, for all of them, when the first thread's
+// wgmma.wait retires it; shared memory it reads must not change in between (checked by computing
+// every thread's product again at completion). Each thread's accumulators take its product when
+// that thread's own wait retires the group.
+struct PendingMma {
+    float* d;
+    bool accumulate;
+    std::function<std::vector<float>()> compute;
+    std::vector<float> product;  // set when the warpgroup's last thread issued it
+    bool completed = false;
+};
+using MmaRef = std::shared_ptr<PendingMma>;
+struct ThreadMmas {
+    long long issued = 0;                  // wgmma instructions so far (the warpgroup's sequence)
+    std::vector<MmaRef> open;              // since the last commit
+    std::deque<std::vector<MmaRef>> committed;  // groups, oldest first
+};
+inline std::vector<ThreadMmas> mmas;                              // per thread of the CTA
+inline std::map<std::pair<int, long long>, std::vector<MmaRef>> warpgroup_mmas;  // (warpgroup, sequence)
+
+// A B for this thread's accumulators (REGS of them): A(row, k) and B(k, col) over one k16.
 template <int REGS, typename A, typename B>
-void mma_k16(float* d, bool accumulate, A a, B b) {
+std::vector<float> product_k16(const A& a, const B& b, int thread) {
+    std::vector<float> out(REGS);
+    const int saved = simt::current_thread;
+    simt::current_thread = thread;  // acc_row / acc_col of the issuing thread
     for (int i = 0; i < REGS; ++i) {
         float sum = 0.f;
         for (int k = 0; k < 16; ++k) sum += a(acc_row(i), k) * b(k, acc_col(i));
-        d[i] = (accumulate ? d[i] : 0.f) + sum;
+        out[i] = sum;
     }
+    simt::current_thread = saved;
+    return out;
+}
+
+template <int REGS, typename A, typename B>
+void mma_k16(float* d, bool accumulate, A a, B b) {
+    const int thread = simt::current_thread;
+    ThreadMmas& t = mmas[thread];
+    auto op = std::make_shared<PendingMma>(PendingMma{d, accumulate, [a, b, thread] { return product_k16<REGS>(a, b, thread); }});
+    t.open.push_back(op);
+    std::vector<MmaRef>& all = warpgroup_mmas[{thread / 128, t.issued++}];
+    all.push_back(op);
+    if (all.size() == 128)  // the last warp issued: the operation starts
+        for (const MmaRef& each : all) each->product = each->compute();
+}
+
+inline void retire_oldest_group() {
+    ThreadMmas& t = mmas[simt::current_thread];
+    const long long first_seq = t.issued - (long long)t.open.size() -
+                                [&] { long long n = 0; for (const auto& g : t.committed) n += (long long)g.size(); return n; }();
+    long long seq = first_seq;
+    for (const MmaRef& op : t.committed.front()) {
+        const std::pair<int, long long> key{simt::current_thread / 128, seq++};
+        while (op->product.empty()) {  // not started: another warp has not issued it yet
+            simt::yield();
+        }
+        auto found = warpgroup_mmas.find(key);
+        if (found != warpgroup_mmas.end()) {  // the first wait of the warpgroup: the operation completes
+            for (const MmaRef& each : found->second) {
+                const std::vector<float> again = each->compute();  // bit for bit: NaN from a masked key is no change
+                if (std::memcmp(again.data(), each->product.data(), again.size() * sizeof(float)) != 0) {
+                    std::fprintf(stderr, "ptx: shared memory under an in-flight wgmma (%zu accumulators a thread) "
+                                 "changed before the first wgmma.wait of its warpgroup\n", again.size());
+                    std::exit(6);
+                }
+            }
+            warpgroup_mmas.erase(found);
+        }
+        for (size_t i = 0; i < op->product.size(); ++i) op->d[i] = (op->accumulate ? op->d[i] : 0.f) + op->product[i];
+    }
+    t.committed.pop_front();
 }
 
 // The A rows of a register-sourced wgmma: the quad's four lanes hold rows row0 and row0 + 8 of
@@ -137,6 +201,72 @@ struct RegisterA {
     static float element(uint32_t packed, int j) { return Operand::half_bits_to_float(uint16_t(packed >> (16 * j))); }
     float operator()(int row, int k) const { return rows[(row % 16) >= 8][k]; }
 };
+
+// A TMA box on its way: its bytes (read at issue) land in shared memory, and complete their
+// transaction bytes on the mbarrier, when `rounds` reaches 0.
+struct PendingTma {
+    int rounds;
+    std::vector<std::pair<uint32_t, uint16_t>> elements;  // (shared address, value)
+    uint32_t bar;
+    long long bytes;
+};
+constexpr int TMA_LATENCY_ROUNDS = 3;
+inline std::vector<PendingTma> tmas;
+inline std::vector<std::vector<std::pair<uint32_t, std::array<unsigned char, 16>>>> copies;  // per thread: cp.async
+
+void land_tma(const PendingTma& t);
+
+inline bool advance_async() {
+    for (size_t i = 0; i < tmas.size();) {
+        if (--tmas[i].rounds > 0) { ++i; continue; }
+        const PendingTma done = std::move(tmas[i]);
+        tmas.erase(tmas.begin() + long(i));
+        land_tma(done);
+    }
+    return !tmas.empty();
+}
+
+inline void land_copies() {
+    for (const auto& [addr, bytes] : copies[simt::current_thread]) std::memcpy(at(addr), bytes.data(), 16);
+    copies[simt::current_thread].clear();
+}
+
+inline void reset_cta(simt::Cta& cta) {
+    mbarriers.clear();
+    named_barriers.clear();
+    tmas.clear();
+    mmas.assign(cta.threads, ThreadMmas{});
+    warpgroup_mmas.clear();
+    copies.assign(cta.threads, {});
+}
+
+inline void check_cta_end(simt::Cta& cta) {
+    for (int t = 0; t < cta.threads; ++t) {
+        if (!mmas[t].open.empty() || !mmas[t].committed.empty()) {
+            std::fprintf(stderr, "ptx: thread %d exited with a wgmma never waited for\n", t);
+            std::exit(6);
+        }
+        if (!copies[t].empty()) {
+            std::fprintf(stderr, "ptx: thread %d exited with a cp.async never waited for\n", t);
+            std::exit(6);
+        }
+    }
+    if (!tmas.empty()) {
+        std::fprintf(stderr, "ptx: the CTA exited with %zu TMA boxes in flight\n", tmas.size());
+        std::exit(6);
+    }
+}
+
+inline const bool installed = (simt::on_cta_start = reset_cta, simt::on_round = advance_async,
+                               simt::on_cta_end = check_cta_end, true);
+
+inline void land_tma(const PendingTma& t) {
+    for (const auto& [addr, value] : t.elements) std::memcpy(at(addr), &value, 2);
+    MBarrier& b = mbarrier_at(t.bar);
+    b.tx -= t.bytes;
+    ++simt::progress;
+    b.settle();
+}
 
 }  // namespace ptx
 
@@ -171,8 +301,18 @@ inline void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
 inline void mbarrier_wait(uint64_t* bar, uint32_t parity) {
     while ((ptx::mbarrier_at(smem_addr(bar)).completed & 1u) == parity) simt::yield();
 }
-inline void cp_async_wait_all() {}
-inline void cp_async_arrive(uint64_t* bar) { mbarrier_arrive(bar); }  // .noinc: one of the expected
+// cp.async: the 16 bytes are read at issue and land at the thread's wait_all (or arrive).
+inline void cp_async_16_or_zero(void* dst, const void* src, bool valid) {
+    std::array<unsigned char, 16> bytes{};
+    if (valid) std::memcpy(bytes.data(), src, 16);
+    ptx::copies[simt::current_thread].emplace_back(smem_addr(dst), bytes);
+}
+inline void cp_async_16(void* dst, const void* src) { cp_async_16_or_zero(dst, src, true); }
+inline void cp_async_wait_all() { ptx::land_copies(); }
+inline void cp_async_arrive(uint64_t* bar) {  // .noinc: one of the expected arrivals, after the copies
+    ptx::land_copies();
+    mbarrier_arrive(bar);
+}
 inline void fence_proxy_async_smem() {}
 inline void named_barrier_sync(uint32_t id, uint32_t threads) {
     auto& slot = ptx::named_barriers[id];
@@ -185,7 +325,8 @@ inline void named_barrier_arrive(uint32_t id, uint32_t threads) {
     slot->arrive();
 }
 
-// One 4-D box into 128B-swizzled shared memory; coordinates out of range read zeros.
+// One 4-D box into 128B-swizzled shared memory, landing TMA_LATENCY_ROUNDS scheduling rounds
+// later; coordinates out of range read zeros.
 inline void tma_load_4d(void* dst, const void* tensor_map, uint64_t* bar, int c0, int c1, int c2, int c3,
                         uint64_t) {
     ptx::HostTensorMap map;
@@ -196,6 +337,9 @@ inline void tma_load_4d(void* dst, const void* tensor_map, uint64_t* bar, int c0
     }
     const uint32_t dst_addr = smem_addr(dst);
     const long long coord[4] = {c0, c1, c2, c3};
+    ptx::PendingTma box{ptx::TMA_LATENCY_ROUNDS, {}, smem_addr(bar),
+                        (long long)(map.box[0] * map.box[1] * map.box[2] * map.box[3] * 2)};
+    ptx::mbarrier_at(box.bar);  // an uninitialised barrier fails now, not when the box lands
     uint32_t row = 0;
     for (uint64_t i3 = 0; i3 < map.box[3]; ++i3)
         for (uint64_t i2 = 0; i2 < map.box[2]; ++i2)
@@ -211,18 +355,29 @@ inline void tma_load_4d(void* dst, const void* tensor_map, uint64_t* bar, int c0
                                                 at[3] * map.strides[2];
                         std::memcpy(&value, reinterpret_cast<const unsigned char*>(map.base) + offset, 2);
                     }
-                    std::memcpy(ptx::at(ptx::swizzle_128b(dst_addr + row * 128 + uint32_t(i0) * 2)), &value, 2);
+                    box.elements.emplace_back(ptx::swizzle_128b(dst_addr + row * 128 + uint32_t(i0) * 2), value);
                 }
-    ptx::MBarrier& b = ptx::mbarrier_at(smem_addr(bar));
-    b.tx -= (long long)(map.box[0] * map.box[1] * map.box[2] * map.box[3] * 2);
-    ++simt::progress;
-    b.settle();
+    ptx::tmas.push_back(std::move(box));
 }
 
 inline void wgmma_fence() {}
-inline void wgmma_commit() {}
+inline void wgmma_commit() {
+    ptx::ThreadMmas& t = ptx::mmas[simt::current_thread];
+    t.committed.push_back(std::move(t.open));
+    t.open.clear();
+}
+// Retiring takes a few scheduling rounds, in which the other threads go on (a producer that
+// refills a stage too early lands its box under the wgmma, and the retirement sees it).
+constexpr int WGMMA_LATENCY_ROUNDS = 2;
 template <int N>
-void wgmma_wait() {}
+void wgmma_wait() {
+    if (ptx::mmas[simt::current_thread].committed.size() <= size_t(N)) return;
+    for (int round = 0; round < WGMMA_LATENCY_ROUNDS; ++round) {
+        ++simt::progress;  // waiting out a latency is not a deadlock
+        simt::yield();
+    }
+    while (ptx::mmas[simt::current_thread].committed.size() > size_t(N)) ptx::retire_oldest_group();
+}
 template <int N>
 void fence_accumulators(float (&)[N]) {}
 template <int N>
@@ -231,24 +386,24 @@ void fence_fragments(uint32_t (&)[N]) {}
 // D[64x64] (+)= A B, both K-major in smem: S = Q K^T.
 inline void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
     const ptx::Operand a(desc_a, false), b(desc_b, false);
-    ptx::mma_k16<32>(d, accumulate != 0, [&](int m, int k) { return a(m, k); }, [&](int k, int n) { return b(n, k); });
+    ptx::mma_k16<32>(d, accumulate != 0, [=](int m, int k) { return a(m, k); }, [=](int k, int n) { return b(n, k); });
 }
 inline void wgmma_m64n64k16_rs(float (&d)[32], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                uint64_t desc_b, int accumulate) {
     const ptx::RegisterA a(a0, a1, a2, a3);
     const ptx::Operand b(desc_b, false);
-    ptx::mma_k16<32>(d, accumulate != 0, a, [&](int k, int n) { return b(n, k); });
+    ptx::mma_k16<32>(d, accumulate != 0, a, [=](int k, int n) { return b(n, k); });
 }
 // D[64x256] += A B, A K-major in smem (P), B MN-major (V): O += P V.
 inline void wgmma_m64n256k16_ss_bt(float (&d)[128], uint64_t desc_a, uint64_t desc_b) {
     const ptx::Operand a(desc_a, false), b(desc_b, true);
-    ptx::mma_k16<128>(d, true, [&](int m, int k) { return a(m, k); }, [&](int k, int n) { return b(n, k); });
+    ptx::mma_k16<128>(d, true, [=](int m, int k) { return a(m, k); }, [=](int k, int n) { return b(n, k); });
 }
 inline void wgmma_m64n256k16_rs_bt(float (&d)[128], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                    uint64_t desc_b) {
     const ptx::RegisterA a(a0, a1, a2, a3);
     const ptx::Operand b(desc_b, true);
-    ptx::mma_k16<128>(d, true, a, [&](int k, int n) { return b(n, k); });
+    ptx::mma_k16<128>(d, true, a, [=](int k, int n) { return b(n, k); });
 }
 
 // D[64 x N] (+)= A B with the query rows on N (benchmarks/kernel_versions' heads-on-N decodes):
@@ -256,12 +411,12 @@ inline void wgmma_m64n256k16_rs_bt(float (&d)[128], uint32_t a0, uint32_t a1, ui
 template <int TRANS_A>
 void wgmma_m64n16k16_ss(float (&d)[8], uint64_t desc_a, uint64_t desc_b, int accumulate) {
     const ptx::Operand a(desc_a, TRANS_A != 0), b(desc_b, false);
-    ptx::mma_k16<8>(d, accumulate != 0, [&](int m, int k) { return a(m, k); }, [&](int k, int n) { return b(n, k); });
+    ptx::mma_k16<8>(d, accumulate != 0, [=](int m, int k) { return a(m, k); }, [=](int k, int n) { return b(n, k); });
 }
 template <int TRANS_A>
 void wgmma_m64n32k16_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int accumulate) {
     const ptx::Operand a(desc_a, TRANS_A != 0), b(desc_b, false);
-    ptx::mma_k16<16>(d, accumulate != 0, [&](int m, int k) { return a(m, k); }, [&](int k, int n) { return b(n, k); });
+    ptx::mma_k16<16>(d, accumulate != 0, [=](int m, int k) { return a(m, k); }, [=](int k, int n) { return b(n, k); });
 }
 
 namespace ptx {

@@ -96,6 +96,10 @@ inline std::vector<ucontext_t> fiber_contexts;
 inline std::vector<char> fiber_done;
 inline const std::function<void()>* current_kernel = nullptr;
 inline std::function<void(Cta&)> on_cta_start;  // run before each CTA's threads (host_ptx.hpp's reset)
+// Run after every scheduling round (host_ptx.hpp lands its delayed copies there); returns whether
+// anything is still in flight, which counts as progress.
+inline std::function<bool()> on_round;
+inline std::function<void(Cta&)> on_cta_end;  // after the CTA's threads returned (host_ptx.hpp's checks)
 
 inline void yield() { swapcontext(&fiber_contexts[current_thread], &scheduler_context); }
 
@@ -153,12 +157,14 @@ inline void launch(dim3 grid, dim3 block, size_t dynamic_smem, const std::functi
                         swapcontext(&scheduler_context, &fiber_contexts[t]);
                         live += !fiber_done[t];
                     }
-                    if (live > 0 && progress == before) {
+                    const bool in_flight = on_round && on_round();
+                    if (live > 0 && progress == before && !in_flight) {
                         std::fprintf(stderr, "simt: deadlock in CTA (%u, %u, %u): %d threads wait at barriers "
                                      "the others never reach\n", x, y, z, live);
                         std::exit(4);
                     }
                 }
+                if (on_cta_end) on_cta_end(cta);
             }
 }
 
@@ -249,11 +255,13 @@ inline float __logf(float x) { return std::log(x); }
 // The PTX helpers the host-tested kernel code uses (kernels/ptx_helpers.cuh), for the host.
 inline void allow_dependent_launch() {}
 inline void grid_dependency_wait() {}  // CTAs run after the kernel before them
-// cp.async completes at once on the host (the waits and fences that follow have nothing to do).
+#ifndef SIMT_DEFERRED_COPIES  // host_ptx.hpp defers them to the waits instead
+// cp.async completes at once here (the waits and fences that follow have nothing to do).
 inline void cp_async_16(void* dst, const void* src) { std::memcpy(dst, src, 16); }
 inline void cp_async_16_or_zero(void* dst, const void* src, bool valid) {
     if (valid) std::memcpy(dst, src, 16); else std::memset(dst, 0, 16);
 }
+#endif
 
 // Round to nearest even, as cvt.rn does; NaN stays NaN.
 inline uint16_t to_half_bits(float x) {

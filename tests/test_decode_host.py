@@ -111,7 +111,7 @@ def decode_program(source_file: str = "mla_decode.cu") -> str:
     source, count = _ASM_STATEMENT.subn(";", source)
     assert count >= 2 and "asm" not in re.sub(r"//.*", "", source), \
         f"inline PTX in {source_file} beyond the setmaxnreg statements: emulate it in host_ptx.hpp"
-    return f'#include "{HOST_PTX}"\n#include <vector>\n' + descriptor_helpers() + "\n" + source + HARNESS
+    return "#include <vector>\n" + descriptor_helpers() + "\n" + source + HARNESS
 
 
 def as_bits(t: torch.Tensor) -> np.ndarray:
@@ -147,7 +147,7 @@ def decode_on_host(lengths: list[int], s_q: int, h_q: int, h_k: int, parts: int,
             int(producer == "cp_async"), int(pair)]
     defines = ("-O2",) + (("-DMLA_FP16",) if dtype == torch.float16 else ()) + (
         ("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ()) + knobs
-    result = run(build(decode_program(source_file), defines), args, stdin)
+    result = run(build(decode_program(source_file), defines, HOST_PTX), args, stdin)
 
     splits = int(num_splits[-1])
     shapes = [((b, s_q, h_q, 512), np.uint16), ((b, h_q, s_q), np.float32), ((splits, h_k, rows, 512), np.float32),
