@@ -1,9 +1,13 @@
 // The decode's Hopper PTX (kernels/ptx_helpers.cuh: mbarriers, TMA, cp.async, wgmma, stmatrix,
 // named barriers) emulated on host_simt.hpp, so that the shipped decode runs on a machine without
-// a GPU (tests/test_decode_host.py). Functional, not timed: every asynchronous operation
-// completes when it is issued (a TMA load, a cp.async, a wgmma), so a missing wait or fence is
-// not caught here; wrong addresses, layouts, descriptors, masks, hand-offs that never complete
-// (a deadlock) and wrong arithmetic are.
+// a GPU (tests/test_decode_host.py). Functional, not timed, but the asynchronous operations
+// complete late, as on the GPU, so that a missing wait shows: a TMA box lands (and completes its
+// bytes on the mbarrier) a few scheduling rounds after its issue; a thread's cp.async lands at
+// its cp.async.wait_all or mbarrier arrive; a wgmma is one operation of its warpgroup, started
+// when its last thread issues it and completed at the first wait that retires it, where the
+// shared memory it read must be unchanged (exit 6 otherwise). Wrong addresses, layouts,
+// descriptors, masks, hand-offs that never complete (a deadlock) and wrong arithmetic show too;
+// a missing proxy fence does not.
 //
 // Shared memory: the CTA's dynamic shared memory is a 1024-aligned host buffer and a "shared
 // address" is the offset into it. The 128B swizzle is a function of that address (16-byte
@@ -63,8 +67,6 @@ struct HostTensorMap {
     uint64_t magic;
 };
 constexpr uint64_t HOST_TENSOR_MAP_MAGIC = 0x7e45a9f1c0ffee11ull;
-
-
 
 // A wgmma shared-memory operand from its descriptor: element (mn, k) of a K-major operand
 // (rows of 64 K-elements per 128-byte row, 8-row atoms `stride` apart) or of an MN-major one

@@ -7,9 +7,10 @@ Small problems, in the GPU tests' style: poisoned outputs, NaN in unused cache s
 each sequence's end, shuffled block tables with garbage ids past each end, empty sequences,
 causal s_q > 1 with rows that see no key, two KV heads, 128 heads (two query blocks), split and
 unsplit requests, both KV producers (TMA and cp.async) and q as one tensor or as a (latent,
-rope) pair of separate buffers. The emulation completes every asynchronous operation when it is
-issued, so it checks addresses, layouts, descriptors, masking, the softmax, the hand-offs and
-the stores, not timing or missing fences; the GPU tests (``test_gpu_decode.py``) do the rest."""
+rope) pair of separate buffers. The emulation's asynchronous operations complete late, as on the
+GPU (``host_ptx.hpp``), so besides addresses, layouts, descriptors, masking, the softmax and the
+stores it checks the waits and hand-offs; not timing or missing proxy fences, which the GPU
+tests (``test_gpu_decode.py``) and the sanitizers cover."""
 
 from __future__ import annotations
 
