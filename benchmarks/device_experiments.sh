@@ -144,7 +144,8 @@
 #   v43:      query rows on the wgmma N dimension for at most 32 rows per KV head
 #             (kernel_versions/mla_decode_v43_heads_on_n.cu; run on the CPU emulation only so far):
 #             reference checks with each producer (--max-rows 32; if they fail, again with P^T by
-#             single stores instead of stmatrix.trans, P_BY_STMATRIX=0), the row-limit GPU test, then
+#             single stores instead of stmatrix.trans, P_BY_STMATRIX=0), the row-limit and
+#             FLASHMLA_BACKEND_FEW_ROWS_DECODE_FILE routing GPU tests, then
 #             the h_q = 16 rows (memory, varlen, 32k, MTP, b = 1) and b = 132 alternated three
 #             times against the shipped decode, ours only, then the same back to back at the
 #             power cap with clocks (clock_probe.py), TMA forced in both (~5 min on an H100)
@@ -567,9 +568,9 @@ for shape in ORDERING_SHAPES:
       if checked_ok v43 ${label}_tma && checked_ok v43 ${label}_cp_async; then v43=$variant; break; fi
       v43=""
     done
-    timeout 120 python -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py -k row_limit \
-      > "$ROOT_OUT/v43/row_limit.log" 2>&1
-    echo "row-limit test: $(tail -1 "$ROOT_OUT/v43/row_limit.log")"
+    timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py -k "row_limit or few_rows" \
+      > "$ROOT_OUT/v43/routing.log" 2>&1
+    echo "row-limit and few-rows routing tests: $(tail -1 "$ROOT_OUT/v43/routing.log")"
     if [ -n "$v43" ]; then
       AB_CASES="memory:132,1,16,4096" alternated_ab v43 3 ", 16, " $v43
       for round in 1 2; do  # back to back at the cap, TMA in both (the sustained regime's producer)

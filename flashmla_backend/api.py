@@ -25,10 +25,12 @@ from .kernel_sources import (
     SCHEDULE_MODULE,
     SCHEDULE_SIGNATURE,
     DecodeLaunchContract,
+    KernelModule,
     combine_module,
     decode_launch_contract,
     decode_module,
     decode_signature,
+    few_rows_decode_module,
 )
 from .kv_producer import load_by_cp_async
 from .reference import mla_decode_reference
@@ -43,15 +45,36 @@ _LOG2E = 1.4426950408889634
 
 
 @dataclass(frozen=True)
+class _Decode:
+    """A loaded decode version: its ``CUfunction``, launch contract and parameter signature."""
+
+    function: int
+    contract: DecodeLaunchContract
+    signature: KernelSignature
+
+
+@dataclass(frozen=True)
 class _CallKernels:
-    """The loaded decode and combine of one (GPU, dtype) under one set of settings."""
+    """The loaded decode(s) and combine of one (GPU, dtype) under one set of settings."""
 
     settings: Settings
-    decode: int  # CUfunction handles
-    contract: DecodeLaunchContract
-    decode_signature: KernelSignature
-    combine: int
+    decode: _Decode
+    few_rows: _Decode | None  # FLASHMLA_BACKEND_FEW_ROWS_DECODE_FILE's version, for its shapes
+    combine: int  # CUfunction handle
     combine_resident_ctas: int  # combine CTAs the whole GPU holds at once
+
+    def decode_for(self, rows: int) -> _Decode:
+        """The decode for ``rows`` query rows per KV head: the few-rows version where it takes
+        them, else the main one."""
+        few = self.few_rows
+        if few is not None and few.contract.max_query_rows is not None and rows <= few.contract.max_query_rows:
+            return few
+        return self.decode
+
+
+def _load_decode(module: KernelModule, index: int) -> _Decode:
+    contract = decode_launch_contract(module)
+    return _Decode(get_kernel(module, "mla_decode", index), contract, decode_signature(contract))
 
 
 _call_kernels_cache: dict[tuple[int, torch.dtype], _CallKernels] = {}
@@ -64,12 +87,15 @@ def _call_kernels(index: int, dtype: torch.dtype) -> _CallKernels:
     if cached is not None and cached.settings is current:
         return cached
     programmatic = current.programmatic_launch
-    module = decode_module(dtype, programmatic)
-    contract = decode_launch_contract(module)
+    few_rows_module = few_rows_decode_module(dtype, programmatic)
+    few_rows = _load_decode(few_rows_module, index) if few_rows_module is not None else None
+    if few_rows is not None and few_rows.contract.max_query_rows is None:
+        raise ValueError(f"FLASHMLA_BACKEND_FEW_ROWS_DECODE_FILE: {current.few_rows_decode_file} declares no "
+                         f"MAX_QUERY_ROWS (the query rows per KV head it takes)")
     combine = combine_module(dtype, programmatic)
     combine_kernel = get_kernel(combine, "mla_combine", index)
     resident = resident_ctas_per_sm(combine_kernel, COMBINE_WARPS * 32, index) * sm_count(index)
-    cached = _CallKernels(current, get_kernel(module, "mla_decode", index), contract, decode_signature(contract),
+    cached = _CallKernels(current, _load_decode(decode_module(dtype, programmatic), index), few_rows,
                           combine_kernel, max(1, resident))
     _call_kernels_cache[(index, dtype)] = cached
     return cached
@@ -262,7 +288,8 @@ def flash_mla_with_kvcache(
     lse = torch.empty((shape.batch, shape.h_q, shape.s_q), dtype=torch.float32, device=q.device)
 
     kernels = _call_kernels(index, q.dtype)
-    contract = kernels.contract
+    decode = kernels.decode_for(rows)
+    contract = decode.contract
     if contract.max_query_rows is not None and rows > contract.max_query_rows:
         raise ValueError(f"q: {rows} query rows per KV head (s_q * h_q / h_k), but the decode version "
                          f"{kernels.settings.decode_file} takes at most {contract.max_query_rows}")
@@ -284,7 +311,7 @@ def flash_mla_with_kvcache(
         else:
             rope_strides = q_rope.stride()
             args += (q_rope.data_ptr(), rope_strides[0], rope_strides[1], rope_strides[2])
-    launch_kernel(kernels.decode, kernels.decode_signature, (m_blocks, shape.h_k, parts), DECODE_THREADS, args,
+    launch_kernel(decode.function, decode.signature, (m_blocks, shape.h_k, parts), DECODE_THREADS, args,
                   index, shared_mem=DECODE_SMEM_BYTES, programmatic=kernels.settings.programmatic_launch)
     warps_per_row = _combine_warps_per_row(shape.batch, parts)
     rows_per_cta = COMBINE_WARPS // warps_per_row

@@ -16,7 +16,7 @@ import torch
 
 from ._constants import DECODE_SMEM_BYTES, PAGE_SIZE
 from .launch import KernelSignature
-from .settings import settings
+from .settings import Settings, settings
 
 #: NVRTC options for every module. sm_90a unlocks wgmma, TMA and setmaxnreg. Flush-to-zero is
 #: part of the decode's contract, not only CuPy's default (CuPy appends it too): the softmax's
@@ -69,6 +69,17 @@ def decode_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModul
     s = settings()
     extra = decode_launch_defines() + s.decode_defines + (("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ())
     return KernelModule(s.decode_file, ("mla_decode",), dtype, extra)
+
+
+def few_rows_decode_module(dtype: torch.dtype, programmatic: bool = False) -> KernelModule | None:
+    """The decode for calls with few query rows per KV head (``FLASHMLA_BACKEND_FEW_ROWS_DECODE_FILE``,
+    a version declaring ``MAX_QUERY_ROWS``), or None: unset, or while ``FLASHMLA_BACKEND_DECODE_FILE``
+    swaps the main decode (an A/B of versions runs one decode for every shape)."""
+    s = settings()
+    if not s.few_rows_decode_file or s.decode_file != Settings.decode_file:
+        return None
+    extra = decode_launch_defines() + (("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ())
+    return KernelModule(s.few_rows_decode_file, ("mla_decode",), dtype, extra)
 
 
 _BOX_TOKENS = re.compile(r"constexpr\s+int\s+TMA_BOX_TOKENS\s*=\s*(\d+)\s*;")
@@ -156,6 +167,8 @@ def all_modules() -> list[KernelModule]:
     for dtype in SUPPORTED_DTYPES:
         for programmatic in (False, True):
             mods += [decode_module(dtype, programmatic), combine_module(dtype, programmatic)]
+            few_rows = few_rows_decode_module(dtype, programmatic)
+            mods += [few_rows] if few_rows is not None else []
     return mods
 
 

@@ -38,7 +38,10 @@ class Settings:
     or 0; ``schedule.whole_requests``); ``check_contents``: the content checks
     of GPU tensors (``_CHECK_CONTENTS=0`` turns them off); ``split_query``: the vLLM backend
     hands the decode vLLM's latent and RoPE query halves as they are (``_SPLIT_QUERY``: 1, the
-    default, or 0 to concatenate them first, as vLLM's FlashMLA backend does)."""
+    default, or 0 to concatenate them first, as vLLM's FlashMLA backend does);
+    ``few_rows_decode_file``: a decode version (a path) used instead of the main one for calls
+    with at most its ``MAX_QUERY_ROWS`` query rows per KV head, while ``decode_file`` is the
+    shipped one (``_FEW_ROWS_DECODE_FILE``; empty, the default: one decode for every shape)."""
 
     decode_file: str = "mla_decode.cu"
     decode_defines: tuple[str, ...] = ()
@@ -55,6 +58,7 @@ class Settings:
     whole_requests: bool = True
     check_contents: bool = True
     split_query: bool = True
+    few_rows_decode_file: str = ""
 
 
 def _defines(variable: str) -> tuple[str, ...]:
@@ -101,6 +105,7 @@ def read_settings() -> Settings:
         whole_requests=_int("FLASHMLA_BACKEND_WHOLE_REQUESTS", 1, 0, 1) == 1,
         check_contents=os.environ.get("FLASHMLA_BACKEND_CHECK_CONTENTS", "1") != "0",
         split_query=_int("FLASHMLA_BACKEND_SPLIT_QUERY", 1, 0, 1) == 1,
+        few_rows_decode_file=os.environ.get("FLASHMLA_BACKEND_FEW_ROWS_DECODE_FILE", ""),
     )
 
 

@@ -263,6 +263,19 @@ def test_decode_version_row_limit_is_enforced(monkeypatch: pytest.MonkeyPatch) -
     run_and_check(make_problem([300, 70], 2, 16, causal=True, seed=4), torch.bfloat16)
 
 
+@pytest.mark.parametrize("h_q,s_q", [(16, 1), (16, 2), (3, 4), (64, 1), (128, 2)])
+def test_few_rows_decode_beside_the_main_one(h_q: int, s_q: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # FLASHMLA_BACKEND_FEW_ROWS_DECODE_FILE (v43 here): calls with at most 32 rows per KV head go
+    # to it, the others to the shipped decode; both must match the reference.
+    from pathlib import Path
+
+    version = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_versions" / "mla_decode_v43_heads_on_n.cu"
+    monkeypatch.setenv("FLASHMLA_BACKEND_FEW_ROWS_DECODE_FILE", str(version))
+    gen = torch.Generator().manual_seed(h_q * 5 + s_q)
+    p = make_problem(draw_lengths(6, 900, True, gen), s_q, h_q, causal=True, seed=h_q + s_q)
+    run_and_check(p, torch.bfloat16)
+
+
 def test_noncontiguous_q_view() -> None:
     # q sliced out of a wider buffer (as vLLM's q_nope/q_pe concat may produce).
     p = make_problem([700, 1300], 2, 16, seed=10)

@@ -150,6 +150,40 @@ def test_launch_contract_limits_query_rows(monkeypatch: pytest.MonkeyPatch) -> N
     assert v43.max_query_rows == 32 and v43.takes_q_rope_pointer
 
 
+def test_few_rows_decode_is_built_only_beside_the_shipped_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    # FLASHMLA_BACKEND_FEW_ROWS_DECODE_FILE adds a second decode for few query rows per KV head
+    # (precompile builds it); while DECODE_FILE swaps the main decode for an A/B it is left out.
+    from flashmla_backend.kernel_sources import all_modules, few_rows_decode_module
+
+    v43 = str(ARCHIVED / "mla_decode_v43_heads_on_n.cu")
+    monkeypatch.delenv("FLASHMLA_BACKEND_DECODE_FILE", raising=False)
+    monkeypatch.delenv("FLASHMLA_BACKEND_FEW_ROWS_DECODE_FILE", raising=False)
+    assert few_rows_decode_module(torch.bfloat16) is None
+    assert not any(m.source_file == v43 for m in all_modules())
+    monkeypatch.setenv("FLASHMLA_BACKEND_FEW_ROWS_DECODE_FILE", v43)
+    module = few_rows_decode_module(torch.bfloat16, programmatic=True)
+    assert module is not None and module.source_file == v43 and "-DMLA_PROGRAMMATIC_LAUNCH" in module.defines
+    assert sum(m.source_file == v43 for m in all_modules()) == 4  # two dtypes, launched both ways
+    monkeypatch.setenv("FLASHMLA_BACKEND_DECODE_FILE", str(ARCHIVED / "mla_decode_v31a_consumer_refills.cu"))
+    assert few_rows_decode_module(torch.bfloat16) is None
+
+
+def test_decode_is_chosen_by_query_rows() -> None:
+    from flashmla_backend.api import _CallKernels, _Decode
+    from flashmla_backend.kernel_sources import DecodeLaunchContract, decode_signature
+    from flashmla_backend.settings import Settings
+
+    def loaded(max_rows: int | None) -> _Decode:
+        contract = DecodeLaunchContract(64, True, True, True, max_rows)
+        return _Decode(id(contract), contract, decode_signature(contract))
+
+    main, few = loaded(None), loaded(32)
+    both = _CallKernels(Settings(), main, few, 0, 1)
+    assert both.decode_for(16) is few and both.decode_for(32) is few
+    assert both.decode_for(33) is main and both.decode_for(128) is main
+    assert _CallKernels(Settings(), main, None, 0, 1).decode_for(16) is main
+
+
 def test_every_module_is_built_with_flush_to_zero() -> None:
     """The softmax needs denormals flushed (kernel_sources.NVRTC_OPTIONS); CuPy's default is not
     relied on."""

@@ -11,7 +11,8 @@ from flashmla_backend import settings as S
 def test_defaults_when_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("DECODE_FILE", "DECODE_DEFINES", "COMBINE_FILE", "COMBINE_DEFINES", "KV_PRODUCER", "PDL",
                  "MAX_SM_PARTS", "SPLIT_OVERHEAD", "NO_SPLIT_SLACK", "TMA_L2_PROMOTION", "SMALL_SCHEDULE",
-                 "COMBINE_REQUESTS_PER_CTA", "WHOLE_REQUESTS", "CHECK_CONTENTS"):
+                 "COMBINE_REQUESTS_PER_CTA", "WHOLE_REQUESTS", "CHECK_CONTENTS", "SPLIT_QUERY",
+                 "FEW_ROWS_DECODE_FILE"):
         monkeypatch.delenv(f"FLASHMLA_BACKEND_{name}", raising=False)
     assert S.settings() == S.Settings()
 
@@ -33,7 +34,9 @@ def test_values_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLASHMLA_BACKEND_SMALL_SCHEDULE", "0")
     monkeypatch.setenv("FLASHMLA_BACKEND_COMBINE_REQUESTS_PER_CTA", "4")
     monkeypatch.setenv("FLASHMLA_BACKEND_WHOLE_REQUESTS", "0")
+    monkeypatch.setenv("FLASHMLA_BACKEND_FEW_ROWS_DECODE_FILE", "/tmp/few.cu")
     s = S.settings()
+    assert s.few_rows_decode_file == "/tmp/few.cu" and S.Settings().few_rows_decode_file == ""
     assert s.decode_defines == ("-DA=1", "-DB") and s.combine_file == "/tmp/x.cu"
     assert not s.programmatic_launch and s.max_sm_parts == 64 and s.split_overhead_pages == 3
     assert not s.check_contents and not s.small_schedule and s.combine_requests_per_cta == 4
