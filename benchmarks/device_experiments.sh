@@ -145,10 +145,11 @@
 #             (kernel_versions/mla_decode_v43_heads_on_n.cu; run on the CPU emulation only so far):
 #             reference checks with each producer (--max-rows 32; if they fail, again with P^T by
 #             single stores instead of stmatrix.trans, P_BY_STMATRIX=0), the row-limit and
-#             FLASHMLA_BACKEND_FEW_ROWS_DECODE_FILE routing GPU tests, then
-#             the h_q = 16 rows (memory, varlen, 32k, MTP, b = 1) and b = 132 alternated three
-#             times against the shipped decode, ours only, then the same back to back at the
-#             power cap with clocks (clock_probe.py), TMA forced in both (~5 min on an H100)
+#             FLASHMLA_BACKEND_FEW_ROWS_DECODE_FILE routing GPU tests, then the h_q = 16 rows
+#             (memory, varlen, 32k, MTP, b = 1) and b = 132 alternated twice against the shipped
+#             decode, v43 as is and with WGMMA_DESC_BY_OFFSET=1, ours only, then the memory rows
+#             back to back at the power cap with clocks (clock_probe.py), TMA forced in both
+#             (~6 min on an H100)
 #   e2e_share: the same engines with 1-token prompts and 512 generated tokens (~4 min; needs the
 #             bundle): the decode step with almost no attention, i.e. the rest of the step that
 #             e2e1's step time minus it leaves to attention in the engine (NOTES, "Run 24")
@@ -553,7 +554,7 @@ for shape in ORDERING_SHAPES:
       -k "split_query or pair or noncontiguous or both_kv_producers or graph" > "$ROOT_OUT/v42/tests.log" 2>&1
     echo "GPU tests: $(tail -1 "$ROOT_OUT/v42/tests.log")"
     SANITIZER_TOOLS="memcheck initcheck" OUT=$ROOT_OUT/v42 bash benchmarks/run_sanitizers.sh ;;
-  v43)  # heads on N for <= 32 rows: checks, then bursts and the power cap against shipped (~5 min)
+  v43)  # heads on N for <= 32 rows: checks, then bursts and the power cap against shipped (~6 min)
     run v43
     . benchmarks/versions.sh
     v43=mla_decode_v43_heads_on_n
@@ -572,7 +573,8 @@ for shape in ORDERING_SHAPES:
       > "$ROOT_OUT/v43/routing.log" 2>&1
     echo "row-limit and few-rows routing tests: $(tail -1 "$ROOT_OUT/v43/routing.log")"
     if [ -n "$v43" ]; then
-      AB_CASES="memory:132,1,16,4096" alternated_ab v43 3 ", 16, " $v43
+      # With the descriptors advanced by an add (v29's knob): 3 instructions between v43's wgmmas, not 12.
+      AB_CASES="memory:132,1,16,4096" alternated_ab v43 2 ", 16, " $v43 $v43+WGMMA_DESC_BY_OFFSET=1
       for round in 1 2; do  # back to back at the cap, TMA in both (the sustained regime's producer)
         for version in shipped $v43; do
           label=${version//[+=]/_}_sustained$round
