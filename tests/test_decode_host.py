@@ -253,3 +253,22 @@ def test_v43_p_by_single_stores_on_the_host(case: tuple) -> None:
 def test_v43_fp16_on_the_host() -> None:
     decode_on_host([130, 0, 333], 2, 16, 1, 3, "tma", pair=False, seed=3, dtype=torch.float16,
                    programmatic=True, source_file=V43)
+
+
+def random_case(seed: int) -> tuple:
+    """A seeded random shape: 1-4 requests of 0-400 keys, s_q 1-4 (causal), h_q from 1 to 128
+    (rows past a 64-row block included), one or two KV heads, 1-12 parts, either producer."""
+    rng = np.random.default_rng(1000 + seed)
+    h_k = int(rng.choice([1, 1, 2]))
+    s_q = int(rng.integers(1, 5))
+    group = int(rng.choice([1, 3, 5, 16, 24, 48, 64, 96, 128]))
+    while s_q * group > 256:
+        s_q -= 1
+    lengths = [int(n) for n in rng.integers(0, 401, int(rng.integers(1, 5)))]
+    return lengths, s_q, group * h_k, h_k, int(rng.integers(1, 13)), str(rng.choice(["tma", "cp_async"]))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_decode_on_the_host_random_shapes(seed: int) -> None:
+    lengths, s_q, h_q, h_k, parts, producer = random_case(seed)
+    decode_on_host(lengths, s_q, h_q, h_k, parts, producer, pair=bool(seed % 2), seed=seed)
