@@ -99,5 +99,7 @@ def build(program: str, defines: tuple[str, ...] = (), header: Path = EMULATION)
 def run(binary: Path, args: list[object], stdin: bytes) -> bytes:
     """Runs ``binary`` with ``args`` on ``stdin``; returns its stdout (a non-zero exit fails)."""
     result = subprocess.run([str(binary), *map(str, args)], input=stdin, capture_output=True, timeout=300)
+    if result.returncode == -11:  # SIGSEGV: simt::Guarded's guard pages, or a wild address
+        raise AssertionError(f"{binary.name}: a kernel read or wrote outside its buffers (SIGSEGV)")
     assert result.returncode == 0, f"{binary.name} exited with {result.returncode}: {result.stderr[-2000:]!r}"
     return result.stdout

@@ -8,7 +8,9 @@
 // needs more fails to compile, naming it.
 #pragma once
 
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
 #endif
@@ -290,8 +292,41 @@ inline float warp_reduce_sum(float v) {
     return v;
 }
 
-// Harness I/O: whole arrays from stdin and to stdout.
+namespace simt {
+// A harness buffer between two inaccessible pages, its last element against the second: a
+// kernel's read or write past either end faults (the harness dies on SIGSEGV), a host-side
+// memcheck for global memory.
 template <typename T>
-bool read_all(std::vector<T>& v) { return std::fread(v.data(), sizeof(T), v.size(), stdin) == v.size(); }
-template <typename T>
-void write_all(const std::vector<T>& v) { std::fwrite(v.data(), sizeof(T), v.size(), stdout); }
+class Guarded {
+public:
+    explicit Guarded(size_t count, T fill = T{}) : count_(count) {
+        const size_t page = size_t(sysconf(_SC_PAGESIZE)), bytes = count * sizeof(T);
+        mapped_ = (bytes + page - 1) / page * page + 2 * page;
+        base_ = static_cast<unsigned char*>(mmap(nullptr, mapped_, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+        if (base_ == MAP_FAILED || mprotect(base_ + page, mapped_ - 2 * page, PROT_READ | PROT_WRITE) != 0) {
+            std::perror("simt::Guarded");
+            std::exit(7);
+        }
+        data_ = reinterpret_cast<T*>(base_ + mapped_ - page - bytes);
+        for (size_t i = 0; i < count; ++i) data_[i] = fill;
+    }
+    ~Guarded() { munmap(base_, mapped_); }
+    Guarded(const Guarded&) = delete;
+    Guarded& operator=(const Guarded&) = delete;
+    T* data() { return data_; }
+    const T* data() const { return data_; }
+    size_t size() const { return count_; }
+    T& operator[](size_t i) { return data_[i]; }
+
+private:
+    size_t count_, mapped_;
+    unsigned char* base_;
+    T* data_;
+};
+}  // namespace simt
+
+// Harness I/O: whole arrays (std::vector or simt::Guarded) from stdin and to stdout.
+template <typename Array>
+bool read_all(Array& v) { return std::fread(v.data(), sizeof(v.data()[0]), v.size(), stdin) == v.size(); }
+template <typename Array>
+void write_all(const Array& v) { std::fwrite(v.data(), sizeof(v.data()[0]), v.size(), stdout); }

@@ -7,7 +7,8 @@ Small problems, in the GPU tests' style: poisoned outputs, NaN in unused cache s
 each sequence's end, shuffled block tables with garbage ids past each end, empty sequences,
 causal s_q > 1 with rows that see no key, two KV heads, 128 heads (two query blocks), split and
 unsplit requests, both KV producers (TMA and cp.async) and q as one tensor or as a (latent,
-rope) pair of separate buffers. The emulation's asynchronous operations complete late, as on the
+rope) pair of separate buffers. Every global buffer of the harness ends against an inaccessible
+page, so a read or write past its end fails the run (a host-side memcheck). The emulation's asynchronous operations complete late, as on the
 GPU (``host_ptx.hpp``), so besides addresses, layouts, descriptors, masking, the softmax and the
 stores it checks the waits and hand-offs; not timing or missing proxy fences, which the GPU
 tests (``test_gpu_decode.py``) and the sanitizers cover."""
@@ -49,17 +50,18 @@ int main(int argc, char** argv) {
     const float scale_log2 = float(std::atof(argv[9]));
     const int producer = std::atoi(argv[10]), pair = std::atoi(argv[11]);
     const int rows = s_q * (h_q / h_k), tokens = b * s_q * h_q;
-    std::vector<uint16_t> q(size_t(tokens) * (pair ? HEAD_DIM_V : HEAD_DIM_QK));
-    std::vector<uint16_t> q_rope(pair ? size_t(tokens) * (HEAD_DIM_QK - HEAD_DIM_V) : 0);
-    std::vector<uint16_t> k_cache(size_t(num_pages) * PAGE_SIZE * h_k * HEAD_DIM_QK);
-    std::vector<int> block_table(size_t(b) * bt_width), seqlens(b), metadata(size_t(parts) * METADATA_FIELDS),
+    // Every buffer between guard pages: a read or write past its end faults (host memcheck).
+    simt::Guarded<uint16_t> q(size_t(tokens) * (pair ? HEAD_DIM_V : HEAD_DIM_QK));
+    simt::Guarded<uint16_t> q_rope(pair ? size_t(tokens) * (HEAD_DIM_QK - HEAD_DIM_V) : 0);
+    simt::Guarded<uint16_t> k_cache(size_t(num_pages) * PAGE_SIZE * h_k * HEAD_DIM_QK);
+    simt::Guarded<int> block_table(size_t(b) * bt_width), seqlens(b), metadata(size_t(parts) * METADATA_FIELDS),
         num_splits(b + 1);
     if (!read_all(q) || !read_all(q_rope) || !read_all(k_cache) || !read_all(block_table) || !read_all(seqlens) ||
         !read_all(metadata) || !read_all(num_splits))
         return 3;
     const int splits = num_splits[b];
-    std::vector<uint16_t> out(size_t(tokens) * HEAD_DIM_V, 0x7FC1);  // poisoned: a bf16 NaN
-    std::vector<float> lse(tokens, -12345.f), o_part(size_t(splits) * h_k * rows * HEAD_DIM_V, -12345.f),
+    simt::Guarded<uint16_t> out(size_t(tokens) * HEAD_DIM_V, 0x7FC1);  // poisoned: a bf16 NaN
+    simt::Guarded<float> lse(tokens, -12345.f), o_part(size_t(splits) * h_k * rows * HEAD_DIM_V, -12345.f),
         lse_part(size_t(splits) * h_k * rows, -12345.f);
 
     TensorMap kv_map{};
