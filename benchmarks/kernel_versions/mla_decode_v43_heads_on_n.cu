@@ -41,7 +41,7 @@ static_assert(MAX_QUERY_ROWS * STAGE_PITCH * 4 <= TILE_BYTES, "staged output mus
 // Shared memory map (byte offsets from a 1024-aligned base).
 constexpr int SMEM_Q = 0;  // the Q block; at a piece's end, its output staged for the stores
 constexpr int SMEM_KV = TILE_BYTES;
-constexpr int SMEM_REDUCE = SMEM_KV + KV_STAGES * TILE_BYTES;  // [slot][warp][column] floats
+constexpr int SMEM_REDUCE = SMEM_KV + KV_STAGES * TILE_BYTES;  // [slot][column][warp] floats
 constexpr int SMEM_BARRIERS = SMEM_REDUCE + REDUCE_SLOTS * 4 * MAX_QUERY_ROWS * 4;
 constexpr int SMEM_USED = SMEM_BARRIERS + 2 * KV_STAGES * 8;
 constexpr int SMEM_ALIGN = 1024;
