@@ -6,8 +6,8 @@
 // its cp.async.wait_all or mbarrier arrive; a wgmma is one operation of its warpgroup, started
 // when its last thread issues it and completed at the first wait that retires it, where the
 // shared memory it read must be unchanged (exit 6 otherwise). Wrong addresses, layouts,
-// descriptors, masks, hand-offs that never complete (a deadlock) and wrong arithmetic show too;
-// a missing proxy fence does not.
+// descriptors, masks, hand-offs that never complete (a deadlock) and wrong arithmetic show too,
+// and so does a missing proxy fence after the emulated generic writers (cp.async, stmatrix).
 //
 // Shared memory: the CTA's dynamic shared memory is a 1024-aligned host buffer and a "shared
 // address" is the offset into it. The 128B swizzle is a function of that address (16-byte
@@ -31,6 +31,26 @@ namespace ptx {
 inline unsigned char* smem_base() { return simt::current_cta->dynamic_smem; }
 inline unsigned char* at(uint32_t addr) { return smem_base() + addr; }
 inline uint32_t swizzle_128b(uint32_t addr) { return addr ^ (((addr >> 7) & 7u) << 4); }
+
+// Generic-proxy writes that the async proxy (wgmma reads, TMA writes) may not see until the
+// writing thread's fence.proxy.async: the emulated writers (a cp.async landing, stmatrix) mark
+// their 16-byte granules with the writer, its fence clears them, and a wgmma reading or a TMA
+// box landing on a marked granule stops the run (exit 8). The kernels' plain C++ stores (e.g.
+// zero_v_tail's) are not seen.
+inline std::vector<int> unfenced;                       // per granule: writer + 1, or 0
+inline std::vector<std::vector<uint32_t>> unfenced_by;  // per thread: the granules it marked
+
+inline void mark_generic_write(uint32_t addr) {
+    unfenced[addr / 16] = simt::current_thread + 1;
+    unfenced_by[simt::current_thread].push_back(addr / 16);
+}
+inline void check_async_access(uint32_t addr, const char* what) {
+    if (const int writer = unfenced[addr / 16]) {
+        std::fprintf(stderr, "ptx: %s shared address %u, which thread %d wrote through the generic proxy "
+                     "without a fence.proxy.async since\n", what, addr, writer - 1);
+        std::exit(8);
+    }
+}
 
 // An mbarrier: pending arrivals and transaction bytes of the current phase, and how many phases
 // have completed.
@@ -88,8 +108,10 @@ struct Operand {
         const uint32_t logical = mn_major
             ? start + (mn / 64) * leading + (k / 8) * stride + (k % 8) * 128 + (mn % 64) * 2
             : start + (mn / 8) * stride + (mn % 8) * 128 + k * 2;
+        const uint32_t addr = swizzle_128b(logical);
+        check_async_access(addr, "a wgmma reads");
         uint16_t bits;
-        std::memcpy(&bits, at(swizzle_128b(logical)), 2);
+        std::memcpy(&bits, at(addr), 2);
         return half_bits_to_float(bits);
     }
     static float half_bits_to_float(uint16_t bits) {
@@ -229,7 +251,10 @@ inline bool advance_async() {
 }
 
 inline void land_copies() {
-    for (const auto& [addr, bytes] : copies[simt::current_thread]) std::memcpy(at(addr), bytes.data(), 16);
+    for (const auto& [addr, bytes] : copies[simt::current_thread]) {
+        std::memcpy(at(addr), bytes.data(), 16);
+        mark_generic_write(addr);
+    }
     copies[simt::current_thread].clear();
 }
 
@@ -240,6 +265,8 @@ inline void reset_cta(simt::Cta& cta) {
     mmas.assign(cta.threads, ThreadMmas{});
     warpgroup_mmas.clear();
     copies.assign(cta.threads, {});
+    unfenced.assign(cta.smem_storage.size() / 16 + 1, 0);
+    unfenced_by.assign(cta.threads, {});
 }
 
 inline void check_cta_end(simt::Cta& cta) {
@@ -263,7 +290,10 @@ inline const bool installed = (simt::on_cta_start = reset_cta, simt::on_round = 
                                simt::on_cta_end = check_cta_end, true);
 
 inline void land_tma(const PendingTma& t) {
-    for (const auto& [addr, value] : t.elements) std::memcpy(at(addr), &value, 2);
+    for (const auto& [addr, value] : t.elements) {
+        check_async_access(addr, "a TMA box lands on");
+        std::memcpy(at(addr), &value, 2);
+    }
     MBarrier& b = mbarrier_at(t.bar);
     b.tx -= t.bytes;
     ++simt::progress;
@@ -315,7 +345,11 @@ inline void cp_async_arrive(uint64_t* bar) {  // .noinc: one of the expected arr
     ptx::land_copies();
     mbarrier_arrive(bar);
 }
-inline void fence_proxy_async_smem() {}
+inline void fence_proxy_async_smem() {
+    for (const uint32_t granule : ptx::unfenced_by[simt::current_thread])
+        if (ptx::unfenced[granule] == simt::current_thread + 1) ptx::unfenced[granule] = 0;
+    ptx::unfenced_by[simt::current_thread].clear();
+}
 inline void named_barrier_sync(uint32_t id, uint32_t threads) {
     auto& slot = ptx::named_barriers[id];
     if (!slot) slot.reset(new simt::Barrier(int(threads)));
@@ -443,6 +477,7 @@ inline void stmatrix_x4(uint32_t row_addr, uint32_t r0, uint32_t r1, uint32_t r2
     uint16_t elements[8];
     for (int col = 0; col < 8; ++col) elements[col] = m(lane / 8, lane % 8, col);
     std::memcpy(ptx::at(row_addr), elements, 16);
+    ptx::mark_generic_write(row_addr);
 }
 
 // The same with each matrix stored transposed: lane L writes row L % 8 of the transpose of
@@ -453,4 +488,5 @@ inline void stmatrix_x4_trans(uint32_t row_addr, uint32_t r0, uint32_t r1, uint3
     uint16_t elements[8];
     for (int row = 0; row < 8; ++row) elements[row] = m(lane / 8, row, lane % 8);
     std::memcpy(ptx::at(row_addr), elements, 16);
+    ptx::mark_generic_write(row_addr);
 }

@@ -10,8 +10,8 @@ unsplit requests, both KV producers (TMA and cp.async) and q as one tensor or as
 rope) pair of separate buffers. Every global buffer of the harness ends against an inaccessible
 page, so a read or write past its end fails the run (a host-side memcheck). The emulation's asynchronous operations complete late, as on the
 GPU (``host_ptx.hpp``), so besides addresses, layouts, descriptors, masking, the softmax and the
-stores it checks the waits and hand-offs; not timing or missing proxy fences, which the GPU
-tests (``test_gpu_decode.py``) and the sanitizers cover."""
+stores it checks the waits, the hand-offs and the proxy fences after cp.async and stmatrix; not
+timing, which the GPU tests (``test_gpu_decode.py``) and the sanitizers cover."""
 
 from __future__ import annotations
 
