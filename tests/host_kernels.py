@@ -1,9 +1,11 @@
-"""Build the scheduler and combine kernels for the host, on the emulation in ``host_simt.hpp``.
+"""Build the kernels for the host, on the emulation in ``host_simt.hpp`` (and ``host_ptx.hpp``
+for the decode's Hopper PTX).
 
 The kernel text is the shipped source with its local headers inlined as for NVRTC, except
-``ptx_helpers.cuh`` (inline PTX), whose few helpers these kernels use the emulation provides.
-A test appends a ``main`` that reads its inputs from stdin, launches with ``simt::launch`` and
-writes the outputs to stdout. Builds are cached per process by their text.
+``ptx_helpers.cuh`` (inline PTX), whose helpers the emulation provides; ``definition`` and
+``constant`` take single definitions out of a header for tests of one device function. A test
+appends a ``main`` that reads its inputs from stdin, launches with ``simt::launch`` and writes
+the outputs to stdout. Builds are cached per process by their text.
 """
 
 from __future__ import annotations

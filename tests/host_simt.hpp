@@ -1,11 +1,11 @@
-// A small host emulation of the CUDA execution model, for running the scheduler and combine
-// kernels on a machine without a GPU (tests/host_kernels.py builds them with it). Every thread
-// of a CTA is a fiber (ucontext) on one OS thread, switched only where it waits: at
-// __syncthreads (a CTA barrier) and in every warp intrinsic (an exchange through the warp's
-// slots between two warp barriers). CTAs run one after another. A kernel whose lanes skip a
-// full-mask intrinsic the others reach would never finish here (the harness's timeout fails
-// it), as it would misbehave on the GPU. Only what those kernels use is provided; a kernel that
-// needs more fails to compile, naming it.
+// A small host emulation of the CUDA execution model, for running the kernels on a machine
+// without a GPU (tests/host_kernels.py builds them with it; host_ptx.hpp adds the decode's Hopper
+// PTX). Every thread of a CTA is a fiber (ucontext) on one OS thread, switched only where it
+// waits: at __syncthreads and named barriers, and in every warp intrinsic (an exchange through
+// the warp's slots between two warp barriers). CTAs run one after another. A round in which no
+// fiber makes progress is reported as a deadlock (exit 4), e.g. lanes that skip a full-mask
+// intrinsic the others reach. Float32 denormals are flushed, as under the kernels' -ftz=true.
+// Only what the kernels use is provided; a kernel that needs more fails to compile, naming it.
 #pragma once
 
 #include <sys/mman.h>
