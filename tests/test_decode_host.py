@@ -274,3 +274,18 @@ def random_case(seed: int) -> tuple:
 def test_decode_on_the_host_random_shapes(seed: int) -> None:
     lengths, s_q, h_q, h_k, parts, producer = random_case(seed)
     decode_on_host(lengths, s_q, h_q, h_k, parts, producer, pair=bool(seed % 2), seed=seed)
+
+
+def test_every_ptx_helper_has_a_host_emulation() -> None:
+    """A wrapper added to ptx_helpers.cuh needs its emulation in host_ptx.hpp / host_simt.hpp (or
+    is plain C++ the host tests take from the header as it is), unless no decode uses it."""
+    helpers = (KERNELS / "ptx_helpers.cuh").read_text()
+    names = set(re.findall(r"^DEVICE [\w ]+?\b(\w+)\(", helpers, re.MULTILINE))
+    emulated = (EMULATION.read_text() + HOST_PTX.read_text())
+    taken_as_is = {"make_smem_desc", "desc_k_major", "desc_mn_major", "desc_advance"}  # descriptor_helpers()
+    decode_text = "".join(p.read_text() for p in [*KERNELS.glob("mla_decode*"), *KERNELS.glob("mla_kv_*"),
+                                                  KERNELS / "mla_softmax.cuh", *VERSIONS.glob("mla_decode_v*.cu")])
+    missing = sorted(n for n in names - taken_as_is
+                     if not re.search(rf"\b{n}\(", emulated) and re.search(rf"\b{n}\b", decode_text))
+    assert not missing, f"ptx_helpers.cuh wrappers a decode uses without a host emulation: {missing}"
+    assert len(names) > 30, "the helper list was not read"
