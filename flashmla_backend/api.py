@@ -65,10 +65,14 @@ class _CallKernels:
 
     def decode_for(self, rows: int) -> _Decode:
         """The decode for ``rows`` query rows per KV head: the few-rows version where it takes
-        them, else the main one."""
+        them, else the main one; ValueError (naming q) if that one takes fewer rows."""
         few = self.few_rows
-        if few is not None and few.contract.max_query_rows is not None and rows <= few.contract.max_query_rows:
+        if few is not None and rows <= few.contract.max_query_rows:
             return few
+        limit = self.decode.contract.max_query_rows
+        if limit is not None and rows > limit:
+            raise ValueError(f"q: {rows} query rows per KV head (s_q * h_q / h_k), but the decode version "
+                             f"{self.settings.decode_file} takes at most {limit}")
         return self.decode
 
 
@@ -89,9 +93,6 @@ def _call_kernels(index: int, dtype: torch.dtype) -> _CallKernels:
     programmatic = current.programmatic_launch
     few_rows_module = few_rows_decode_module(dtype, programmatic)
     few_rows = _load_decode(few_rows_module, index) if few_rows_module is not None else None
-    if few_rows is not None and few_rows.contract.max_query_rows is None:
-        raise ValueError(f"FLASHMLA_BACKEND_FEW_ROWS_DECODE_FILE: {current.few_rows_decode_file} declares no "
-                         f"MAX_QUERY_ROWS (the query rows per KV head it takes)")
     combine = combine_module(dtype, programmatic)
     combine_kernel = get_kernel(combine, "mla_combine", index)
     resident = resident_ctas_per_sm(combine_kernel, COMBINE_WARPS * 32, index) * sm_count(index)
@@ -290,9 +291,6 @@ def flash_mla_with_kvcache(
     kernels = _call_kernels(index, q.dtype)
     decode = kernels.decode_for(rows)
     contract = decode.contract
-    if contract.max_query_rows is not None and rows > contract.max_query_rows:
-        raise ValueError(f"q: {rows} query rows per KV head (s_q * h_q / h_k), but the decode version "
-                         f"{kernels.settings.decode_file} takes at most {contract.max_query_rows}")
     if q_rope is not None and not contract.takes_q_rope_pointer:
         q, q_rope = torch.cat((q, q_rope), dim=-1), None  # a decode version without the RoPE pointer
     q_strides = q.stride()

@@ -79,7 +79,11 @@ def few_rows_decode_module(dtype: torch.dtype, programmatic: bool = False) -> Ke
     if not s.few_rows_decode_file or s.decode_file != Settings.decode_file:
         return None
     extra = decode_launch_defines() + (("-DMLA_PROGRAMMATIC_LAUNCH",) if programmatic else ())
-    return KernelModule(s.few_rows_decode_file, ("mla_decode",), dtype, extra)
+    module = KernelModule(s.few_rows_decode_file, ("mla_decode",), dtype, extra)
+    if decode_launch_contract(module).max_query_rows is None:
+        raise ValueError(f"FLASHMLA_BACKEND_FEW_ROWS_DECODE_FILE: {s.few_rows_decode_file} declares no "
+                         f"MAX_QUERY_ROWS (the query rows per KV head it takes)")
+    return module
 
 
 _BOX_TOKENS = re.compile(r"constexpr\s+int\s+TMA_BOX_TOKENS\s*=\s*(\d+)\s*;")

@@ -168,6 +168,15 @@ def test_few_rows_decode_is_built_only_beside_the_shipped_decode(monkeypatch: py
     assert few_rows_decode_module(torch.bfloat16) is None
 
 
+def test_few_rows_decode_must_declare_its_row_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flashmla_backend.kernel_sources import few_rows_decode_module
+
+    monkeypatch.delenv("FLASHMLA_BACKEND_DECODE_FILE", raising=False)
+    monkeypatch.setenv("FLASHMLA_BACKEND_FEW_ROWS_DECODE_FILE", str(ARCHIVED / "mla_decode_v31a_consumer_refills.cu"))
+    with pytest.raises(ValueError, match="FLASHMLA_BACKEND_FEW_ROWS_DECODE_FILE: .* declares no MAX_QUERY_ROWS"):
+        few_rows_decode_module(torch.bfloat16)
+
+
 def test_decode_is_chosen_by_query_rows() -> None:
     from flashmla_backend.api import _CallKernels, _Decode
     from flashmla_backend.kernel_sources import DecodeLaunchContract, decode_signature
@@ -182,6 +191,11 @@ def test_decode_is_chosen_by_query_rows() -> None:
     assert both.decode_for(16) is few and both.decode_for(32) is few
     assert both.decode_for(33) is main and both.decode_for(128) is main
     assert _CallKernels(Settings(), main, None, 0, 1).decode_for(16) is main
+    # A main decode with a row limit (FLASHMLA_BACKEND_DECODE_FILE=v43) refuses larger calls.
+    limited = _CallKernels(Settings(decode_file="v43.cu"), few, None, 0, 1)
+    assert limited.decode_for(32) is few
+    with pytest.raises(ValueError, match="q: 64 query rows per KV head .* v43.cu takes at most 32"):
+        limited.decode_for(64)
 
 
 def test_every_module_is_built_with_flush_to_zero() -> None:
